@@ -187,6 +187,16 @@ def record_schedules(model):
         ctrl.recording = None
 
 
+def set_layer_budget(model, budget: int) -> None:
+    """Change K of every bounded layer in place (the training-time budget ramp)."""
+    ctrl = get_controller(model)
+    for lb in ctrl.layers:
+        if lb.policy is not None:
+            lb.budget = lb.policy.budget = int(budget)
+            if ctrl.spec.recent is None:
+                lb.policy.recent = int(budget) // 2
+
+
 def make_cache(model):
     """The bounded inference cache matching the model's budget."""
     from .cache import BoundedCache

@@ -70,9 +70,9 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
     bias = None
     if ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores \
             and cache_layer is None:
-        from .soft import soft_eviction_bias
+        from .soft import soft_eviction_mask
 
-        bias = soft_eviction_bias(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
+        bias = soft_eviction_mask(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
     out = masked_attention(query, key, value, sched, new_valid, scaling, dropout if module.training else 0.0,
                            layer.groups, bias=bias, backend=ctrl.backend)
@@ -92,18 +92,15 @@ def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dro
 
 def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, bias=None):
     """Reference backend: a dense (B, Hq, T, S) mask from the schedule, then SDPA. It has a
-    backward on every device (FlexAttention has none on the CPU)."""
+    backward on every device (FlexAttention has none on the CPU). `bias`, in soft mode, is the
+    additive mask from soft.py and replaces the boolean one."""
     Hq, Hkv = query.shape[1], key.shape[1]
-    vis = sched.visible(new_valid)  # (B, G, T, S)
+    mask = sched.visible(new_valid) if bias is None else bias  # (B, G, T, S): bool, or additive (soft)
     if groups > 1:
-        vis = vis.repeat_interleave(Hq // groups, dim=1)
+        mask = mask.repeat_interleave(Hq // groups, dim=1)
     if Hq != Hkv:
         key = key.repeat_interleave(Hq // Hkv, dim=1)
         value = value.repeat_interleave(Hq // Hkv, dim=1)
-    if bias is None:
-        mask = vis
-    else:
-        mask = torch.zeros(vis.shape, dtype=query.dtype, device=query.device).masked_fill(~vis, -torch.inf) + bias
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous()
 
