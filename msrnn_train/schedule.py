@@ -20,6 +20,7 @@ Query t sees key j iff arrive_j <= t <= e_j.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,18 @@ def scan(
     accumulates = needs_scores and policy.accumulates
     new_pos = new_pos.to(device)
 
+    with _few_threads(device):
+        _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
+                   unbounded, needs_scores, accumulates, window)
+
+    evict = evict[:, :, :S]
+    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device),
+                        torch.arange(T, device=device)])
+    return Schedule(evict=evict, arrive=arrive, final=slots)
+
+
+def _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
+               unbounded, needs_scores, accumulates, window):
     for t in range(T):
         if bool(new_valid[:, t].any()):
             _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
@@ -152,10 +165,20 @@ def scan(
                 evict[:, :, S] = NEVER
                 slots.src = torch.where(expired, -1, slots.src)
 
-    evict = evict[:, :, :S]
-    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device),
-                        torch.arange(T, device=device)])
-    return Schedule(evict=evict, arrive=arrive, final=slots)
+
+@contextlib.contextmanager
+def _few_threads(device):
+    """The steps are tiny tensor ops: on the CPU, OpenMP's fork/join costs more than the work
+    (milliseconds per op on a busy 2-core machine), so the loop runs on one thread."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,

@@ -1,0 +1,738 @@
+"""Evaluation against the full-state baseline: what a budget costs, what fine-tuning buys back.
+
+Library first, CLI on top:
+
+* `perplexity(model, windows)` - exp(mean NLL) over every predicted token of the windows,
+  one teacher-forced forward per batch (for a budgeted model that *is* the bounded-cache
+  perplexity, by the fidelity contract);
+* `evaluate_grid(model, windows, policies, budgets)` - every policy x budget (``full`` once),
+  the model's own spec put back afterwards; `markdown_table`, `write_json`,
+  `plots.plot_ppl_vs_budget`;
+* `long_generation` - greedy generation through the bounded cache vs the full state, with
+  repetition / degeneration statistics;
+* `BoundedEvalCallback` - the same evaluation as a `transformers.TrainerCallback`;
+* in-context retrieval lives in `retrieval.py`.
+
+    python -m msrnn_train.evaluate --model smollm2 --text gutenberg --seq-len 2048 --max-windows 4 \\
+        --policies full,tova,sinks,window,h2o --budgets 64,128,256 --json eval.json --plot eval.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .apply import apply_budget, full_state, get_budget, get_controller, make_cache, remove_budget
+from .spec import SPEC_FILENAME, BudgetSpec
+
+DEFAULT_POLICIES = ["full", "tova", "sinks", "window", "h2o"]
+DEFAULT_BUDGETS = [64, 128, 256]
+
+
+# ----------------------------------------------------------------------------- model state
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _snapshot(model) -> dict | None:
+    """Everything of the model's budget that evaluation may change (spec, ramped layer
+    budgets, soft temperature), to be put back by `_restore`."""
+    ctrl = get_controller(model)
+    if ctrl is None:
+        return None
+    return {"ctrl": ctrl, "spec": ctrl.spec, "soft": ctrl.soft_temperature, "backend": ctrl.backend,
+            "enabled": ctrl.enabled,
+            "layers": [(lb.budget, None if lb.policy is None else lb.policy.recent) for lb in ctrl.layers]}
+
+
+def _restore(model, snap: dict | None) -> None:
+    ctrl = get_controller(model)
+    if snap is None:
+        if ctrl is not None:
+            remove_budget(model)
+        return
+    if ctrl is snap["ctrl"]:
+        return  # untouched (e.g. only the full state was evaluated)
+    apply_budget(model, snap["spec"])
+    ctrl = get_controller(model)
+    ctrl.soft_temperature, ctrl.backend, ctrl.enabled = snap["soft"], snap["backend"], snap["enabled"]
+    for lb, (budget, recent) in zip(ctrl.layers, snap["layers"]):
+        if lb.policy is not None:
+            lb.budget = lb.policy.budget = budget
+            lb.policy.recent = recent
+
+
+def hard(spec: BudgetSpec) -> BudgetSpec:
+    """The inference version of a spec (hard mode): what evaluation must measure."""
+    return BudgetSpec.from_dict({**spec.to_dict(), "mode": "hard"})
+
+
+@contextlib.contextmanager
+def with_spec(model, spec: BudgetSpec | None, adapter_on: bool = True):
+    """The model in eval mode under ``spec`` (None or policy ``full``: the unmodified full-state
+    model), with its peft adapter disabled when ``adapter_on`` is False. On exit the model's
+    own budget (spec, ramped budgets, soft temperature) and train/eval mode are put back."""
+    snap = _snapshot(model)
+    was_training = model.training
+    model.eval()
+    adapter = contextlib.nullcontext() if adapter_on or not _is_peft(model) else model.disable_adapter()
+    try:
+        with adapter:
+            if spec is None or spec.policy == "full":
+                with full_state(model):
+                    yield model
+            else:
+                apply_budget(model, hard(spec))
+                yield model
+    finally:
+        _restore(model, snap)
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- perplexity
+@torch.no_grad()
+def _nll_sum(model, windows: torch.Tensor, batch_size: int, bar=None) -> tuple[float, int]:
+    """Summed NLL (fp32 logits, float64 accumulation) over every predicted token of the windows
+    (seq_len - 1 per window) and the number of those tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        labels = ids[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              reduction="sum")
+        total += float(nll.double())
+        count += labels.numel()
+        del logits
+        if bar is not None:
+            bar.update(ids.shape[0])
+    return total, count
+
+
+def _as_result(total: float, count: int) -> dict:
+    nll = total / max(count, 1)
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count}
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str | None = None,
+               progress: bool = True) -> dict:
+    """{"nll": mean NLL, "ppl": exp(mean NLL), "tokens": predicted tokens} of the model as it is
+    (apply a budget first to measure a bounded model). One forward pass per batch."""
+    with tqdm(total=windows.shape[0], desc=desc or "perplexity", unit="win", disable=not progress,
+              leave=False) as bar:
+        return _as_result(*_nll_sum(model, windows, batch_size, bar))
+
+
+def grid_specs(policies, budgets, **spec_kwargs) -> list[BudgetSpec]:
+    """``full`` once (if named) and every other policy at every budget."""
+    specs = []
+    for policy in policies:
+        if policy == "full":
+            specs.append(BudgetSpec(policy="full"))
+        else:
+            specs.extend(BudgetSpec(policy=policy, budget=k, **spec_kwargs).validate() for k in budgets)
+    return specs
+
+
+def _record(spec: BudgetSpec, result: dict, adapted: bool | None) -> dict:
+    rec = {"policy": spec.policy, "budget": None if spec.policy == "full" else spec.budget,
+           "ppl": result["ppl"], "nll": result["nll"], "tokens": result["tokens"]}
+    if adapted is not None:
+        rec["adapted"] = adapted
+    return rec
+
+
+def evaluate_specs(model, windows: torch.Tensor, specs: list[BudgetSpec], batch_size: int = 1,
+                   adapter_on: bool = True, adapted: bool | None = None, progress: bool = True,
+                   desc: str = "eval") -> list[dict]:
+    """One record {"policy", "budget", "ppl", "nll", "tokens"[, "adapted"]} per spec, in order.
+    ``adapted`` (True/False) adds the field; None leaves it out (no adapter in play)."""
+    records = []
+    with tqdm(total=len(specs) * windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
+        for spec in specs:
+            bar.set_postfix_str(spec.describe())
+            start = time.perf_counter()
+            with with_spec(model, spec, adapter_on):
+                rec = _record(spec, _as_result(*_nll_sum(model, windows, batch_size, bar)), adapted)
+            rec_time = time.perf_counter() - start
+            bar.write(f"  {spec.describe():>16}{' (adapted)' if adapted else '':10}  ppl {rec['ppl']:10.3f}"
+                      f"   ({rec_time:.1f} s)")
+            records.append(rec)
+    return records
+
+
+def evaluate_grid(model, windows: torch.Tensor, policies=DEFAULT_POLICIES, budgets=DEFAULT_BUDGETS,
+                  batch_size: int = 1, adapter_on: bool = True, adapted: bool | None = None,
+                  progress: bool = True, **spec_kwargs) -> list[dict]:
+    """Perplexity of every policy x budget (``full`` once, budget None); the model's own
+    budget spec and mode are restored afterwards. ``spec_kwargs`` (sinks, recent) go into
+    every spec."""
+    specs = grid_specs(policies, budgets, **spec_kwargs)
+    desc = "eval (adapted)" if adapted else "eval (base)" if adapted is False else "eval"
+    return evaluate_specs(model, windows, specs, batch_size, adapter_on, adapted, progress, desc)
+
+
+# ----------------------------------------------------------------------------- reports
+def full_ppl_of(records: list[dict]) -> float | None:
+    """Perplexity of the full-state base model (the un-adapted one when both are present)."""
+    full = [r for r in records if r["policy"] == "full"]
+    base = [r for r in full if not r.get("adapted", False)]
+    return (base or full or [{"ppl": None}])[0]["ppl"]
+
+
+def _budget_key(budget) -> str:
+    if budget is None:
+        return "full"
+    if isinstance(budget, int):
+        return f"K={budget}"
+    return "hybrid"
+
+
+def markdown_table(records: list[dict], full_ppl: float | None = None) -> str:
+    """Policy x budget table of perplexities, each with its difference to the full-state base
+    model (``full_ppl``; taken from the records when not given)."""
+    full_ppl = full_ppl_of(records) if full_ppl is None else full_ppl
+    ints = sorted({r["budget"] for r in records if isinstance(r["budget"], int)})
+    cols = (["full"] if any(r["budget"] is None for r in records) else []) + [f"K={k}" for k in ints]
+    if any(r["budget"] is not None and not isinstance(r["budget"], int) for r in records):
+        cols.append("hybrid")
+    rows: dict[str, dict[str, str]] = {}
+    for r in records:
+        label = r["policy"] + (" (adapted)" if r.get("adapted") else "")
+        delta = "" if full_ppl is None or (r["policy"] == "full" and not r.get("adapted")) \
+            else f" ({r['ppl'] - full_ppl:+.2f})"
+        rows.setdefault(label, {})[_budget_key(r["budget"])] = f"{r['ppl']:.2f}{delta}"
+    lines = ["| policy | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for label, cells in rows.items():
+        lines.append(f"| {label} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
+    if full_ppl is not None:
+        lines.append(f"\nPerplexity (difference to the full-state base model, ppl {full_ppl:.2f}).")
+    return "\n".join(lines)
+
+
+def write_json(path, model: str, adapter: str | None, text: str, seq_len: int, results: list[dict],
+               **extra) -> Path:
+    """{"model", "adapter", "text", "seq_len", "results": [records]} (+ e.g. "retrieval",
+    "generation" when those ran)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model, "adapter": adapter, "text": text, "seq_len": seq_len, "results": results, **extra}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- long generation
+def ngrams(tokens: list[int], n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def longest_repeat(tokens: list[int]) -> int:
+    """Length of the longest token substring that occurs at least twice (overlaps allowed)."""
+    n, best = len(tokens), 0
+    prev = [0] * (n + 1)  # prev[j]: common suffix length of tokens[:i-1] and tokens[:j]
+    for i in range(1, n + 1):
+        cur = [0] * (n + 1)
+        for j in range(i + 1, n + 1):
+            if tokens[i - 1] == tokens[j - 1]:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best
+
+
+def loop_period(tokens: list[int], tail: int = 64, max_period: int = 32) -> int | None:
+    """Smallest period p <= max_period with which the last ``tail`` tokens repeat exactly
+    (the generation is stuck in a loop), or None."""
+    if len(tokens) < tail:
+        return None
+    end = tokens[-tail:]
+    for p in range(1, max_period + 1):
+        if all(end[i] == end[i + p] for i in range(tail - p)):
+            return p
+    return None
+
+
+def generation_stats(tokens: list[int], eos_id: int | None = None, max_new_tokens: int | None = None) -> dict:
+    """Degeneration statistics of one generated token sequence (cut at the first EOS):
+    length, tokens until EOS (None if none), distinct-n (n = 1..4), repeated 4-gram rate
+    (share of 4-grams seen earlier in the text), longest repeated substring, loop period."""
+    until_eos = None
+    if eos_id is not None and eos_id in tokens:
+        until_eos = tokens.index(eos_id)
+        tokens = tokens[:until_eos]
+    stats = {"length": len(tokens), "tokens_until_eos": until_eos}
+    for n in range(1, 5):
+        grams = ngrams(tokens, n)
+        stats[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    grams, seen, repeated = ngrams(tokens, 4), set(), 0
+    for g in grams:
+        repeated += g in seen
+        seen.add(g)
+    stats["repeated_4gram_rate"] = repeated / len(grams) if grams else 0.0
+    stats["longest_repeat"] = longest_repeat(tokens)
+    stats["loop_period"] = loop_period(tokens)
+    stats["stuck"] = stats["loop_period"] is not None
+    return stats
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int, bounded: bool) -> list[int]:
+    """Greedy continuation of ``prompt``: through a BoundedCache when ``bounded``, else the
+    ordinary cache."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    if bounded:
+        kwargs["past_key_values"] = make_cache(model)
+    out = model.generate(**enc, **kwargs)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def long_generation(model, tokenizer, prompts: list[str], specs: list[BudgetSpec], max_new_tokens: int = 128,
+                    adapter_on: bool = True, progress: bool = True) -> list[dict]:
+    """Per spec: mean degeneration statistics of greedy generations from ``prompts``, plus
+    ``agree_with_full`` (mean length of the prefix identical to the full-state generation).
+    Per-prompt results are under "per_prompt"."""
+    full_spec = BudgetSpec(policy="full")
+    specs = [full_spec] + [s for s in specs if s.policy != "full"]
+    eos = tokenizer.eos_token_id
+    outputs: dict[str, list[list[int]]] = {}
+    records = []
+    total = len(specs) * len(prompts)
+    with tqdm(total=total, desc="generation", unit="gen", disable=not progress) as bar:
+        for spec in specs:
+            label = spec.describe()
+            bar.set_postfix_str(label)
+            gens = []
+            with with_spec(model, spec, adapter_on):
+                for prompt in prompts:
+                    gens.append(generate_greedy(model, tokenizer, prompt, max_new_tokens, spec.policy != "full"))
+                    bar.update(1)
+            outputs[label] = gens
+            per = [generation_stats(g, eos, max_new_tokens) for g in gens]
+            for g, f, st in zip(gens, outputs["full"], per):
+                st["agree_with_full"] = next((i for i, (a, b) in enumerate(zip(g, f)) if a != b), min(len(g), len(f)))
+            mean = {k: sum(float(s[k]) for s in per) / len(per)
+                    for k in per[0] if k not in ("tokens_until_eos", "loop_period")}
+            mean["eos_rate"] = sum(s["tokens_until_eos"] is not None for s in per) / len(per)
+            records.append({"policy": spec.policy, "budget": None if spec.policy == "full" else spec.budget,
+                            **mean, "per_prompt": per,
+                            "samples": [tokenizer.decode(g[:200]) for g in gens]})
+    return records
+
+
+def generation_table(records: list[dict]) -> str:
+    cols = ["length", "distinct_1", "distinct_2", "distinct_4", "repeated_4gram_rate", "longest_repeat",
+            "stuck", "eos_rate", "agree_with_full"]
+    lines = ["| spec | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for r in records:
+        label = "full" if r["policy"] == "full" else f"{r['policy']}-{r['budget']}"
+        lines.append(f"| {label} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def default_prompts(n: int = 3, words: int = 120, seed: int = 0) -> list[str]:
+    """``n`` passages of held-out Gutenberg text (``words`` words each) to continue; generated
+    filler sentences when the books are not available."""
+    import random
+
+    try:
+        from .data import DEFAULT_HELDOUT, gutenberg_books
+
+        books = gutenberg_books()
+        names = [b for b in DEFAULT_HELDOUT if b in books] or sorted(books)
+    except Exception:  # noqa: BLE001
+        from .retrieval import GENERATED_FILLER
+
+        return [" ".join((GENERATED_FILLER + " ").split() * 8)[: words * 6]] * n
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        text = books[names[i % len(names)]].split()
+        start = rng.randrange(max(1, len(text) - words))
+        prompts.append(" ".join(text[start:start + words]))
+    return prompts
+
+
+# ----------------------------------------------------------------------------- training hook
+class BoundedEvalCallback(TrainerCallback):
+    """Bounded evaluation during training (a `transformers.TrainerCallback`).
+
+    Every ``every_n_steps`` optimizer steps (0: never) and at the end of training, the
+    current model is evaluated under its training spec (hard mode, the target budget) and the
+    baselines ``policies`` x ``budgets``; the full-state base model (adapter disabled, full
+    state) and the base model under the training spec are evaluated once, at the start, and
+    reused. Metrics ``eval_bounded/<policy>_<K>_ppl``, ``eval_bounded/base_full_ppl``,
+    ``eval_bounded/base_<policy>_<K>_ppl`` and ``eval_bounded/recovered`` (share of the
+    bounded-vs-full gap that training closed) go through ``trainer.log`` when the callback
+    knows its trainer (``attach(trainer)`` or ``trainer=``) - so W&B, TensorBoard and
+    ``state.log_history`` all see them - and otherwise into ``state.log_history`` and W&B
+    directly; a ``wandb.Table`` of the records is logged when ``wandb.run`` is active. The final
+    records are kept on ``final_records`` (``final_table()`` gives the Markdown for the model
+    card). The model is put back as it was: train mode, spec, ramped budget, soft temperature.
+
+    ``eval_windows``: LongTensor [N, seq_len], or texts (a str, or a dict name -> text) to be
+    cut into windows of ``seq_len`` tokens with ``tokenizer``.
+    """
+
+    def __init__(self, eval_windows, policies=("tova",), budgets=(), every_n_steps: int = 0, batch_size: int = 1,
+                 tokenizer=None, seq_len: int | None = None, max_windows: int | None = None,
+                 prefix: str = "eval_bounded", trainer=None, progress: bool = False, **spec_kwargs):
+        if not isinstance(eval_windows, torch.Tensor):
+            if tokenizer is None or seq_len is None:
+                raise ValueError("BoundedEvalCallback: texts as eval_windows need tokenizer= and seq_len=")
+            from .data import make_windows, tokenize_documents
+
+            texts = {"eval": eval_windows} if isinstance(eval_windows, str) else dict(eval_windows)
+            eval_windows = make_windows(tokenize_documents(texts, tokenizer, cache=False), seq_len, max_windows)
+        elif max_windows is not None:
+            eval_windows = eval_windows[:max_windows]
+        if eval_windows.shape[0] == 0:
+            raise ValueError("BoundedEvalCallback: no evaluation windows (text shorter than seq_len?)")
+        self.windows = eval_windows
+        self.policies = [p for p in policies]
+        self.budgets = [int(k) for k in budgets]
+        self.every_n_steps = int(every_n_steps or 0)
+        self.batch_size = batch_size
+        self.prefix = prefix
+        self.trainer = trainer
+        self.progress = progress
+        self.spec_kwargs = spec_kwargs
+        self.base_records: list[dict] | None = None
+        self.final_records: list[dict] | None = None
+        self.history: list[tuple[int, list[dict]]] = []
+        self._last_step = -1
+
+    def attach(self, trainer) -> "BoundedEvalCallback":
+        """Register with ``trainer`` and log through ``trainer.log``."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    # -- what to evaluate
+    def _train_spec(self, model) -> BudgetSpec | None:
+        spec = get_budget(model)
+        return None if spec is None or spec.policy == "full" else hard(spec)
+
+    def _specs(self, model) -> list[BudgetSpec]:
+        specs, seen = [], set()
+        train = self._train_spec(model)
+        for spec in ([train] if train is not None else []) + grid_specs(self.policies, self.budgets,
+                                                                        **self.spec_kwargs):
+            key = json.dumps(spec.to_dict(), sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                specs.append(spec)
+        return specs
+
+    def _base(self, model) -> list[dict]:
+        """Full-state base model and base model under the training spec: computed once."""
+        if self.base_records is None:
+            specs = [BudgetSpec(policy="full")]
+            train = self._train_spec(model)
+            if train is not None:
+                specs.append(train)
+            self.base_records = evaluate_specs(model, self.windows, specs, self.batch_size, adapter_on=False,
+                                               adapted=False, progress=self.progress, desc="eval_bounded base")
+        return self.base_records
+
+    # -- events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._base(model)  # before the first step: for full fine-tuning this is the only chance
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self.evaluate(model, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            records = self.evaluate(model, state) if self._last_step != state.global_step else self.history[-1][1]
+            self.final_records = records
+
+    def evaluate(self, model, state=None) -> list[dict]:
+        """Evaluate now and log; returns base + current records."""
+        step = state.global_step if state is not None else 0
+        base = self._base(model)
+        current = evaluate_specs(model, self.windows, self._specs(model), self.batch_size, adapter_on=True,
+                                 adapted=True, progress=self.progress, desc=f"eval_bounded step {step}")
+        records = base + current
+        self.history.append((step, records))
+        self._last_step = step
+        self._log(self.metrics(records, model), records, state)
+        return records
+
+    def metrics(self, records: list[dict], model=None) -> dict[str, float]:
+        out = {}
+        base_full = full_ppl_of(records)
+        for r in records:
+            name = "full" if r["policy"] == "full" else f"{r['policy']}_{_budget_name(r['budget'])}"
+            out[f"{self.prefix}/{'' if r.get('adapted') else 'base_'}{name}_ppl"] = r["ppl"]
+        train = self._train_spec(model) if model is not None else None
+        if train is not None and base_full is not None:
+            name = f"{train.policy}_{_budget_name(train.budget)}"
+            base_b, now = out.get(f"{self.prefix}/base_{name}_ppl"), out.get(f"{self.prefix}/{name}_ppl")
+            if base_b is not None and now is not None and base_b - base_full > 1e-9:
+                out[f"{self.prefix}/recovered"] = (base_b - now) / (base_b - base_full)
+        return out
+
+    def final_table(self) -> str:
+        return markdown_table(self.final_records or [])
+
+    def _log(self, metrics: dict, records: list[dict], state) -> None:
+        if self.trainer is not None:
+            self.trainer.log(dict(metrics))
+        elif state is not None:
+            state.log_history.append({**metrics, "step": state.global_step})
+        try:
+            import wandb
+        except ImportError:
+            return
+        if wandb.run is None:
+            return
+        if self.trainer is None:  # the trainer's W&B integration did not see them
+            wandb.log(dict(metrics))
+        step = state.global_step if state is not None else 0
+        base_full = full_ppl_of(records)
+        columns = ["step", "policy", "budget", "adapted", "ppl", "nll", "tokens", "ppl_minus_full"]
+        rows = [[step, r["policy"], json.dumps(r["budget"]), bool(r.get("adapted")), r["ppl"], r["nll"],
+                 r["tokens"], r["ppl"] - base_full if base_full is not None else None] for r in records]
+        wandb.log({f"{self.prefix}/table": wandb.Table(columns=columns, data=rows)})
+
+
+def _budget_name(budget) -> str:
+    if isinstance(budget, (list, tuple)):
+        return "hybrid"
+    if isinstance(budget, dict):
+        return "per_layer"
+    return str(budget)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _csv(s: str | None) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m msrnn_train.evaluate",
+        description="Perplexity (and optionally in-context retrieval and long generation) of a model under "
+                    "bounded-state policies and budgets, against the full-state baseline. Evaluation is "
+                    "teacher-forced (one forward per window), which equals bounded-cache decoding exactly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded SmolLM2-135M-Instruct), a .gguf file, a local model directory or a "
+                        "Hub id")
+    p.add_argument("--adapter", default=None,
+                   help="trained adapter folder (peft). Its msrnn_budget.json is the default policy/budget; both "
+                        "the base model (adapter disabled) and the adapted one are evaluated")
+    p.add_argument("--text", default="gutenberg",
+                   help="'gutenberg' (the held-out books), 'gutenberg:all', a .txt file, a directory of .txt "
+                        "files, a .json/.jsonl/.parquet file with a 'text' column, or a Hub dataset id")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=4, help="evaluate the first N windows (0: all)")
+    p.add_argument("--policies", default=None,
+                   help=f"comma list of policies (default: the adapter's, else {','.join(DEFAULT_POLICIES)})")
+    p.add_argument("--budgets", default=None,
+                   help=f"comma list of budgets K (default: the adapter's, else "
+                        f"{','.join(map(str, DEFAULT_BUDGETS))})")
+    p.add_argument("--sinks", type=int, default=None, help="sink positions of 'sinks' (default 4)")
+    p.add_argument("--recent", type=int, default=None, help="h2o's recent window r (default K/2)")
+    p.add_argument("--tasks", default="ppl",
+                   help="comma list of: ppl, retrieval (associative recall + needle in a haystack), generation "
+                        "(long greedy generation, repetition statistics)")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG "
+                                                 "(retrieval: <stem>_retrieval.png beside it)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = p.add_argument_group("retrieval (--tasks retrieval)")
+    r.add_argument("--retrieval-n", type=int, default=24, help="instances per task")
+    r.add_argument("--recall-pairs", type=int, default=40, help="key-value pairs per recall instance")
+    r.add_argument("--recall-distance", type=int, default=None,
+                   help="pairs listed after the queried one (default: pairs - 4, i.e. far from the question)")
+    r.add_argument("--needle-words", type=int, default=400, help="filler words of a needle instance")
+    r.add_argument("--needle-distance", type=int, default=None,
+                   help="filler words after the needle (default: 3/4 of --needle-words)")
+    r.add_argument("--hybrid-layers", default="middle;last",
+                   help="hybrids: ';'-separated sets of full layers, each a '+'-joined list of layer indices or "
+                        "first/middle/last (e.g. 'middle;last;10+20'); '' for none")
+    r.add_argument("--hybrid-policies", default=None,
+                   help="policies for the hybrids (default: the first bounded policy)")
+    r.add_argument("--chat", action="store_true", help="wrap retrieval prompts in the chat template")
+    r.add_argument("--retrieval-batch-size", type=int, default=8)
+    g = p.add_argument_group("long generation (--tasks generation)")
+    g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
+    g.add_argument("--gen-prompts", type=int, default=3, help="number of prompts (held-out Gutenberg passages)")
+    g.add_argument("--gen-prompt-words", type=int, default=120)
+    return p
+
+
+def _load(args):
+    from .models import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    spec = None
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        model.eval()
+        if (Path(args.adapter) / SPEC_FILENAME).is_file():
+            spec = BudgetSpec.load(args.adapter)
+    elif Path(args.model).is_dir() and (Path(args.model) / SPEC_FILENAME).is_file():
+        spec = BudgetSpec.load(args.model)  # a fully fine-tuned model saved with its spec
+    return model, tokenizer, spec
+
+
+def _windows(args, tokenizer) -> torch.Tensor:
+    from .data import DEFAULT_HELDOUT, gutenberg_books, load_texts, make_windows, split_books, tokenize_documents
+
+    if args.text == "gutenberg":
+        texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
+    else:
+        texts = load_texts(args.text)
+    windows = make_windows(tokenize_documents(texts, tokenizer), args.seq_len, args.max_windows or None)
+    if windows.shape[0] == 0:
+        raise SystemExit(f"--text {args.text}: no complete window of {args.seq_len} tokens")
+    return windows
+
+
+def _grid(args, spec: BudgetSpec | None):
+    """(specs, policies for the plot) from --policies/--budgets, defaulting to the saved spec."""
+    policies = _csv(args.policies) or ([("full"), spec.policy] if spec is not None else DEFAULT_POLICIES)
+    budgets = [int(b) for b in _csv(args.budgets)]
+    kwargs = {k: v for k, v in (("sinks", args.sinks), ("recent", args.recent)) if v is not None}
+    specs = []
+    for policy in policies:
+        if policy == "full":
+            specs.append(BudgetSpec(policy="full"))
+            continue
+        if spec is not None and policy == spec.policy and not budgets:
+            specs.append(hard(spec))  # exactly the trained spec (per-layer budgets, sinks, recent)
+            continue
+        for k in budgets or DEFAULT_BUDGETS:
+            extra = dict(kwargs)
+            if spec is not None and policy == spec.policy:
+                extra = {"sinks": spec.sinks, "recent": spec.recent, **kwargs}
+            specs.append(BudgetSpec(policy=policy, budget=k, **extra).validate())
+    return specs
+
+
+def _retrieval(args, model, tokenizer, specs, adapter_on, progress) -> list[dict]:
+    from .retrieval import associative_recall, evaluate_retrieval, hybrid_spec, needle_in_haystack
+
+    pairs = args.recall_pairs
+    dist = args.recall_distance if args.recall_distance is not None else max(0, pairs - 4)
+    nd = args.needle_distance if args.needle_distance is not None else (3 * args.needle_words) // 4
+    tasks = {"recall": associative_recall(args.retrieval_n, pairs=pairs, distance=dist),
+             "needle": needle_in_haystack(args.retrieval_n, context_words=args.needle_words, distance_words=nd)}
+    n_layers = model.config.num_hidden_layers
+    bounded = [s for s in specs if s.policy != "full" and isinstance(s.budget, int)]
+    hybrid_policies = _csv(args.hybrid_policies) or ([bounded[0].policy] if bounded else [])
+    all_specs = list(specs)
+    for layers in [x for x in (args.hybrid_layers or "").split(";") if x.strip()]:
+        for s in bounded:
+            if s.policy in hybrid_policies:
+                all_specs.append(hybrid_spec(s.policy, s.budget, n_layers, layers.split("+"), sinks=s.sinks,
+                                             recent=s.recent))
+    return evaluate_retrieval(model, tokenizer, tasks, all_specs, args.retrieval_batch_size, args.chat,
+                              progress=progress, adapter_on=adapter_on)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    tasks = set(_csv(args.tasks))
+    unknown = tasks - {"ppl", "retrieval", "generation"}
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, retrieval, generation")
+    progress = not args.no_progress
+    start = time.perf_counter()
+    model, tokenizer, saved_spec = _load(args)
+    specs = _grid(args, saved_spec)
+    adapter = args.adapter is not None
+    passes = [(False, False), (True, True)] if adapter else [(True, None)]  # (adapter_on, adapted field)
+    out: dict = {}
+    records: list[dict] = []
+    if "ppl" in tasks:
+        windows = _windows(args, tokenizer)
+        print(f"{windows.shape[0]} windows x {args.seq_len} tokens from {args.text}; "
+              f"{len(specs)} specs{' x 2 (base, adapted)' if adapter else ''}", file=sys.stderr)
+        for adapter_on, adapted in passes:
+            records += evaluate_specs(model, windows, specs, args.batch_size, adapter_on, adapted, progress,
+                                      desc="eval (adapted)" if adapted else "eval (base)" if adapted is False
+                                      else "eval")
+        print(f"\n## Perplexity: {args.model}{' + ' + args.adapter if adapter else ''}, {args.text}, "
+              f"{windows.shape[0]} x {args.seq_len} tokens\n")
+        print(markdown_table(records))
+        if args.plot:
+            from .plots import plot_ppl_vs_budget
+
+            base = [r for r in records if not r.get("adapted")]
+            adapted_recs = [r for r in records if r.get("adapted")] or None
+            plot_ppl_vs_budget(base, adapted_recs, args.plot,
+                               title=f"{Path(args.model).name}: perplexity vs budget "
+                                     f"({args.text}, {args.seq_len}-token windows)")
+            print(f"\nplot: {args.plot}")
+    if "retrieval" in tasks:
+        from .retrieval import retrieval_table
+
+        retrieval = []
+        for adapter_on, adapted in passes:
+            recs = _retrieval(args, model, tokenizer, specs, adapter_on, progress)
+            for r in recs:
+                if adapted is not None:
+                    r["adapted"] = adapted
+            retrieval += recs
+        out["retrieval"] = retrieval
+        print("\n## In-context retrieval (teacher-forced greedy check of the answer tokens)\n")
+        for adapted in ([False, True] if adapter else [None]):
+            recs = [r for r in retrieval if r.get("adapted") == adapted]
+            if adapter:
+                print(f"\n### {'adapted' if adapted else 'base'}\n")
+            print(retrieval_table(recs))
+        if args.plot:
+            from .plots import plot_retrieval
+
+            path = Path(args.plot)
+            rpath = path.with_name(path.stem + "_retrieval" + path.suffix)
+            plot_retrieval(retrieval, rpath)
+            print(f"\nplot: {rpath}")
+    if "generation" in tasks:
+        prompts = default_prompts(args.gen_prompts, args.gen_prompt_words)
+        gen_specs = [s for s in specs if s.policy != "full"]
+        generation = []
+        for adapter_on, adapted in passes:
+            recs = long_generation(model, tokenizer, prompts, gen_specs, args.gen_tokens, adapter_on, progress)
+            for r in recs:
+                if adapted is not None:
+                    r["adapted"] = adapted
+            generation += recs
+            print(f"\n## Long generation ({len(prompts)} prompts x {args.gen_tokens} greedy tokens"
+                  f"{', adapted' if adapted else ', base' if adapted is False else ''})\n")
+            print(generation_table(recs))
+        out["generation"] = generation
+    elapsed = time.perf_counter() - start
+    print(f"\nwall time: {elapsed:.0f} s", file=sys.stderr)
+    if args.json:
+        write_json(args.json, args.model, args.adapter, args.text, args.seq_len, records, **out)
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

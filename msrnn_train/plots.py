@@ -1,0 +1,128 @@
+"""Figures of the evaluation: perplexity vs budget, retrieval accuracy vs budget.
+
+Matplotlib with the Agg backend (no display needed). Budgets on a log-2 x axis; the
+full-state model is a dashed horizontal line; base model solid, adapted model dashed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+POLICY_COLORS = {"tova": "tab:blue", "tova_head": "tab:cyan", "sinks": "tab:green", "h2o": "tab:orange",
+                 "window": "tab:red"}
+
+
+def _color(policy: str, i: int) -> str:
+    return POLICY_COLORS.get(policy, f"C{(i + 5) % 10}")
+
+
+def _lines(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """policy -> [(budget, ppl)] for records with an integer budget, sorted by budget."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r["policy"] != "full" and isinstance(r["budget"], int):
+            out.setdefault(r["policy"], []).append((r["budget"], r["ppl"]))
+    return {p: sorted(v) for p, v in out.items()}
+
+
+def _full(records: list[dict] | None) -> float | None:
+    full = [r["ppl"] for r in records or [] if r["policy"] == "full"]
+    return full[0] if full else None
+
+
+def _budget_axis(ax, budgets: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(budgets))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("budget K (states per layer)")
+
+
+def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | None, path,
+                       title: str | None = None) -> Path:
+    """Perplexity against budget, one line per policy: base model solid with round markers,
+    adapted model dashed with square markers, full-state model(s) as horizontal lines. The y
+    axis is logarithmic when the values span more than a factor of 10 (e.g. `window`)."""
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    base, adapted = _lines(records_base), _lines(records_adapted or [])
+    policies = list(dict.fromkeys(list(base) + list(adapted)))
+    budgets = sorted({b for v in list(base.values()) + list(adapted.values()) for b, _ in v})
+    values = [y for v in list(base.values()) + list(adapted.values()) for _, y in v]
+    for i, policy in enumerate(policies):
+        c = _color(policy, i)
+        if policy in base:
+            xs, ys = zip(*base[policy])
+            ax.plot(xs, ys, "-o", color=c, lw=2, ms=6, label=f"{policy} (base)" if adapted else policy)
+        if policy in adapted:
+            xs, ys = zip(*adapted[policy])
+            ax.plot(xs, ys, "--s", color=c, lw=2, ms=6, label=f"{policy} (adapted)")
+    full_base, full_adapted = _full(records_base), _full(records_adapted)
+    if full_base is not None:
+        ax.axhline(full_base, color="black", ls="--", lw=1.3, label=f"full state{' (base)' if adapted else ''}"
+                                                                     f" = {full_base:.2f}")
+        values.append(full_base)
+    if full_adapted is not None:
+        ax.axhline(full_adapted, color="gray", ls=":", lw=1.3, label=f"full state (adapted) = {full_adapted:.2f}")
+        values.append(full_adapted)
+    if budgets:
+        _budget_axis(ax, budgets)
+    if values and max(values) / max(min(values), 1e-9) > 10:
+        ax.set_yscale("log")
+    ax.set_ylabel("perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.set_title(title or "Perplexity vs budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
+    """Retrieval accuracy against budget, one panel per task: one line per policy (solid),
+    hybrids with full layers dotted, the full-state accuracy as a dashed horizontal line.
+    With adapted records, only the adapted ones are drawn dashed beside the base ones."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=120, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        recs = [r for r in records if r["task"] == task]
+        lines: dict[tuple, list[tuple[int, float]]] = {}
+        for r in recs:
+            if r["policy"] == "full":
+                ax.axhline(100 * r["accuracy"], color="black" if not r.get("adapted") else "gray", ls="--",
+                           label=f"full state{' (adapted)' if r.get('adapted') else ''}")
+                continue
+            key = (r["policy"], tuple(r.get("full_layers") or ()), bool(r.get("adapted")))
+            lines.setdefault(key, []).append((r["budget"], 100 * r["accuracy"]))
+        budgets = sorted({b for v in lines.values() for b, _ in v})
+        for i, ((policy, full_layers, adapted), pts) in enumerate(lines.items()):
+            xs, ys = zip(*sorted(pts))
+            style = ":" if full_layers else "--" if adapted else "-"
+            label = policy + (f" + full layer{'s' if len(full_layers) > 1 else ''} {list(full_layers)}"
+                              if full_layers else "") + (" (adapted)" if adapted else "")
+            ax.plot(xs, ys, style, marker="^" if full_layers else "o", color=_color(policy, 0) if not full_layers
+                    else f"C{(i + 4) % 10}", lw=2, label=label)
+        if budgets:
+            _budget_axis(ax, budgets)
+        ax.set_ylim(-3, 103)
+        ax.set_ylabel("accuracy (%)")
+        dist = [r["distance_tokens"] for r in recs]
+        ax.set_title(f"{task} (answer ≈{sum(dist) / len(dist):.0f} tokens back)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

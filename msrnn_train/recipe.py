@@ -1,0 +1,502 @@
+"""Recipes: every knob of a training run, as YAML, checked before any weights load.
+
+A recipe is a few flat sections whose names follow `transformers.TrainingArguments`
+(torchtune / axolotl style):
+
+    model:    {source, dtype, attn_implementation}
+    data:     {source, seq_len, heldout, ...}
+    budget:   {policy, budget, sinks, recent, mode}           -> msrnn_train.BudgetSpec
+    lora:     {r, alpha, dropout, target_modules, bias}
+    loss:     {lm_weight, kl_weight, kl_temperature}
+    soft:     {tau_start, tau_end, hard_fraction, budget_ramp_start, ramp_fraction}
+    training: {output_dir, max_steps, learning_rate, ...}      -> TrainingArguments
+    eval:     {every_n_steps, policies, budgets, max_windows, batch_size, at_start}
+    wandb:    {project, name, mode}
+    hub:      {push_to_hub, repo_id, private}
+    deepspeed: path to a DeepSpeed JSON config, or null
+
+The dataclass defaults *are* the embedded-default recipe (`recipes/smollm2_gutenberg.yaml`):
+the real SmolLM2-135M on the Gutenberg books, TOVA with K = T/8, a run of a few minutes on a
+laptop CPU. `load_recipe(path, overrides)` reads a YAML file, applies `--key value` overrides
+(dotted keys for sections: `budget.budget=32`), checks every key, type and cross-field rule,
+and raises one `RecipeError` whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .policies import POLICIES
+from .spec import BudgetError, BudgetSpec
+
+RECIPE_FILENAME = "recipe.yaml"
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+BUDGET_MODES = ("hard", "soft")
+SOFT_POLICIES = ("tova", "tova_head")  # soft-TOVA relaxes the current-query score rule
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the (dotted) key and what is allowed."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe that runs but probably not as intended (e.g. a budget that never evicts)."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    source: str = "smollm2"  # "smollm2" (embedded GGUF), a Hub id, a local dir, a .gguf file, "random:tiny-llama"
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # attention of the full-state teacher (and unbounded layers)
+
+
+@dataclass
+class DataConfig:
+    source: str = "gutenberg"  # "gutenberg", .txt file/dir, .json/.jsonl/.parquet, a Hub dataset id
+    seq_len: int = 512  # training/eval window T; windows never cross a document
+    # held-out documents: a list of names, a count, a fraction of the documents, or null
+    # (gutenberg: data.DEFAULT_HELDOUT; other sources: 10% of the documents, at least one)
+    heldout: list[str] | int | float | None = None
+    split_seed: int = 0  # which documents a count/fraction holds out
+    max_train_windows: int | None = None  # cap on training windows (null: all)
+    stride: int | None = None  # window stride within a document (null: seq_len, no overlap)
+    cache_tokens: bool = True  # cache token ids under models.cache_dir()/tokens
+
+
+@dataclass
+class BudgetConfig:
+    policy: str = "tova"  # full | window | sinks | h2o | tova | tova_head
+    budget: Any = 64  # K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded
+    sinks: int = 4  # sinks (window+i) keeps the first i positions
+    recent: int | None = None  # h2o's protected recent window (null: K // 2)
+    mode: str = "soft"  # soft: anneal the soft-TOVA relaxation to hard (see `soft`); hard: exact throughout
+
+
+@dataclass
+class LoraConfigSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    bias: str = "none"
+
+
+@dataclass
+class LossConfig:
+    lm_weight: float = 1.0  # cross-entropy of the bounded student on the next token
+    kl_weight: float = 1.0  # KL(full-state teacher || bounded student); 0 turns the teacher off
+    kl_temperature: float = 1.0  # softmax temperature of the distillation (the KL is scaled by T^2)
+
+
+@dataclass
+class SoftConfig:
+    tau_start: float = 1.0  # soft-TOVA temperature at step 0 ...
+    tau_end: float = 0.05  # ... annealed geometrically to this ...
+    hard_fraction: float = 0.25  # ... and the last fraction of the steps runs the exact (hard) process
+    budget_ramp_start: int | None = None  # optional budget ramp: K starts here and falls linearly to budget.budget
+    ramp_fraction: float = 0.5  # over this fraction of the steps
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/smollm2-tova64"
+    max_steps: int = 40
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 2
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = 20
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: bool | str | None = None  # true: the last checkpoint in output_dir; or a path
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 0  # bounded perplexity during training every N steps (0: only before/after)
+    policies: list[str] = field(default_factory=lambda: ["tova", "full"])
+    budgets: list[int] = field(default_factory=lambda: [64])  # K values for every bounded policy
+    max_windows: int = 8  # held-out windows, spread evenly over the held-out documents
+    batch_size: int = 1
+    at_start: bool = True  # also measure the untrained model (the "before" column)
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = "msrnn-train"  # null: no W&B
+    name: str | None = None
+    mode: str = "auto"  # auto: online with an API key, else offline (with a message); online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = False
+    repo_id: str | None = None
+    private: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    soft: SoftConfig = field(default_factory=SoftConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    deepspeed: str | None = None  # DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json)
+
+    # ------------------------------------------------------------------ views
+    def budget_spec(self) -> BudgetSpec:
+        """The inference spec this run trains for (always mode "hard": it is what gets saved)."""
+        b = self.budget
+        return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, mode="hard")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / RECIPE_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "Recipe":
+        recipe = _build(cls, raw or {}, "")
+        recipe.validate()
+        return recipe
+
+    # ------------------------------------------------------------------ cross-field rules
+    def validate(self) -> "Recipe":
+        m, d, b, lo, ls, s, t, e, w, h = (self.model, self.data, self.budget, self.lora, self.loss, self.soft,
+                                         self.training, self.eval, self.wandb, self.hub)
+        _one_of("model.dtype", m.dtype, DTYPES)
+        if not m.source:
+            raise RecipeError("model.source: empty; give 'smollm2', a Hub id, a local directory or a .gguf file")
+        _at_least("data.seq_len", d.seq_len, 2)
+        _at_least("data.max_train_windows", d.max_train_windows, 1)
+        _at_least("data.stride", d.stride, 1)
+        if isinstance(d.heldout, int) and not isinstance(d.heldout, bool) and d.heldout < 0:
+            raise RecipeError(f"data.heldout: a count of documents must be >= 0, got {d.heldout}")
+        if isinstance(d.heldout, float) and not 0.0 < d.heldout < 1.0:
+            raise RecipeError(f"data.heldout: a fraction of documents must be in (0, 1), got {d.heldout}")
+
+        # the budget: BudgetSpec's own rules (K >= 1, known policy, h2o's recent <= K), then training's
+        try:
+            self.budget_spec().validate()
+        except BudgetError as err:
+            raise RecipeError(f"budget.{err}") from None
+        _one_of("budget.mode", b.mode, BUDGET_MODES)
+        if b.mode == "soft" and b.policy not in SOFT_POLICIES:
+            raise RecipeError(
+                f"budget.mode: 'soft' relaxes TOVA's evictions and needs policy {' or '.join(SOFT_POLICIES)}; "
+                f"policy {b.policy!r} has no relaxation: use mode: hard")
+        ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
+        if ks and min(ks) >= d.seq_len:
+            warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
+                          f"so the bound has no effect; use K < seq_len (e.g. {max(1, d.seq_len // 8)} = T/8)",
+                          RecipeWarning, stacklevel=2)
+
+        _at_least("lora.r", lo.r, 1)
+        _at_least("lora.alpha", lo.alpha, 1)
+        if not 0.0 <= lo.dropout < 1.0:
+            raise RecipeError(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+        if not lo.target_modules:
+            raise RecipeError("lora.target_modules: empty; name the projections to adapt, e.g. "
+                              f"{LORA_TARGETS}")
+        _one_of("lora.bias", lo.bias, ("none", "all", "lora_only"))
+
+        for key in ("lm_weight", "kl_weight"):
+            if getattr(ls, key) < 0:
+                raise RecipeError(f"loss.{key}: must be >= 0, got {getattr(ls, key)}")
+        if ls.lm_weight == 0 and ls.kl_weight == 0:
+            raise RecipeError("loss: lm_weight and kl_weight are both 0; nothing to train")
+        if ls.kl_temperature <= 0:
+            raise RecipeError(f"loss.kl_temperature: must be > 0, got {ls.kl_temperature}")
+
+        if not 0 < s.tau_end <= s.tau_start:
+            raise RecipeError(f"soft.tau_start/tau_end: need 0 < tau_end <= tau_start, got "
+                              f"tau_start={s.tau_start}, tau_end={s.tau_end}")
+        if not 0.0 <= s.hard_fraction < 1.0:
+            raise RecipeError(f"soft.hard_fraction: must be in [0, 1), got {s.hard_fraction}")
+        if not 0.0 < s.ramp_fraction <= 1.0:
+            raise RecipeError(f"soft.ramp_fraction: must be in (0, 1], got {s.ramp_fraction}")
+        if s.budget_ramp_start is not None:
+            if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
+                raise RecipeError("soft.budget_ramp_start: a budget ramp needs one integer budget.budget "
+                                  f"(got policy={b.policy!r}, budget={b.budget!r}); set it to null")
+            if s.budget_ramp_start < b.budget:
+                raise RecipeError(f"soft.budget_ramp_start: the ramp starts large and ends at budget.budget="
+                                  f"{b.budget}; got {s.budget_ramp_start} < {b.budget}")
+
+        for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "save_steps"):
+            _at_least(f"training.{key}", getattr(t, key), 1)
+        _at_least("training.save_total_limit", t.save_total_limit, 1)
+        _at_least("training.warmup_steps", t.warmup_steps, 0)
+        _at_least("training.dataloader_num_workers", t.dataloader_num_workers, 0)
+        if t.learning_rate <= 0:
+            raise RecipeError(f"training.learning_rate: must be > 0, got {t.learning_rate}")
+        if t.bf16 and t.fp16:
+            raise RecipeError("training.bf16/fp16: choose at most one mixed precision")
+        if not t.output_dir:
+            raise RecipeError("training.output_dir: empty")
+        if t.resume_from_checkpoint is False:
+            t.resume_from_checkpoint = None
+        schedulers, optimizers = _transformers_choices()
+        if schedulers:
+            _one_of("training.lr_scheduler_type", t.lr_scheduler_type, schedulers)
+        if optimizers:
+            _one_of("training.optim", t.optim, optimizers)
+
+        _at_least("eval.every_n_steps", e.every_n_steps, 0)
+        _at_least("eval.max_windows", e.max_windows, 0)
+        _at_least("eval.batch_size", e.batch_size, 1)
+        for i, p in enumerate(e.policies):
+            _one_of(f"eval.policies[{i}]", p, tuple(POLICIES))
+        for i, k in enumerate(e.budgets):
+            _at_least(f"eval.budgets[{i}]", k, 1)
+        if any(p != "full" for p in e.policies) and not e.budgets:
+            raise RecipeError("eval.budgets: empty, but eval.policies has bounded policies; give at least one K")
+
+        _one_of("wandb.mode", w.mode, WANDB_MODES)
+        if h.push_to_hub and not h.repo_id:
+            raise RecipeError("hub.repo_id: required when hub.push_to_hub is true (e.g. 'your-name/smollm2-tova64')")
+        if h.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", h.repo_id):
+            raise RecipeError(f"hub.repo_id: {h.repo_id!r} is not a repository id like 'owner/name'")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
+    """Read a recipe (None: the embedded default), apply overrides, validate; raises RecipeError.
+
+    `overrides` is either CLI tokens (`["--budget.budget", "32", "--training.max_steps=10"]`) or a
+    dict of dotted keys (`{"budget.budget": 32}`); values given as strings are parsed as YAML scalars.
+    Relative paths in the recipe (deepspeed) are resolved against the working directory, then the
+    recipe's folder and its parent.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        pairs = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides)
+        for key, value in pairs.items():
+            _set_dotted(raw, key, _yaml_scalar(value) if isinstance(value, str) else value)
+    recipe = Recipe.from_dict(raw)
+    if recipe.deepspeed and path is not None:
+        recipe.deepspeed = _resolve_relative(recipe.deepspeed, path.parent)
+    return recipe
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """`--a.b value` / `--a.b=value` tokens -> {"a.b": "value"} (values still strings)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise RecipeError(f"override {tok!r}: expected --key value (e.g. --training.max_steps 10)")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or (tokens[i + 1].startswith("--") and len(tokens[i + 1]) > 2
+                                        and not _is_number(tokens[i + 1])):
+                raise RecipeError(f"override --{key}: needs a value (e.g. --{key} VALUE or --{key}=VALUE)")
+            value = tokens[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _yaml_scalar(text: str):
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override --{key}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_relative(value: str, recipe_dir: Path) -> str:
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    for base in (recipe_dir, recipe_dir.parent):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return value  # checked when the run starts (see train.check_runtime)
+
+
+# ----------------------------------------------------------------------------- typed building
+def _build(cls, raw, where: str):
+    """Instantiate dataclass `cls` from `raw`, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a section (a mapping of keys), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" Did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise RecipeError(f"{dotted}: unknown key.{hint} Allowed in {where or 'a recipe'}: {', '.join(allowed)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, {} if value is None else value, dotted)
+        else:
+            kwargs[key] = _check_type(dotted, value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value, hint):
+    """Return `value` (ints widened to float where a float is expected) or raise RecipeError."""
+    ok, coerced = _matches(value, hint)
+    if not ok:
+        raise RecipeError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return coerced
+
+
+def _matches(value, hint):
+    if hint is Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        # try exact kinds first so that 1 stays an int in `int | float`
+        for arg in sorted(args, key=lambda a: a is float):
+            ok, coerced = _matches(value, arg)
+            if ok:
+                return True, coerced
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _matches(v, item)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        # PyYAML reads `1e-3` (no dot) as a string; accept what is plainly a number
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+            return True, float(value)
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return f"a list of {_type_name(item)}"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{key}: {value!r} is not allowed.{hint} Allowed: {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low: int) -> None:
+    if value is not None and value < low:
+        raise RecipeError(f"{key}: must be >= {low}, got {value}")
+
+
+def _budget_values(budget) -> list:
+    if isinstance(budget, dict):
+        values = budget.values()
+    elif isinstance(budget, (list, tuple)):
+        values = budget
+    else:
+        values = [budget]
+    return [None if v in (None, "full", "inf") else v for v in values]
+
+
+def _transformers_choices() -> tuple[tuple, tuple]:
+    try:
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+    except Exception:  # noqa: BLE001 - the values are then checked by TrainingArguments itself
+        return (), ()
+    return tuple(s.value for s in SchedulerType), tuple(o.value for o in OptimizerNames)

