@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .schedule import NEVER, LogitRows, Schedule, Slots, unbounded_schedule
+from .schedule import NEVER, LogitRows, Schedule, Slots, rolling_schedule, unbounded_schedule
 
 ATTN_NAME = "msrnn"
 
@@ -58,6 +58,8 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
                 sched = unbounded_schedule(new_valid, new_pos, init, window, layer.groups)
                 if cache_layer is not None:
                     sched.final = _unbounded_final(init, sched, new_order, new_pos, new_valid, layer.groups)
+            elif cache_layer is None and window is None and layer.policy.name in ("window", "sinks"):
+                sched = rolling_schedule(layer.policy, layer.budget, new_valid, new_order, layer.groups)
             else:
                 ctrl.scans += 1
                 logits = LogitRows(query.detach(), key.detach(), scaling)
@@ -67,35 +69,41 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
     if ctrl.recording is not None:
         ctrl.recording.setdefault(layer.layer_idx, []).append(sched)
 
-    bias = None
+    keep = None  # soft mode: per-key keep-logits after eviction
     if ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores \
             and cache_layer is None:
-        from .soft import soft_eviction_mask
+        from .soft import soft_keep_logits
 
-        bias = soft_eviction_mask(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
+        keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
     out = masked_attention(query, key, value, sched, new_valid, scaling, dropout if module.training else 0.0,
-                           layer.groups, bias=bias, backend=ctrl.backend)
+                           layer.groups, soft_keep=keep, backend=ctrl.backend)
     if cache_layer is not None:
         cache_layer.commit(sched.final, key, value, new_valid, T)
     return out, None
 
 
-def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, bias=None, backend="auto"):
-    use_flex = backend == "flex" or (backend == "auto" and query.is_cuda and bias is None)
+def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None,
+                     backend="auto"):
+    use_flex = backend == "flex" or (backend == "auto" and query.is_cuda and dropout == 0.0)
     if use_flex:
         from .flex import flex_masked_attention
 
-        return flex_masked_attention(query, key, value, sched, new_valid, scaling, groups)
-    return dense_masked_attention(query, key, value, sched, new_valid, scaling, dropout, groups, bias)
+        return flex_masked_attention(query, key, value, sched, new_valid, scaling, groups, soft_keep=soft_keep)
+    return dense_masked_attention(query, key, value, sched, new_valid, scaling, dropout, groups, soft_keep)
 
 
-def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, bias=None):
+def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None):
     """Reference backend: a dense (B, Hq, T, S) mask from the schedule, then SDPA. It has a
-    backward on every device (FlexAttention has none on the CPU). `bias`, in soft mode, is the
-    additive mask from soft.py and replaces the boolean one."""
+    backward on every device (FlexAttention has none on the CPU). In soft mode the mask is
+    additive, with each evicted key's keep-logit (soft.py) after its eviction."""
     Hq, Hkv = query.shape[1], key.shape[1]
-    mask = sched.visible(new_valid) if bias is None else bias  # (B, G, T, S): bool, or additive (soft)
+    if soft_keep is None:
+        mask = sched.visible(new_valid)  # (B, G, T, S) bool
+    else:
+        from .soft import soft_dense_mask
+
+        mask = soft_dense_mask(sched, new_valid, soft_keep).to(query.dtype)
     if groups > 1:
         mask = mask.repeat_interleave(Hq // groups, dim=1)
     if Hq != Hkv:

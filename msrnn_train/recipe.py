@@ -182,7 +182,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / RECIPE_FILENAME

@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from .schedule import Schedule
 
 
-def soft_eviction_mask(query, key, scaling, sched: Schedule, new_valid, groups: int, tau: float) -> torch.Tensor:
-    """Additive float mask (B, G, T, S): 0 where the hard process keeps the key visible,
-    log sigmoid(margin / tau) where the key was evicted earlier, -inf where never allowed."""
+def soft_keep_logits(query, key, scaling, sched: Schedule, new_valid, groups: int, tau: float) -> torch.Tensor:
+    """Per key (B, G, S): the additive logit log sigmoid(margin / tau) that queries after its
+    eviction give it; -inf for keys never evicted by the policy (held, padding, or expired from
+    the model's own sliding window). Differentiable in query and key."""
     B, Hq, T, _ = query.shape
     S = key.shape[2]
     vis = sched.visible(new_valid)  # (B, G, T, S)
     k = key.repeat_interleave(Hq // key.shape[1], dim=1) if Hq != key.shape[1] else key
-    logits = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(query.to(dt), k.to(dt).transpose(-1, -2)) * scaling
     vis_h = vis.repeat_interleave(Hq // groups, dim=1) if groups > 1 else vis
     probs = torch.softmax(logits.masked_fill(~vis_h, -torch.inf), dim=-1).nan_to_num(0.0)
     score = probs.view(B, groups, Hq // groups, T, S).mean(2)  # (B, G, T, S): s_t(j)
@@ -45,13 +47,19 @@ def soft_eviction_mask(query, key, scaling, sched: Schedule, new_valid, groups: 
     runner_up = (two[..., 1] if S > 1 else two[..., 0]).gather(2, row)
     policy_victim = evicted & (s_self <= lowest)  # a key expired by the sliding window is not one
     margin = (torch.log(s_self.clamp_min(1e-30)) - torch.log(runner_up.clamp_min(1e-30))).clamp(max=0.0)
-    keep = F.logsigmoid(margin / tau)  # (B, G, S)
+    keep = F.logsigmoid(margin / tau)
+    return torch.where(policy_victim, keep, -torch.inf)
 
-    t = torch.arange(T, device=query.device).view(1, 1, T, 1)
-    later = t > evict.unsqueeze(2)  # queries after the eviction step
-    soft = later & policy_victim.unsqueeze(2)
-    mask = torch.where(vis, 0.0, torch.where(soft, keep.unsqueeze(2).expand(B, groups, T, S), -torch.inf))
-    return mask.to(query.dtype) if query.dtype != torch.float32 else mask
+
+def soft_dense_mask(sched: Schedule, new_valid, keep: torch.Tensor) -> torch.Tensor:
+    """Additive (B, G, T, S) mask: 0 where the hard process sees the key, the key's keep-logit
+    for queries after its eviction, -inf elsewhere."""
+    vis = sched.visible(new_valid)
+    T = vis.shape[2]
+    t = torch.arange(T, device=vis.device).view(1, 1, T, 1)
+    after = t > sched.evict.unsqueeze(2)
+    soft = torch.where(after, keep.unsqueeze(2), -torch.inf)
+    return torch.where(vis, torch.zeros((), dtype=keep.dtype, device=keep.device), soft)
 
 
 def set_soft_temperature(model, tau: float | None) -> None:

@@ -197,10 +197,20 @@ def test_spec_round_trip(tmp_path):
     assert [again.layer_budget(i) for i in range(3)] == [None, 16, 16]
 
 
+@pytest.fixture(scope="module")
+def smollm2_f64(smollm2):
+    """The real model in float64: the process is compared exactly, free of fp32 rounding (the
+    unmodified model's own teacher-forced vs. cached-decoding difference in fp32 is ~1e-4)."""
+    import copy
+
+    model, tokenizer = smollm2
+    return copy.deepcopy(model).to(torch.float64), tokenizer
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
-def test_real_smollm2_fidelity(smollm2, policy):
-    model, tokenizer = smollm2
+def test_real_smollm2_fidelity(smollm2_f64, policy):
+    model, tokenizer = smollm2_f64
     texts = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
              "Of Man's first disobedience, and the fruit of that forbidden tree",
              "Now is the winter of our discontent made glorious summer"]

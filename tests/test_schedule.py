@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from msrnn_train.policies import make_policy
-from msrnn_train.schedule import NEVER, LogitRows, Slots, reference_schedule, scan, unbounded_schedule
+from msrnn_train.schedule import (NEVER, LogitRows, Slots, reference_schedule, rolling_schedule, scan,
+                                  unbounded_schedule)
 
 POLICIES = ["window", "sinks", "h2o", "tova", "tova_head"]
 
@@ -125,3 +126,14 @@ def test_scan_continues_from_held_slots():
             e2 = int(second.evict[b, 0, n + t])
             expect = int(whole.evict[b, 0, 10 + t])
             assert (e2 + 10 if e2 >= 0 and e2 != NEVER else e2) == expect
+
+
+@pytest.mark.parametrize("name", ["window", "sinks"])
+@pytest.mark.parametrize("budget", [1, 2, 4, 5, 9, 40])
+def test_rolling_closed_form_equals_scan(name, budget):
+    q, k, valid = _random_case(seed=budget)
+    policy = make_policy(name, budget)
+    order = valid.long().cumsum(-1) - 1
+    fast = rolling_schedule(policy, budget, valid, order)
+    slow = _run_scan(policy, budget, q, k, valid)
+    assert torch.equal(fast.evict, slow.evict)

@@ -1,0 +1,664 @@
+"""Fine-tune a decoder LLM to keep its quality as a finite multi-state RNN (bounded KV cache).
+
+    accelerate launch msrnn_train/train.py recipes/mistral_tova512.yaml [--key value ...]
+    python -m msrnn_train.train recipes/smollm2_gutenberg.yaml --training.max_steps 10
+    python -m msrnn_train.train RECIPE.yaml --validate     # print the resolved recipe, load nothing
+    python -m msrnn_train.train                            # the embedded default (SmolLM2 on Gutenberg)
+
+One run, top to bottom (`train()`):
+  1. setup    - the recipe is validated before anything loads; seeds, output folder, W&B;
+  2. model    - the base model, a LoRA adapter (peft), the budget (apply_budget);
+  3. data     - documents -> held-out split by document -> cached tokens -> fixed windows;
+  4. train    - transformers.Trainer with the bounded LM loss + KL from the full-state teacher
+                (the same weights, adapter disabled, no budget), soft-TOVA annealed to hard;
+  5. save     - adapter, tokenizer, msrnn_budget.json, recipe.yaml: `hub.load_bounded(dir)`
+                restores the bounded model in one call;
+  6. evaluate - held-out perplexity under the budget, before and after; a model card;
+  7. push     - optionally to the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a script path (accelerate launch msrnn_train/train.py)
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # the package's own folder must not shadow top-level modules (it holds data.py, evaluate.py, ...)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import json
+import math
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+
+from msrnn_train import BudgetSpec, apply_budget, full_state, get_budget
+from msrnn_train.losses import causal_lm_loss, distillation_kl
+from msrnn_train.recipe import RECIPE_FILENAME, Recipe, RecipeError, RecipeWarning, load_recipe
+from msrnn_train.soft import budget_at, set_soft_temperature, tau_at
+
+USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
+
+  RECIPE.yaml   a recipe (default: the embedded default, SmolLM2-135M on Gutenberg, TOVA K=64)
+  --validate    check the recipe, print it resolved (YAML) and exit without loading anything
+  --a.b VALUE   override a recipe key, e.g. --budget.budget 32 --training.max_steps 10
+                (values are YAML scalars: null, true, 1e-4, [64, 128])
+"""
+EVAL_FILENAME = "eval_results.json"
+_EVAL_BEFORE = "eval_before.json"
+_WANDB_ID = "wandb_run_id.txt"
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # known Hub ids of embedded sources
+
+
+def log(msg: str) -> None:
+    print(f"[msrnn_train] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ entry point
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    validate_only = "--validate" in argv
+    argv = [a for a in argv if a != "--validate"]
+    recipe_path = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RecipeWarning)
+            recipe = load_recipe(recipe_path, argv)
+        for w in caught:
+            log(f"warning: {w.message}") if issubclass(w.category, RecipeWarning) else warnings.warn_explicit(
+                w.message, w.category, w.filename, w.lineno)
+        if not validate_only:
+            check_runtime(recipe)
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    if validate_only:
+        print(recipe.to_yaml(), end="")
+        return 0
+    try:
+        result = train(recipe)
+    except RecipeError as err:  # found once the model or data is known (e.g. lora.target_modules)
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    return 3 if result.get("push_error") else 0
+
+
+def check_runtime(recipe: Recipe) -> None:
+    """What a recipe needs from this machine, checked before any weights load."""
+    if recipe.deepspeed:
+        if not Path(recipe.deepspeed).is_file():
+            raise RecipeError(f"deepspeed: config file not found: {recipe.deepspeed}")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise RecipeError("deepspeed: the recipe uses DeepSpeed but the package is not installed "
+                              "(pip install 'msrnn-train[deepspeed]'), or set deepspeed: null") from None
+    resume = recipe.training.resume_from_checkpoint
+    if isinstance(resume, str) and resume not in ("latest", "last") and not Path(resume).is_dir():
+        raise RecipeError(f"training.resume_from_checkpoint: no checkpoint folder at {resume}")
+    if recipe.training.bf16 and not torch.cuda.is_available() and recipe.model.dtype == "float16":
+        raise RecipeError("training.bf16 with model.dtype float16: use model.dtype bfloat16 or float32")
+
+
+# ============================================================================ the run
+def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
+    """Run one recipe; returns a summary (output_dir, eval records before/after, throughput)."""
+    # ---------------------------------------------------------------- 1. setup
+    t_cfg = recipe.training
+    out = Path(t_cfg.output_dir)
+    resume = _resolve_resume(t_cfg.resume_from_checkpoint, out)
+    spec = recipe.budget_spec()
+    args = _training_arguments(recipe)
+    set_seed(t_cfg.seed)
+    is_main = args.process_index == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(out)
+    use_wandb = setup_wandb(recipe, out, resuming=resume is not None) if is_main else _wandb_wanted(recipe)
+    args.report_to = ["wandb"] if use_wandb else []
+
+    # ---------------------------------------------------------------- 2. model
+    model, tokenizer = load_base_model(recipe.model.source, recipe.model.dtype,
+                                       attn_implementation=recipe.model.attn_implementation)
+    spec.validate_for(model.config)
+    model.config.use_cache = False
+    model = add_lora(model, recipe)
+    apply_budget(model, spec)
+    if not recipe.deepspeed:
+        model.to(args.device)
+
+    # ---------------------------------------------------------------- 3. data
+    train_windows, eval_windows = build_windows(recipe, tokenizer)
+    log(f"data: {len(train_windows)} training windows, {len(eval_windows)} held-out windows of "
+        f"{recipe.data.seq_len} tokens")
+    if len(train_windows) == 0:
+        raise RecipeError(f"data.seq_len: no training document is {recipe.data.seq_len} tokens long")
+    from msrnn_train.data import WindowDataset
+
+    before = []
+    if recipe.eval.at_start and len(eval_windows) and is_main:
+        before = _load_json(out / _EVAL_BEFORE) if resume is not None else None
+        if not before:
+            before = evaluate_grid(model, eval_windows, recipe, spec, desc="before")
+            _write_json(out / _EVAL_BEFORE, before)
+        _print_records("held-out perplexity before training", before)
+
+    # ---------------------------------------------------------------- 4. train
+    schedule = BudgetScheduleCallback(recipe, spec)
+    cbs = [schedule, SaveSpecCallback(recipe, spec)]
+    trainer = BoundedTrainer(
+        model=model, args=args, train_dataset=WindowDataset(train_windows), data_collator=default_data_collator,
+        processing_class=tokenizer, callbacks=[*cbs, *callbacks], recipe=recipe, schedule=schedule)
+    periodic = _periodic_eval_callback(recipe, eval_windows, tokenizer, before) if is_main else None
+    if periodic is not None:
+        periodic.attach(trainer)  # its metrics go through trainer.log (console, W&B, log_history)
+    t0 = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - t0
+    set_soft_temperature(model, None)
+    apply_budget(trainer.accelerator.unwrap_model(model), spec)  # the exact, full-K process from here on
+
+    # ---------------------------------------------------------------- 5. save
+    summary = {"output_dir": str(out), "train_metrics": train_output.metrics, "train_seconds": train_seconds,
+               "tokens_per_second": trainer.tokens_seen * args.world_size / max(train_seconds, 1e-9),
+               "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history,
+               "before": before, "after": [], "model": model, "tokenizer": tokenizer}
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
+        save_outputs(trainer, tokenizer, recipe, spec, out)
+
+    # ---------------------------------------------------------------- 6. evaluate
+    if len(eval_windows) and is_main:
+        final = [r for r in getattr(periodic, "final_records", None) or [] if r.get("adapted", True)]
+        after = [{k: v for k, v in r.items() if k != "adapted"} for r in final] or \
+            evaluate_grid(model, eval_windows, recipe, spec, desc="after")
+        summary["after"] = after
+        _print_records("held-out perplexity after training", after, before)
+    if is_main:
+        _write_json(out / EVAL_FILENAME, {k: summary[k] for k in ("before", "after", "train_metrics", "train_seconds",
+                                                                  "tokens_per_second", "peak_memory_mb")})
+        from msrnn_train.hub import model_card
+
+        (out / "README.md").write_text(model_card(recipe, spec, summary["after"], base_model_id(recipe.model.source),
+                                                  baseline_records=before))
+        log(f"saved the bounded adapter to {out}  (reload: msrnn_train.hub.load_bounded({str(out)!r}))")
+        log(f"throughput {summary['tokens_per_second']:.1f} tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB, "
+            f"{train_seconds:.1f} s")
+        if use_wandb:
+            finish_wandb(summary)
+
+    # ---------------------------------------------------------------- 7. push
+    if recipe.hub.push_to_hub and is_main:
+        from msrnn_train.hub import HubPushError, push_adapter
+
+        try:
+            summary["hub_url"] = push_adapter(out, recipe.hub.repo_id, private=recipe.hub.private)
+        except HubPushError as err:
+            log(str(err))
+            summary["push_error"] = str(err)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+# ============================================================================ model
+def load_base_model(source, dtype="float32", device="cpu", attn_implementation="sdpa"):
+    """(model, tokenizer) for a model source: "smollm2", a .gguf file, a local dir, a Hub id
+    (all through `msrnn_train.models.load_model`), or "random:tiny-llama" (tests)."""
+    if str(source).startswith("random:"):
+        model, tokenizer = random_model(str(source).partition(":")[2])
+        from msrnn_train.models import resolve_dtype
+
+        return model.to(device=device, dtype=resolve_dtype(dtype)).eval(), tokenizer
+    from msrnn_train.models import load_model
+
+    return load_model(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def random_model(name: str = "tiny-llama"):
+    """A tiny randomly initialised Llama with a byte-level tokenizer, the same weights every call.
+    For tests and smoke runs: the source string is all it takes to rebuild the base model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if name != "tiny-llama":
+        raise RecipeError(f"model.source: unknown random model 'random:{name}'; allowed: random:tiny-llama")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.name_or_path = f"random:{name}"
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.config._attn_implementation_internal = "sdpa"
+    return model, tokenizer
+
+
+def add_lora(model, recipe: Recipe):
+    from peft import LoraConfig, get_peft_model
+
+    lc = recipe.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lc.target_modules if m not in present]
+    if missing:
+        raise RecipeError(f"lora.target_modules: {missing} not found in {type(model).__name__}; "
+                          f"its linear layers include {sorted(n for n in present if n.endswith('_proj'))}")
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        bias=lc.bias, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters")
+    return model
+
+
+def base_model_id(source: str) -> str | None:
+    """The Hub id of a model source, when it has one (for the model card and adapter_config)."""
+    src = str(source)
+    if src.lower() in HUB_IDS:
+        return HUB_IDS[src.lower()]
+    if src.startswith("random:") or src.endswith(".gguf") or Path(src).expanduser().exists():
+        return None
+    return src if src.count("/") == 1 else None
+
+
+# ============================================================================ data
+def build_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train windows, held-out windows), LongTensor[N, seq_len] each; the split is by document."""
+    from msrnn_train import data
+
+    d = recipe.data
+    texts = data.load_texts(d.source)
+    train_texts, held_texts = split_documents(texts, d.source, d.heldout, d.split_seed,
+                                              need_heldout=recipe.eval.max_windows > 0)
+    train_ids = data.tokenize_documents(train_texts, tokenizer, cache=d.cache_tokens)
+    train = data.make_windows(train_ids, d.seq_len, max_windows=d.max_train_windows, stride=d.stride)
+    held = torch.empty(0, d.seq_len, dtype=torch.long)
+    if held_texts and recipe.eval.max_windows > 0:
+        held_ids = data.tokenize_documents(held_texts, tokenizer, cache=d.cache_tokens)
+        held = data.make_windows(held_ids, d.seq_len)
+        if len(held) > recipe.eval.max_windows:  # spread evenly over all held-out documents
+            idx = torch.linspace(0, len(held) - 1, recipe.eval.max_windows).round().long()
+            held = held[idx]
+    return train, held
+
+
+def split_documents(texts: dict, source: str, heldout, seed: int, need_heldout: bool = True):
+    from msrnn_train import data
+
+    names = sorted(texts)
+    if heldout is None:
+        if str(source).startswith("gutenberg"):
+            keys = {data.work_key(h) for h in data.DEFAULT_HELDOUT}
+            heldout = [n for n in names if data.work_key(n) in keys]
+        else:
+            heldout = max(1, round(0.1 * len(names))) if need_heldout else 0
+    elif isinstance(heldout, float):
+        heldout = max(1, round(heldout * len(names)))
+    if isinstance(heldout, int) and heldout >= len(names) and need_heldout:
+        raise RecipeError(f"data.heldout: cannot hold out {heldout} of {len(names)} document(s) and still train; "
+                          "the held-out split is by document, so give a source with several documents "
+                          "(a directory of .txt files, a json/parquet/Hub dataset with one row per document) "
+                          "or set eval.max_windows: 0")
+    try:
+        return data.split_books(texts, heldout, seed=seed)
+    except KeyError as err:
+        raise RecipeError(f"data.heldout: {err.args[0]}") from None
+
+
+# ============================================================================ training
+class BudgetScheduleCallback(TrainerCallback):
+    """Before every optimizer step: soft-TOVA's temperature and the budget ramp's K."""
+
+    def __init__(self, recipe: Recipe, spec: BudgetSpec):
+        self.recipe, self.spec = recipe, spec
+        self.tau: float | None = None
+        self.k: int | None = spec.budget if isinstance(spec.budget, int) else None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        s, total, step = self.recipe.soft, self.recipe.training.max_steps, state.global_step
+        bounded = _unwrap(model)
+        if get_budget(bounded) is None or get_budget(bounded).to_dict() != self.spec.to_dict():
+            apply_budget(bounded, self.spec)  # an evaluation in between may have left another spec
+        self.tau = tau_at(step, total, s.tau_start, s.tau_end, s.hard_fraction) \
+            if self.recipe.budget.mode == "soft" else None
+        set_soft_temperature(bounded, self.tau)
+        if s.budget_ramp_start is not None:
+            from msrnn_train.apply import set_layer_budget
+
+            self.k = budget_at(step, total, s.budget_ramp_start, self.spec.budget, s.ramp_fraction)
+            set_layer_budget(bounded, self.k)
+
+
+class SaveSpecCallback(TrainerCallback):
+    """Every checkpoint folder also holds the budget and the recipe, so it reloads bounded too."""
+
+    def __init__(self, recipe: Recipe, spec: BudgetSpec):
+        self.recipe, self.spec = recipe, spec
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                self.spec.save(ckpt)
+                self.recipe.save(ckpt)
+
+
+class BoundedTrainer(Trainer):
+    """Trainer whose loss is `lm_weight * CE(bounded student) + kl_weight * KL(full-state teacher ||
+    student)`. The teacher is the same weights with the adapter disabled and no budget: no copy."""
+
+    def __init__(self, *args, recipe: Recipe, schedule: BudgetScheduleCallback, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = recipe.loss
+        self.schedule = schedule
+        self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by GA
+        self.tokens_seen = 0
+        self._parts = {"lm_loss": 0.0, "kl_loss": 0.0}
+        self._parts_n = 0
+        self._tokens_since_log = 0
+        self._last_log_time = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        labels = inputs.get("labels", input_ids)
+        mask = inputs.get("attention_mask")
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        lm = causal_lm_loss(outputs.logits, labels)
+        loss = self.loss_cfg.lm_weight * lm
+        kl = None
+        if self.loss_cfg.kl_weight > 0:
+            kl = distillation_kl(outputs.logits, self.teacher_logits(model, input_ids, mask), labels,
+                                 self.loss_cfg.kl_temperature)
+            loss = loss + self.loss_cfg.kl_weight * kl
+        if model.training:
+            n = int(input_ids.numel())
+            self.tokens_seen += n
+            self._tokens_since_log += n
+            self._parts["lm_loss"] += lm.detach().float().item()
+            self._parts["kl_loss"] += 0.0 if kl is None else kl.detach().float().item()
+            self._parts_n += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def teacher_logits(self, model, input_ids, attention_mask):
+        return full_state_logits(self.accelerator.unwrap_model(model), input_ids, attention_mask)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts_n:
+            parts = torch.tensor([self._parts["lm_loss"], self._parts["kl_loss"], float(self._parts_n)],
+                                 device=self.args.device)
+            if self.args.world_size > 1:
+                parts = self.accelerator.reduce(parts, reduction="sum")
+            logs["lm_loss"] = parts[0].item() / parts[2].item()
+            if self.loss_cfg.kl_weight > 0:
+                logs["kl_loss"] = parts[1].item() / parts[2].item()
+            now = time.perf_counter()
+            logs["tokens_per_second"] = self._tokens_since_log * self.args.world_size / max(now - self._last_log_time,
+                                                                                            1e-9)
+            logs["peak_memory_mb"] = peak_memory_mb()
+            logs["tau"] = 0.0 if self.schedule.tau is None else self.schedule.tau  # 0: hard (the inference process)
+            if self.schedule.k is not None:
+                logs["budget_K"] = self.schedule.k
+            self._parts = {"lm_loss": 0.0, "kl_loss": 0.0}
+            self._parts_n = 0
+            self._tokens_since_log = 0
+            self._last_log_time = now
+        super().log(logs, start_time)
+
+
+@torch.no_grad()
+def full_state_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """The distillation teacher: the same weights with the LoRA adapter disabled and no budget."""
+    with model.disable_adapter(), full_state(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _training_arguments(recipe: Recipe) -> TrainingArguments:
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=t.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, seed=t.seed, data_seed=t.seed, bf16=t.bf16, fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False, report_to=[], deepspeed=recipe.deepspeed, disable_tqdm=False,
+        run_name=recipe.wandb.name,
+    )
+
+
+def _resolve_resume(value, out: Path) -> Path | None:
+    if value in (None, False):
+        return None
+    if value is True or value in ("latest", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            log(f"training.resume_from_checkpoint: no checkpoint in {out} yet; starting from step 0")
+            return None
+        log(f"resuming from {last}")
+        return Path(last)
+    return Path(value)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP / DeepSpeed engine
+        model = model.module
+    return model
+
+
+# ============================================================================ evaluation
+def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "") -> list[dict]:
+    """Held-out perplexity, hard process, for every (policy, K) of `recipe.eval` (`full` once);
+    the model's training budget is put back afterwards. Records: {policy, budget, ppl, nll, tokens}.
+    Uses msrnn_train.evaluate when it is installed, else the same computation inline."""
+    bounded = _unwrap(model)
+    try:
+        from msrnn_train import evaluate
+    except ImportError:
+        evaluate = None
+    if evaluate is not None:
+        records = evaluate.evaluate_grid(bounded, windows, recipe.eval.policies, recipe.eval.budgets,
+                                         batch_size=recipe.eval.batch_size, progress=True, sinks=recipe.budget.sinks)
+        return [{k: v for k, v in r.items() if k != "adapted"} for r in records]
+    was_training = bounded.training
+    bounded.eval()
+    records = []
+    try:
+        for policy, budget in eval_settings(recipe):
+            apply_budget(bounded, BudgetSpec(policy=policy, budget=1 if budget is None else budget,
+                                             sinks=recipe.budget.sinks))
+            records.append({"policy": policy, "budget": budget, **_perplexity(bounded, windows, recipe.eval.batch_size)})
+            log(f"{desc} {policy} K={budget}: ppl {records[-1]['ppl']:.3f}")
+    finally:
+        apply_budget(bounded, train_spec)
+        bounded.train(was_training)
+    return records
+
+
+def eval_settings(recipe: Recipe) -> list[tuple[str, int | None]]:
+    out = []
+    for policy in recipe.eval.policies:
+        out += [(policy, None)] if policy == "full" else [(policy, k) for k in recipe.eval.budgets]
+    return out
+
+
+@torch.no_grad()
+def _perplexity(model, windows, batch_size):
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        n += x[:, 1:].numel()
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+
+
+def _periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: list[dict]):
+    """msrnn_train.evaluate's BoundedEvalCallback, when eval.every_n_steps > 0 and it is installed."""
+    if recipe.eval.every_n_steps <= 0 or len(eval_windows) == 0:
+        return None
+    try:
+        from msrnn_train.evaluate import BoundedEvalCallback
+    except ImportError:
+        log("eval.every_n_steps: msrnn_train.evaluate is not available; evaluating before and after only")
+        return None
+    cb = BoundedEvalCallback(eval_windows, recipe.eval.policies, recipe.eval.budgets, recipe.eval.every_n_steps,
+                             recipe.eval.batch_size, tokenizer=tokenizer, sinks=recipe.budget.sinks)
+    spec = recipe.budget_spec()
+    have = {(r["policy"], r["budget"]) for r in before}
+    if ("full", None) in have and (spec.policy, spec.budget) in have:  # the base model is measured already
+        cb.base_records = [{**r, "adapted": False} for r in before
+                           if (r["policy"], r["budget"]) in (("full", None), (spec.policy, spec.budget))]
+    return cb
+
+
+def _print_records(title: str, records: list[dict], before: list[dict] | None = None) -> None:
+    base = {(r["policy"], r["budget"]): r["ppl"] for r in before or []}
+    lines = [title]
+    for r in records:
+        key = (r["policy"], r["budget"])
+        was = f"  (before {base[key]:.3f})" if key in base else ""
+        lines.append(f"  {r['policy']:>9} K={str(r['budget']):>5}: ppl {r['ppl']:.3f}{was}")
+    log("\n".join(lines))
+
+
+# ============================================================================ save
+def save_outputs(trainer: Trainer, tokenizer, recipe: Recipe, spec: BudgetSpec, out: Path) -> None:
+    """Adapter (peft), tokenizer, msrnn_budget.json and recipe.yaml in one folder."""
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    spec.save(out)
+    recipe.save(out)
+    base_id = base_model_id(recipe.model.source)
+    cfg_path = out / "adapter_config.json"
+    if base_id and cfg_path.is_file():  # a portable name rather than a local cache path
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_id
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ============================================================================ W&B
+def _wandb_wanted(recipe: Recipe) -> bool:
+    w = recipe.wandb
+    env = os.environ.get("WANDB_MODE", "").lower()
+    disabled_env = os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes")
+    return w.project is not None and w.mode != "disabled" and env != "disabled" and not disabled_env
+
+
+def wandb_has_api_key() -> bool:
+    """Whether W&B credentials exist (WANDB_API_KEY, a settings file or ~/.netrc), without prompting."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.login(prompt=False, verify=False))
+    except TypeError:  # an older wandb without `prompt=`
+        import netrc
+
+        try:
+            return any("wandb" in host for host in netrc.netrc().hosts)
+        except (OSError, netrc.NetrcParseError):
+            return False
+    except Exception:  # noqa: BLE001 - any failure means no usable key
+        return False
+
+
+def setup_wandb(recipe: Recipe, out: Path, resuming: bool = False) -> bool:
+    """Start the W&B run (the Trainer's WandbCallback reuses it) with the resolved recipe as its
+    config and recipe.yaml as a file. No API key -> offline, with one message saying how to sync."""
+    if not _wandb_wanted(recipe):
+        return False
+    try:
+        import wandb
+    except ImportError:
+        log("wandb is not installed: metrics go to the console only (pip install wandb)")
+        return False
+    w = recipe.wandb
+    mode = os.environ.get("WANDB_MODE", "").lower() or w.mode
+    no_key = mode in ("auto", "online") and not wandb_has_api_key()
+    if no_key:
+        mode = "offline"
+    elif mode in ("auto", "run"):
+        mode = "online"
+    id_file = out / _WANDB_ID
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+    try:
+        run = wandb.init(project=w.project, name=w.name or out.name, tags=w.tags or None, dir=str(out), mode=mode,
+                         id=run_id, resume="allow" if run_id else None,
+                         config={"recipe": recipe.to_dict(), "budget_spec": recipe.budget_spec().to_dict()})
+    except Exception as err:  # noqa: BLE001 - never lose a training run to the logger
+        log(f"W&B could not start ({type(err).__name__}: {err}); continuing without it")
+        return False
+    id_file.write_text(run.id + "\n")
+    wandb.save(str(out / RECIPE_FILENAME), base_path=str(out), policy="now")
+    run_dir = Path(run.dir).parent
+    if no_key:
+        log(f"W&B: no API key found (WANDB_API_KEY or `wandb login`), so the run is logged OFFLINE in {run_dir}. "
+            f"Upload it later with:  wandb sync {run_dir}")
+    else:
+        log(f"W&B run ({mode}): {getattr(run, 'url', None) or run_dir}")
+    return True
+
+
+def finish_wandb(summary: dict) -> None:
+    import wandb
+
+    if wandb.run is None:
+        return
+    before = {(r["policy"], r["budget"]): r["ppl"] for r in summary["before"]}
+    table = wandb.Table(columns=["policy", "budget", "ppl_before", "ppl_after"])
+    for r in summary["after"]:
+        key = (r["policy"], r["budget"])
+        table.add_data(r["policy"], str(r["budget"]), before.get(key), r["ppl"])
+        wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl"] = r["ppl"]
+        if key in before:
+            wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl_before"] = before[key]
+    wandb.log({"eval/perplexity": table})
+    wandb.run.summary["tokens_per_second"] = summary["tokens_per_second"]
+    wandb.run.summary["peak_memory_mb"] = summary["peak_memory_mb"]
+    wandb.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Recipes: shipped files parse, bad recipes stop with one clear message before anything loads."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path, obj, name="r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def error_of(tmp_path, obj=None, overrides=None) -> str:
+    path = write(tmp_path, obj or {})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+def test_shipped_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"mistral_tova512.yaml", "smollm2_gutenberg.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    # the resolved YAML is itself a recipe that resolves to the same thing
+    again = load_recipe(write(tmp_path, yaml.safe_load(recipe.to_yaml())))
+    assert again == recipe
+
+
+def test_mistral_recipe_is_the_advertised_run():
+    r = load_recipe(ROOT / "recipes" / "mistral_tova512.yaml")
+    assert r.model.source == "mistralai/Mistral-7B-v0.1"
+    assert (r.budget.policy, r.budget.budget) == ("tova", 512)
+    assert set(r.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "pg19" in r.data.source
+    assert r.training.bf16 and r.model.dtype == "bfloat16" and r.training.gradient_checkpointing
+    assert r.deepspeed.endswith("recipes/deepspeed/zero2.json")
+    assert r.wandb.project and not r.hub.push_to_hub
+
+
+def test_embedded_default_is_the_smollm2_recipe():
+    default = load_recipe(None)
+    assert default == Recipe() == load_recipe(ROOT / "recipes" / "smollm2_gutenberg.yaml")
+    assert default.model.source == "smollm2" and default.data.source == "gutenberg"
+    assert default.data.seq_len >= 512 and default.budget.budget == default.data.seq_len // 8
+
+
+# ----------------------------------------------------------------------------- clear errors
+def test_unknown_top_level_key_names_it_and_suggests(tmp_path):
+    msg = error_of(tmp_path, {"trainng": {"max_steps": 3}})
+    assert msg.startswith("trainng: unknown key")
+    assert "Did you mean 'training'" in msg and "model, data, budget" in msg
+
+
+def test_unknown_nested_key_names_the_dotted_key(tmp_path):
+    msg = error_of(tmp_path, {"training": {"learnig_rate": 1e-4}})
+    assert msg.startswith("training.learnig_rate: unknown key")
+    assert "'training.learning_rate'" in msg and "max_steps" in msg
+
+
+def test_budget_temperature_is_not_a_recipe_key(tmp_path):
+    msg = error_of(tmp_path, {"budget": {"temperature": 0.5}})
+    assert "budget.temperature: unknown key" in msg
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("training", "max_steps", "ten", "an integer"),
+    ("training", "max_steps", 2.5, "an integer"),
+    ("lora", "r", True, "an integer"),
+    ("training", "bf16", "yes please", "true/false"),
+    ("loss", "kl_weight", "lots", "a number"),
+    ("lora", "target_modules", "q_proj", "a list of a string"),
+    ("eval", "budgets", [64, "x"], "a list of an integer"),
+])
+def test_wrong_type_names_key_expected_and_got(tmp_path, section, key, value, expected):
+    msg = error_of(tmp_path, {section: {key: value}})
+    assert msg.startswith(f"{section}.{key}: expected {expected}")
+    assert repr(value) in msg
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    assert error_of(tmp_path, {"training": 5}).startswith("training: expected a section")
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    recipe = load_recipe(write(tmp_path, {"training": {"learning_rate": "1e-4"}}))
+    assert recipe.training.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("budget,fragment", [
+    ({"budget": 0}, "budget.budget: a budget must be >= 1"),
+    ({"budget": -4}, "budget.budget: a budget must be >= 1"),
+    ({"policy": "lru"}, "budget.policy: unknown policy 'lru'; allowed: full, window, sinks, h2o, tova"),
+    ({"policy": "h2o", "budget": 16, "recent": 32, "mode": "hard"}, "budget.recent: h2o's recent window r=32 exceeds"),
+    ({"policy": "window", "mode": "soft"}, "budget.mode: 'soft' relaxes TOVA"),
+    ({"mode": "fuzzy"}, "budget.mode: 'fuzzy' is not allowed"),
+    ({"budget": [64, 0]}, "budget.budget[1]"),
+])
+def test_impossible_budget_stops(tmp_path, budget, fragment):
+    assert fragment in error_of(tmp_path, {"budget": budget})
+
+
+def test_budget_ramp_must_start_above_k(tmp_path):
+    msg = error_of(tmp_path, {"budget": {"budget": 64}, "soft": {"budget_ramp_start": 32}})
+    assert msg.startswith("soft.budget_ramp_start:") and "64" in msg
+
+
+def test_other_cross_field_rules(tmp_path):
+    assert error_of(tmp_path, {"loss": {"lm_weight": 0, "kl_weight": 0}}).startswith("loss:")
+    assert error_of(tmp_path, {"soft": {"tau_start": 0.1, "tau_end": 1.0}}).startswith("soft.tau_start/tau_end")
+    assert error_of(tmp_path, {"hub": {"push_to_hub": True}}).startswith("hub.repo_id: required")
+    assert error_of(tmp_path, {"training": {"lr_scheduler_type": "cosin"}}).startswith(
+        "training.lr_scheduler_type: 'cosin' is not allowed. Did you mean 'cosine'?")
+    assert error_of(tmp_path, {"eval": {"policies": ["tova", "nope"]}}).startswith("eval.policies[1]")
+    assert error_of(tmp_path, {"model": {"dtype": "float64"}}).startswith("model.dtype")
+
+
+def test_budget_that_never_evicts_warns(tmp_path):
+    with pytest.warns(RecipeWarning, match=r"budget.budget: K=512 >= data.seq_len=512"):
+        load_recipe(write(tmp_path, {"budget": {"budget": 512}, "data": {"seq_len": 512}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        load_recipe(write(tmp_path, {"budget": {"budget": 64}, "data": {"seq_len": 512}}))
+
+
+# ----------------------------------------------------------------------------- overrides
+def test_overrides_are_dotted_and_yaml_typed(tmp_path):
+    path = write(tmp_path, {"training": {"max_steps": 3}})
+    r = load_recipe(path, ["--budget.budget", "32", "--training.learning_rate=1e-4", "--eval.budgets", "[16, 32]",
+                           "--wandb.name", "null", "--training.bf16", "true", "--deepspeed", "null"])
+    assert r.budget.budget == 32 and r.training.learning_rate == pytest.approx(1e-4)
+    assert r.eval.budgets == [16, 32] and r.wandb.name is None and r.training.bf16 is True
+    assert r.training.max_steps == 3  # untouched keys keep the file's value
+
+
+def test_override_errors_are_clear(tmp_path):
+    path = write(tmp_path, {})
+    with pytest.raises(RecipeError, match=r"training.max_stesp: unknown key. Did you mean 'training.max_steps'"):
+        load_recipe(path, ["--training.max_stesp", "3"])
+    with pytest.raises(RecipeError, match=r"--training.max_steps: needs a value"):
+        parse_overrides(["--training.max_steps"])
+    with pytest.raises(RecipeError, match=r"expected --key value"):
+        parse_overrides(["max_steps", "3"])
+    with pytest.raises(RecipeError, match=r"budget.budget: a budget must be >= 1"):
+        load_recipe(path, {"budget.budget": 0})
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_main_stops_with_exit_2_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import msrnn_train.train as train_mod
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing may load for an invalid recipe")
+
+    monkeypatch.setattr(train_mod, "train", forbidden)
+    monkeypatch.setattr(train_mod, "load_base_model", forbidden)
+    path = write(tmp_path, {"budget": {"policy": "tova", "budget": 0}})
+    assert train_mod.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()]  # one line
+    assert err.startswith("recipe error: budget.budget: a budget must be >= 1 state, got 0")
+
+
+def test_validate_prints_the_resolved_recipe(tmp_path, capsys):
+    from msrnn_train.train import main
+
+    assert main([str(ROOT / "recipes" / "tiny.yaml"), "--validate", "--budget.budget", "4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["budget"]["budget"] == 4
+    assert printed["training"]["max_steps"] == load_recipe(ROOT / "recipes" / "tiny.yaml").training.max_steps
+    assert set(printed) == {f for f in Recipe.__dataclass_fields__}
+
+
+def test_missing_deepspeed_config_is_a_recipe_error(tmp_path):
+    from msrnn_train.train import check_runtime
+
+    recipe = load_recipe(write(tmp_path, {"deepspeed": "nowhere/zero2.json"}))
+    with pytest.raises(RecipeError, match=r"deepspeed: config file not found: nowhere/zero2.json"):
+        check_runtime(recipe)
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_runs_as_script_path_and_as_module(how):
+    """`accelerate launch msrnn_train/train.py` runs the file as a script; `-m` as a module."""
+    target = ["msrnn_train/train.py"] if how == "script" else ["-m", "msrnn_train.train"]
+    proc = subprocess.run([sys.executable, *target, "recipes/tiny.yaml", "--validate"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["model"]["source"] == "random:tiny-llama"
+    bad = subprocess.run([sys.executable, *target, "recipes/tiny.yaml", "--budget.policy", "lru"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "budget.policy: unknown policy 'lru'" in bad.stderr

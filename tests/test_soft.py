@@ -1,0 +1,117 @@
+"""Soft-TOVA: converges to the hard process, has the right gradients, stays finite."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from msrnn_train import BudgetSpec, apply_budget
+from msrnn_train.attention import dense_masked_attention
+from msrnn_train.flex import flex_masked_attention
+from msrnn_train.policies import make_policy
+from msrnn_train.schedule import LogitRows, scan
+from msrnn_train.soft import budget_at, set_soft_temperature, soft_keep_logits, tau_at
+
+
+def _case(seed=0, B=2, Hq=4, Hkv=2, T=18, D=8, dtype=torch.float32, name="tova", K=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:
+        valid[1, :3] = False
+    policy = make_policy(name, K)
+    groups = Hkv if policy.head_wise else 1
+    sched = scan(policy, K, LogitRows(q, k, D ** -0.5), valid, valid.long().cumsum(-1) - 1, torch.arange(T),
+                 groups=groups)
+    return q, k, v, valid, sched, groups
+
+
+@pytest.mark.parametrize("policy", ["tova", "tova_head"])
+def test_tiny_tau_equals_hard_in_a_model(policy):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    apply_budget(model, BudgetSpec(policy=policy, budget=5))
+    with torch.no_grad():
+        hard = model(ids, use_cache=False).logits
+        set_soft_temperature(model, 1e-6)
+        tiny = model(ids, use_cache=False).logits
+        set_soft_temperature(model, 1.0)
+        warm = model(ids, use_cache=False).logits
+    assert (hard - tiny).abs().max() < 1e-4
+    assert (hard - warm).abs().max() > 1e-3  # the relaxation really changes the forward at tau = 1
+
+
+def test_soft_mask_converges_monotonically():
+    q, k, v, valid, sched, groups = _case()
+    hard = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups)
+    diffs = []
+    for tau in (1.0, 0.1, 0.01, 1e-6):
+        keep = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, tau)
+        soft = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups, soft_keep=keep)
+        diffs.append((soft - hard)[valid.unsqueeze(-1).unsqueeze(-1).expand_as(soft)].abs().max().item())
+    assert diffs == sorted(diffs, reverse=True) and diffs[-1] < 1e-5 and diffs[0] > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tova", "tova_head"])
+def test_keep_logits_gradient_matches_finite_differences(name):
+    q, k, _, valid, sched, groups = _case(dtype=torch.float64, T=10, K=3, name=name)
+    fixed = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, 0.5)
+    finite = torch.isfinite(fixed)
+    assert finite.sum() > 5  # there are evicted keys to check
+    weights = torch.randn(fixed.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def f(qq, kk):
+        keep = soft_keep_logits(qq, kk, 8 ** -0.5, sched, valid, groups, 0.5)
+        return (torch.where(finite, keep, 0.0) * weights).sum()
+
+    assert torch.autograd.gradcheck(f, (q.clone().requires_grad_(), k.clone().requires_grad_()), eps=1e-6, atol=1e-6)
+
+
+def test_gradient_reaches_the_query_that_decided_the_eviction():
+    q, k, v, valid, sched, groups = _case(B=1, T=12, K=3)
+    scale = 8 ** -0.5
+    evicted_at = int(sched.evict[0, 0, 0])  # key 0 leaves at this step
+    assert 0 <= evicted_at < 11
+    grads = {}
+    for mode in ("hard", "soft"):
+        qq = q.clone().requires_grad_()
+        keep = soft_keep_logits(qq, k, scale, sched, valid, groups, 0.5) if mode == "soft" else None
+        out = dense_masked_attention(qq, k, v, sched, valid, scale, 0.0, groups, soft_keep=keep)
+        out[:, evicted_at + 1:].sum().backward()  # only queries after the eviction
+        grads[mode] = qq.grad[0, :, evicted_at].abs().sum().item()
+    assert grads["hard"] == 0.0  # the hard process is a step function of that query
+    assert grads["soft"] > 1e-6
+
+
+def test_gradients_finite_when_a_row_keeps_only_itself():
+    for tau in (None, 1.0, 1e-3):
+        model = tiny_model("llama").train()
+        apply_budget(model, BudgetSpec(policy="tova", budget=1))
+        set_soft_temperature(model, tau)
+        ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        for p in model.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_flex_backend_equals_dense_reference(soft):
+    q, k, v, valid, sched, groups = _case(T=33, K=6)
+    keep = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, 0.3) if soft else None
+    dense = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups, soft_keep=keep)
+    flex = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep)
+    assert (dense - flex).abs().max() < 1e-5
+
+
+def test_schedules():
+    taus = [tau_at(s, 100, 1.0, 0.01) for s in range(100)]
+    assert taus[0] == pytest.approx(1.0) and taus[-1] is None
+    finite = [t for t in taus if t is not None]
+    assert finite == sorted(finite, reverse=True) and len(finite) == 90 and finite[-1] > 0.01
+    ks = [budget_at(s, 100, 512, 64) for s in range(100)]
+    assert ks[0] == 512 and ks[49] > 64 and ks[50:] == [64] * 50 and ks == sorted(ks, reverse=True)
