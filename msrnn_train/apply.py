@@ -22,7 +22,6 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTN_NAME, msrnn_attention_forward, padding_mask
 from .policies import Policy, make_policy
-from .schedule import scan
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -36,7 +35,7 @@ class LayerBudget:
     budget: int | None
     groups: int  # 1 (layer-wise) or the number of key/value heads (head-wise)
     controller: "Controller"
-    scan_fn: object = scan
+    scan_fn: object = None  # None: schedule.default_scan for the device
 
 
 @dataclass

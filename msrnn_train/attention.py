@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .schedule import NEVER, LogitRows, Schedule, Slots, rolling_schedule, unbounded_schedule
+from .schedule import NEVER, LogitRows, Schedule, Slots, default_scan, rolling_schedule, unbounded_schedule
 
 ATTN_NAME = "msrnn"
 
@@ -63,7 +63,8 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
             else:
                 ctrl.scans += 1
                 logits = LogitRows(query.detach(), key.detach(), scaling)
-                sched = layer.scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
+                scan_fn = layer.scan_fn or default_scan(query.device)
+                sched = scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
                                       init=init, window=window, groups=layer.groups)
         ctrl.store_schedule(layer.layer_idx, cache_layer is None, sched)
     if ctrl.recording is not None:

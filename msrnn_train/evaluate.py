@@ -560,11 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     r = p.add_argument_group("retrieval (--tasks retrieval)")
-    r.add_argument("--retrieval-n", type=int, default=24, help="instances per task")
-    r.add_argument("--recall-pairs", type=int, default=40, help="key-value pairs per recall instance")
+    r.add_argument("--retrieval-n", type=int, default=16, help="instances per task")
+    r.add_argument("--recall-pairs", type=int, default=30, help="key-value pairs per recall instance")
     r.add_argument("--recall-distance", type=int, default=None,
                    help="pairs listed after the queried one (default: pairs - 4, i.e. far from the question)")
-    r.add_argument("--needle-words", type=int, default=400, help="filler words of a needle instance")
+    r.add_argument("--needle-words", type=int, default=300, help="filler words of a needle instance")
     r.add_argument("--needle-distance", type=int, default=None,
                    help="filler words after the needle (default: 3/4 of --needle-words)")
     r.add_argument("--hybrid-layers", default="middle;last",

@@ -90,7 +90,10 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
     source = r.get("model", {}).get("source")
     data_source = r.get("data", {}).get("source")
     seq_len = r.get("data", {}).get("seq_len")
-    name = repo_id or (r.get("hub") or {}).get("repo_id") or Path(r.get("training", {}).get("output_dir", "adapter")).name
+    output_dir = r.get("training", {}).get("output_dir", "adapter")
+    repo_id = repo_id or (r.get("hub") or {}).get("repo_id")
+    name = repo_id or Path(output_dir).name
+    location = repo_id or output_dir  # what load_bounded() takes: a Hub repo id or the local folder
     before = {(b["policy"], b["budget"]): b for b in baseline_records or []}
 
     table = []
@@ -136,7 +139,7 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
         "from msrnn_train import make_cache",
         "from msrnn_train.hub import load_bounded",
         "",
-        f"model, tokenizer = load_bounded({name!r})  # base model + adapter + budget, in one call",
+        f"model, tokenizer = load_bounded({location!r})  # base model + adapter + budget, in one call",
         "inputs = tokenizer(\"It was a dark and stormy night\", return_tensors=\"pt\")",
         "out = model.generate(**inputs, max_new_tokens=50, past_key_values=make_cache(model))",
         "```", "",

@@ -86,7 +86,9 @@ def associative_recall(n: int, pairs: int = 8, distance: int | None = None, seed
         d = rng.randrange(pairs) if distance is None else distance
         index = pairs - 1 - d
         lines = "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
-        prompt = f"{RECALL_HEADER}{lines}\nThe number that goes with {keys[index]} is "
+        # the question repeats the list's own format: "key: " (calibrated on SmolLM2-135M-Instruct:
+        # ~80% at 10-30 pairs, against ~30% for a question in words)
+        prompt = f"{RECALL_HEADER}{lines}\n{keys[index]}: "
         out.append(Instance("recall", prompt, values[index],
                             {"pairs": pairs, "distance": d, "index": index, "key": keys[index], "seed": seed,
                              "item": i}))
@@ -132,7 +134,8 @@ def _filler_words(filler: str | None) -> tuple[str, list[str]]:
             from .data import gutenberg_books
 
             books = gutenberg_books()
-            name = "paradise_lost_gut" if "paradise_lost_gut" in books else sorted(books)[0]
+            # Milton's Areopagitica: continuous prose (the plays are mostly short speeches)
+            name = "areopagitica_gut" if "areopagitica_gut" in books else sorted(books)[0]
             return f"gutenberg:{name}", books[name].split()
         except Exception:  # noqa: BLE001 - no books here: the generated filler will do
             filler = GENERATED_FILLER
@@ -158,7 +161,7 @@ def encode(instance: Instance, tokenizer, chat: bool = False) -> Encoded:
                                                add_generation_prompt=True)
     text = prompt + instance.answer
     evidence = _evidence(instance)
-    evidence_char = prompt.index(evidence) + len(evidence)
+    evidence_char = prompt.index(evidence) + len(evidence) if evidence and evidence in prompt else len(prompt)
     special = not chat  # the chat template already holds its special tokens
     try:
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
@@ -176,11 +179,13 @@ def encode(instance: Instance, tokenizer, chat: bool = False) -> Encoded:
     return Encoded(ids, start, evidence_end)
 
 
-def _evidence(inst: Instance) -> str:
-    """The part of the prompt that holds the answer."""
+def _evidence(inst: Instance) -> str | None:
+    """The part of the prompt that holds the answer (None: not a known task)."""
     if inst.task == "recall":
         return f"{inst.meta['key']}: {inst.answer}\n"
-    return NEEDLE.format(number=inst.answer)
+    if inst.task == "needle":
+        return NEEDLE.format(number=inst.answer)
+    return None
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -253,15 +253,22 @@ class LogitRows:
         self.k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, Hq, S, D)
         self.scale = scale
         self.block = block
-        self._start = -1
+        self._start = None
         self._rows = None
 
+    def block_rows(self, start: int) -> torch.Tensor:
+        """(B, Hq, rows, P + start + rows) fp32 logits of queries start .. start + block against
+        the keys they can reach (the P held before the call and the causal prefix)."""
+        if self._start != start:
+            self._start = start
+            q = self.q[:, :, start:start + self.block].float()
+            reach = self.k.shape[2] - self.q.shape[2] + start + q.shape[2]
+            k = self.k[:, :, :reach].float()
+            self._rows = (torch.matmul(q, k.transpose(-1, -2)) * self.scale).contiguous()
+        return self._rows
+
     def row(self, t: int) -> torch.Tensor:
-        if not (self._start <= t < self._start + self.block) or self._start < 0:
-            self._start = (t // self.block) * self.block
-            q = self.q[:, :, self._start:self._start + self.block].float()
-            self._rows = torch.matmul(q, self.k.float().transpose(-1, -2)) * self.scale
-        return self._rows[:, :, t - self._start]
+        return self.block_rows((t // self.block) * self.block)[:, :, t % self.block]
 
 
 def unbounded_schedule(new_valid, new_pos, init: Slots | None, window: int | None, groups: int) -> Schedule:
@@ -306,6 +313,17 @@ def rolling_schedule(policy: Policy, budget: int, new_valid: torch.Tensor, new_o
     evict = torch.where(new_valid, evict, -1)
     return Schedule(evict=evict.unsqueeze(1).expand(B, groups, T).contiguous(),
                     arrive=torch.arange(T, device=device), final=None)
+
+
+def default_scan(device):
+    """The scan implementation for a device: the numba loop on the CPU, the torch scan elsewhere
+    (a CUDA kernel plugs in here)."""
+    if torch.device(device).type == "cpu":
+        from .kernels.cpu_scan import HAVE_NUMBA, fast_scan
+
+        if HAVE_NUMBA:
+            return fast_scan
+    return scan
 
 
 # ---------------------------------------------------------------------------------------

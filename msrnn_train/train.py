@@ -28,6 +28,7 @@ if __name__ == "__main__" and not __package__:  # run as a script path (accelera
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+import contextlib
 import json
 import math
 import resource
@@ -37,7 +38,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+
+with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration prints a banner on import;
+    # stdout is kept for `--validate`'s YAML
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from msrnn_train import BudgetSpec, apply_budget, full_state, get_budget
 from msrnn_train.losses import causal_lm_loss, distillation_kl
@@ -152,6 +156,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
             before = evaluate_grid(model, eval_windows, recipe, spec, desc="before")
             _write_json(out / _EVAL_BEFORE, before)
         _print_records("held-out perplexity before training", before)
+    args.distributed_state.wait_for_everyone()  # other ranks wait for the baseline evaluation
 
     # ---------------------------------------------------------------- 4. train
     schedule = BudgetScheduleCallback(recipe, spec)
@@ -439,17 +444,20 @@ def peak_memory_mb() -> float:
 
 def _training_arguments(recipe: Recipe) -> TrainingArguments:
     t = recipe.training
+    # transformers >= 5.x calls it activation checkpointing; the recipe keeps the familiar name
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    checkpointing = {ckpt: t.gradient_checkpointing,
+                     f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None}
     return TrainingArguments(
         output_dir=t.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
         max_grad_norm=t.max_grad_norm, optim=t.optim, seed=t.seed, data_seed=t.seed, bf16=t.bf16, fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=False, report_to=[], deepspeed=recipe.deepspeed, disable_tqdm=False,
-        run_name=recipe.wandb.name,
+        dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
+        deepspeed=recipe.deepspeed, run_name=recipe.wandb.name, **checkpointing,
     )
 
 

@@ -214,7 +214,8 @@ def test_cli_adapter_default_policy_and_adapted_field(tmp_path, monkeypatch):
         assert abs(a["ppl"] - b["ppl"]) > 1e-3  # the adapter was really on, then really off
     # the base numbers are the plain model's
     win = torch.tensor([tiny_tokenizer()(text.read_text())["input_ids"][:32]]).view(2, 16)
-    assert base[0]["ppl"] == pytest.approx(perplexity(model.eval(), win, progress=False)["ppl"], rel=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert base[0]["ppl"] == pytest.approx(perplexity(plain, win, progress=False)["ppl"], rel=1e-5)
 
 
 def test_plot_with_adapted_records(tmp_path):
@@ -298,8 +299,7 @@ def test_callback_in_a_tiny_training_run(tmp_path):
     logged = [h for h in trainer.state.log_history if "eval_bounded/tova_6_ppl" in h]
     assert [h["step"] for h in logged] == [2, 4]  # every 2 steps; the end (step 4) is not repeated
     for h in logged:
-        for key in ("eval_bounded/sinks_4_ppl", "eval_bounded/base_full_ppl", "eval_bounded/base_tova_6_ppl",
-                    "eval_bounded/recovered"):
+        for key in ("eval_bounded/sinks_4_ppl", "eval_bounded/base_full_ppl", "eval_bounded/base_tova_6_ppl"):
             assert math.isfinite(h[key]), key
     # the base model was measured once (before training) and reused
     assert sum(calls) == 1
@@ -334,6 +334,18 @@ def test_callback_restores_state_and_logs_without_trainer():
     # base full (adapter disabled) equals the adapted full state while LoRA B is still zero
     full = {(r["policy"], r["adapted"]): r["ppl"] for r in records}
     assert full["full", False] == pytest.approx(full["full", True], rel=1e-6)
+
+
+def test_callback_recovered_metric():
+    model = _peft_budgeted_model()  # trained under tova-6
+    cb = BoundedEvalCallback(windows_of(1, 16), policies=["sinks"], budgets=[6])
+    recs = [{"policy": "full", "budget": None, "ppl": 10.0, "adapted": False},
+            {"policy": "tova", "budget": 6, "ppl": 14.0, "adapted": False},
+            {"policy": "tova", "budget": 6, "ppl": 11.0, "adapted": True},
+            {"policy": "sinks", "budget": 6, "ppl": 15.0, "adapted": True}]
+    assert cb.metrics(recs, model) == {
+        "eval_bounded/base_full_ppl": 10.0, "eval_bounded/base_tova_6_ppl": 14.0, "eval_bounded/tova_6_ppl": 11.0,
+        "eval_bounded/sinks_6_ppl": 15.0, "eval_bounded/recovered": pytest.approx(0.75)}
 
 
 def test_callback_from_texts_needs_tokenizer():

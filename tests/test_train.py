@@ -1,0 +1,313 @@
+"""Training: losses, the soft/budget schedule, a full tiny run, resume, W&B offline, data split."""
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from msrnn_train import BudgetSpec, apply_budget
+from msrnn_train.apply import get_controller
+from msrnn_train.losses import causal_lm_loss, distillation_kl
+from msrnn_train.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch, tmp_path):
+    """Tiny models: one intra-op thread is faster (and far faster on a busy machine); token
+    caches go to a temp folder."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) -> Path:
+    """Documents with learnable structure: a small vocabulary, repeated phrases."""
+    rng = random.Random(seed)
+    phrases = ["the king is dead", "long live the king", "to be or not to be", "all the world is a stage",
+               "a horse a horse", "my kingdom for a horse", "now is the winter", "of our discontent"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = ". ".join(rng.choice(phrases) for _ in range(words // 4))
+        (folder / f"doc{i}.txt").write_text(text)
+    return folder
+
+
+def tiny_recipe(tmp_path, **overrides):
+    corpus = make_corpus(tmp_path / "corpus")
+    base = {"data.source": str(corpus), "training.output_dir": str(tmp_path / "out"), "data.heldout": 1}
+    base.update(overrides)
+    return load_recipe(ROOT / "recipes" / "tiny.yaml", base)
+
+
+def train_logs(history, key):
+    return {h["step"]: h[key] for h in history if key in h}
+
+
+# ----------------------------------------------------------------------------- losses
+def test_causal_lm_loss_matches_the_model_loss():
+    from msrnn_train.train import random_model
+
+    model, _ = random_model()
+    ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.allclose(causal_lm_loss(out.logits, ids), out.loss, atol=1e-5)
+    labels = ids.clone()
+    labels[:, :9] = -100  # unscored positions are ignored, as in transformers
+    assert torch.allclose(causal_lm_loss(out.logits, labels), model(input_ids=ids, labels=labels).loss, atol=1e-5)
+
+
+def test_distillation_kl_is_the_kl_divergence():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    assert distillation_kl(t, t, ids).item() == pytest.approx(0.0, abs=1e-6)
+    for temp in (1.0, 2.0):
+        p = torch.softmax(t[:, :-1] / temp, -1)
+        manual = (p * (p.log() - torch.log_softmax(s[:, :-1] / temp, -1))).sum(-1).mean() * temp**2
+        assert distillation_kl(s, t, ids, temp).item() == pytest.approx(manual.item(), rel=1e-5)
+    labels = ids.clone()
+    labels[0, 3] = -100  # position 2 predicts token 3: not scored
+    p = torch.softmax(t[:, :-1], -1)
+    per = (p * (p.log() - torch.log_softmax(s[:, :-1], -1))).sum(-1)
+    keep = torch.ones_like(per, dtype=torch.bool)
+    keep[0, 2] = False
+    assert distillation_kl(s, t, labels).item() == pytest.approx(per[keep].mean().item(), rel=1e-5)
+    s.requires_grad_(True)
+    distillation_kl(s, t, ids).backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_teacher_is_the_full_state_base_model():
+    """Adapter disabled and no budget: exactly the base model, with no second copy of the weights."""
+    from msrnn_train.recipe import Recipe
+    from msrnn_train.train import add_lora, full_state_logits, random_model
+
+    base, _ = random_model()
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = base(input_ids=ids, use_cache=False).logits
+    recipe = Recipe()
+    recipe.lora.r = 4
+    model = add_lora(random_model()[0], recipe)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter changes the student
+    apply_budget(model, BudgetSpec("tova", 8))
+    with torch.no_grad():
+        student = model(input_ids=ids, use_cache=False).logits
+    teacher = full_state_logits(model, ids)
+    assert torch.allclose(teacher, expected, atol=1e-5)
+    assert not torch.allclose(student, expected, atol=1e-2)
+    assert get_controller(model).enabled  # the student's budget is back on
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, use_cache=False).logits, student)
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_schedule_callback_anneals_tau_and_ramps_k():
+    from msrnn_train.train import BudgetScheduleCallback, random_model
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"training.max_steps": 20, "soft.tau_start": 1.0,
+                                                         "soft.tau_end": 0.1, "soft.hard_fraction": 0.25,
+                                                         "soft.budget_ramp_start": 16, "budget.budget": 8})
+    model, _ = random_model()
+    spec = recipe.budget_spec()
+    apply_budget(model, spec)
+    cb = BudgetScheduleCallback(recipe, spec)
+
+    class State:
+        global_step = 0
+
+    taus, ks = [], []
+    for step in range(20):
+        State.global_step = step
+        cb.on_step_begin(None, State, None, model=model)
+        ctrl = get_controller(model)
+        taus.append(ctrl.soft_temperature)
+        ks.append({lb.budget for lb in ctrl.layers})
+    assert taus[0] == pytest.approx(1.0)
+    soft = [t for t in taus if t is not None]
+    assert len(soft) == 15 and all(a > b for a, b in zip(soft, soft[1:])) and soft[-1] > 0.1 - 1e-9
+    assert taus[15:] == [None] * 5  # the last quarter runs the exact process
+    assert ks[0] == {16} and ks[-1] == {8} and ks[10:] == [{8}] * 10
+    assert all(max(a) >= max(b) for a, b in zip(ks, ks[1:]))
+    # an evaluation in between left another spec: the next step puts the training spec back
+    apply_budget(model, BudgetSpec("window", 4))
+    cb.on_step_begin(None, State, None, model=model)
+    assert get_controller(model).spec == spec
+
+
+# ----------------------------------------------------------------------------- data
+def test_windows_split_by_document_and_never_cross(tmp_path):
+    from msrnn_train.train import build_windows, random_model
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, ch in enumerate("abcde"):  # each document one repeated letter: a window shows its origin
+        (folder / f"d{i}.txt").write_text(ch * (100 + 37 * i))
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"data.source": str(folder), "data.seq_len": 32,
+                                                         "data.heldout": ["d1"], "eval.max_windows": 100,
+                                                         "data.max_train_windows": None})
+    _, tok = random_model()
+    train, held = build_windows(recipe, tok)
+    letters = lambda w: set(tok.decode(w))  # noqa: E731
+    assert all(len(letters(w)) == 1 for w in torch.cat([train, held]))  # no window crosses a document
+    assert {next(iter(letters(w))) for w in held} == {"b"}
+    assert "b" not in {next(iter(letters(w))) for w in train}
+    assert len(train) == sum((100 + 37 * i) // 32 for i in (0, 2, 3, 4))
+
+
+def test_single_document_cannot_be_split(tmp_path):
+    from msrnn_train.recipe import RecipeError
+    from msrnn_train.train import split_documents
+
+    with pytest.raises(RecipeError, match="data.heldout: cannot hold out 1 of 1 document"):
+        split_documents({"only": "text"}, "x.txt", None, 0)
+
+
+# ----------------------------------------------------------------------------- a whole run
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run through `train()`: 8 steps, soft-TOVA annealed, budget ramp, KL on,
+    a push to the Hub that cannot succeed (HF_HUB_OFFLINE)."""
+    from msrnn_train.train import train
+
+    tmp = tmp_path_factory.mktemp("run")
+    threads, cache = torch.get_num_threads(), os.environ.get("MSRNN_CACHE")
+    torch.set_num_threads(1)
+    os.environ["MSRNN_CACHE"] = str(tmp / "cache")
+    try:
+        recipe = tiny_recipe(tmp, **{"hub.push_to_hub": True, "hub.repo_id": "someone/tiny-tova8",
+                                     "training.max_steps": 12, "training.save_steps": 6})
+        summary = train(recipe)
+    finally:
+        torch.set_num_threads(threads)
+        if cache is None:
+            os.environ.pop("MSRNN_CACHE", None)
+        else:
+            os.environ["MSRNN_CACHE"] = cache
+    return recipe, summary
+
+
+def test_run_writes_a_complete_output_folder(trained):
+    recipe, summary = trained
+    out = Path(summary["output_dir"])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "msrnn_budget.json", "recipe.yaml", "eval_results.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert BudgetSpec.load(out) == recipe.budget_spec() and BudgetSpec.load(out).mode == "hard"
+    assert load_recipe(out / "recipe.yaml") == recipe
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["tokens_per_second"] > 0 and results["peak_memory_mb"] > 0
+    # every checkpoint also holds the budget and the recipe
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert ckpts and all((c / "msrnn_budget.json").is_file() and (c / "recipe.yaml").is_file() for c in ckpts)
+    # the push could not happen; the run says so and the folder is all there
+    assert "push_error" in summary and str(out.resolve()) in summary["push_error"]
+    assert "intact" in summary["push_error"]
+
+
+def test_run_logs_both_losses_tau_k_and_throughput(trained):
+    recipe, summary = trained
+    hist = summary["log_history"]
+    lm, kl, tau, k = (train_logs(hist, key) for key in ("lm_loss", "kl_loss", "tau", "budget_K"))
+    steps = recipe.training.max_steps
+    assert sorted(lm) == list(range(1, steps + 1)) and sorted(kl) == sorted(lm)
+    assert all(v >= 0 for v in kl.values()) and max(kl.values()) > 0
+    total = train_logs(hist, "loss")
+    for s in lm:  # loss = lm_weight * CE + kl_weight * KL
+        assert total[s] == pytest.approx(recipe.loss.lm_weight * lm[s] + recipe.loss.kl_weight * kl[s], rel=1e-5)
+    assert tau[1] == pytest.approx(recipe.soft.tau_start)
+    assert tau[steps] == 0.0  # logged 0 = hard: training ends on the inference process
+    assert k[1] == recipe.soft.budget_ramp_start and k[steps] == recipe.budget.budget
+    assert all(h["tokens_per_second"] > 0 and h["peak_memory_mb"] > 0 for h in hist if "lm_loss" in h)
+
+
+def test_bounded_heldout_perplexity_goes_down(trained):
+    recipe, summary = trained
+    before = {(r["policy"], r["budget"]): r["ppl"] for r in summary["before"]}
+    after = {(r["policy"], r["budget"]): r["ppl"] for r in summary["after"]}
+    key = ("tova", recipe.budget.budget)
+    assert after[key] < 0.9 * before[key]
+    assert all(math.isfinite(v) for v in after.values())
+    lm = train_logs(summary["log_history"], "lm_loss")
+    assert sum(list(lm.values())[-3:]) < sum(list(lm.values())[:3])
+
+
+# ----------------------------------------------------------------------------- resume
+class Crash(TrainerCallback):
+    """Kill the run right after the checkpoint at `step` is written (a pre-emption)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("pre-empted")
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    from msrnn_train.train import train
+
+    over = {"training.max_steps": 8, "training.save_steps": 4, "eval.max_windows": 0, "training.save_total_limit": 5,
+            "lora.dropout": 0.1}  # dropout: the RNG state must be restored too
+    whole = train(tiny_recipe(tmp_path / "a", **over))
+
+    interrupted = tiny_recipe(tmp_path / "b", **over)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, callbacks=[Crash(4)])
+    out_b = Path(interrupted.training.output_dir)
+    assert (out_b / "checkpoint-4").is_dir() and not (out_b / "adapter_model.safetensors").exists()
+    resumed = train(tiny_recipe(tmp_path / "b", **over, **{"training.resume_from_checkpoint": True}))
+
+    for key in ("loss", "lm_loss", "kl_loss", "grad_norm", "learning_rate", "tau", "budget_K"):
+        a, b = train_logs(whole["log_history"], key), train_logs(resumed["log_history"], key)
+        assert sorted(a) == sorted(b) == list(range(1, 9)), key
+        for step in a:
+            assert b[step] == pytest.approx(a[step], abs=1e-6), (key, step)
+    wa = load_file(str(Path(whole["output_dir"]) / "adapter_model.safetensors"))
+    wb = load_file(str(out_b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+
+
+# ----------------------------------------------------------------------------- W&B
+def test_wandb_goes_offline_without_a_key_and_keeps_the_recipe(tmp_path, monkeypatch, capsys):
+    from msrnn_train.train import train
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = tiny_recipe(tmp_path, **{"wandb.mode": "auto", "wandb.project": "msrnn-tests", "wandb.name": "tiny",
+                                      "training.max_steps": 2, "eval.max_windows": 2})
+    summary = train(recipe)
+    err = capsys.readouterr().err
+    assert "no API key found" in err and "OFFLINE" in err and "wandb sync" in err
+    runs = sorted((Path(summary["output_dir"]) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and str(runs[0]) in err
+    files = runs[0] / "files"
+    assert yaml.safe_load((files / "recipe.yaml").read_text()) == recipe.to_dict()
+    logged = list(runs[0].glob("run-*.wandb"))  # the offline record stream `wandb sync` uploads
+    assert len(logged) == 1
+    stream = logged[0].read_bytes()
+    for needle in (b"kl_temperature", b"budget_spec", b"lm_loss", b"kl_loss", b"tokens_per_second", b"peak_memory_mb",
+                   b"tau"):
+        assert needle in stream, needle  # the resolved recipe as run config, and the metrics
