@@ -430,7 +430,8 @@ class BoundedEvalCallback(TrainerCallback):
         train = self._train_spec(model)
         for spec in ([train] if train is not None else []) + grid_specs(self.policies, self.budgets,
                                                                         **self.spec_kwargs):
-            key = json.dumps(spec.to_dict(), sort_keys=True)
+            # the training spec's soft temperature does not matter here (evaluation is hard)
+            key = (spec.policy, json.dumps(spec.budget), spec.sinks, spec.recent)
             if key not in seen:
                 seen.add(key)
                 specs.append(spec)
@@ -524,13 +525,42 @@ def _csv(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" only for options whose default is a value (not None/False)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "%(default)" not in help and action.default not in (None, False, argparse.SUPPRESS) \
+                and action.option_strings:
+            help += " (default: %(default)s)"
+        return help
+
+
+EXAMPLES = """examples:
+  # perplexity table + JSON + plot (the acceptance run)
+  python -m msrnn_train.evaluate --model smollm2 --text gutenberg --seq-len 2048 --max-windows 4 \\
+      --policies full,tova,sinks,window,h2o --budgets 64,128,256 --json eval.json --plot eval.png
+  # a trained adapter: its msrnn_budget.json is the default policy; base and adapted are both evaluated
+  python -m msrnn_train.evaluate --model smollm2 --adapter runs/tova128 --json eval.json --plot eval.png
+  # in-context retrieval (associative recall, needle in a haystack), hybrids with full layers
+  python -m msrnn_train.evaluate --tasks retrieval --policies full,tova,sinks,h2o --budgets 64,128,256 \\
+      --hybrid-layers "middle;last" --hybrid-budgets 64,128 --json retrieval.json --plot retrieval.png
+  # long greedy generation through the bounded cache vs the full state
+  python -m msrnn_train.evaluate --tasks generation --policies full,tova,window --budgets 64 --gen-tokens 256
+
+Retrieval is scored teacher-forced: an instance counts as solved when every answer token is the
+argmax given the prompt and the earlier answer tokens - exactly "greedy decoding through the
+bounded cache starts with the answer", at the cost of one forward pass.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m msrnn_train.evaluate",
         description="Perplexity (and optionally in-context retrieval and long generation) of a model under "
                     "bounded-state policies and budgets, against the full-state baseline. Evaluation is "
                     "teacher-forced (one forward per window), which equals bounded-cache decoding exactly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded SmolLM2-135M-Instruct), a .gguf file, a local model directory or a "
                         "Hub id")
@@ -547,14 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None,
                    help=f"comma list of budgets K (default: the adapter's, else "
                         f"{','.join(map(str, DEFAULT_BUDGETS))})")
-    p.add_argument("--sinks", type=int, default=None, help="sink positions of 'sinks' (default 4)")
-    p.add_argument("--recent", type=int, default=None, help="h2o's recent window r (default K/2)")
+    p.add_argument("--sinks", type=int, default=None, help="sink positions of 'sinks' (default: 4)")
+    p.add_argument("--recent", type=int, default=None, help="h2o's recent window r (default: K/2)")
     p.add_argument("--tasks", default="ppl",
                    help="comma list of: ppl, retrieval (associative recall + needle in a haystack), generation "
                         "(long greedy generation, repetition statistics)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
-    p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG "
-                                                 "(retrieval: <stem>_retrieval.png beside it)")
+    p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG (retrieval accuracy: "
+                                                 "<stem>_retrieval.png beside it, or this file without ppl)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
@@ -572,12 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "first/middle/last (e.g. 'middle;last;10+20'); '' for none")
     r.add_argument("--hybrid-policies", default=None,
                    help="policies for the hybrids (default: the first bounded policy)")
+    r.add_argument("--hybrid-budgets", default=None, help="budgets for the hybrids (default: all of --budgets)")
     r.add_argument("--chat", action="store_true", help="wrap retrieval prompts in the chat template")
-    r.add_argument("--retrieval-batch-size", type=int, default=8)
+    r.add_argument("--retrieval-batch-size", type=int, default=8, help="instances per forward pass")
     g = p.add_argument_group("long generation (--tasks generation)")
     g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
     g.add_argument("--gen-prompts", type=int, default=3, help="number of prompts (held-out Gutenberg passages)")
-    g.add_argument("--gen-prompt-words", type=int, default=120)
+    g.add_argument("--gen-prompt-words", type=int, default=120, help="words per prompt")
     return p
 
 
@@ -644,10 +675,11 @@ def _retrieval(args, model, tokenizer, specs, adapter_on, progress) -> list[dict
     n_layers = model.config.num_hidden_layers
     bounded = [s for s in specs if s.policy != "full" and isinstance(s.budget, int)]
     hybrid_policies = _csv(args.hybrid_policies) or ([bounded[0].policy] if bounded else [])
+    hybrid_budgets = [int(b) for b in _csv(args.hybrid_budgets)] or [s.budget for s in bounded]
     all_specs = list(specs)
     for layers in [x for x in (args.hybrid_layers or "").split(";") if x.strip()]:
         for s in bounded:
-            if s.policy in hybrid_policies:
+            if s.policy in hybrid_policies and s.budget in hybrid_budgets:
                 all_specs.append(hybrid_spec(s.policy, s.budget, n_layers, layers.split("+"), sinks=s.sinks,
                                              recent=s.recent))
     return evaluate_retrieval(model, tokenizer, tasks, all_specs, args.retrieval_batch_size, args.chat,
@@ -709,7 +741,7 @@ def main(argv=None) -> int:
             from .plots import plot_retrieval
 
             path = Path(args.plot)
-            rpath = path.with_name(path.stem + "_retrieval" + path.suffix)
+            rpath = path.with_name(path.stem + "_retrieval" + path.suffix) if "ppl" in tasks else path
             plot_retrieval(retrieval, rpath)
             print(f"\nplot: {rpath}")
     if "generation" in tasks:

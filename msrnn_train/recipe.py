@@ -337,22 +337,13 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
             raise RecipeError(f"override {tok!r}: expected --key value (e.g. --training.max_steps 10)")
         key, eq, value = tok[2:].partition("=")
         if not eq:
-            if i + 1 >= len(tokens) or (tokens[i + 1].startswith("--") and len(tokens[i + 1]) > 2
-                                        and not _is_number(tokens[i + 1])):
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                 raise RecipeError(f"override --{key}: needs a value (e.g. --{key} VALUE or --{key}=VALUE)")
             value = tokens[i + 1]
             i += 1
         out[key.replace("-", "_")] = value
         i += 1
     return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def _yaml_scalar(text: str):

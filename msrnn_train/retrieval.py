@@ -63,13 +63,16 @@ class Instance:
 
 # ----------------------------------------------------------------------------- generators
 def associative_recall(n: int, pairs: int = 8, distance: int | None = None, seed: int = 0,
-                       value_digits: int = 2) -> list[Instance]:
+                       value_digits: int = 2, demos: int = 2) -> list[Instance]:
     """``n`` associative-recall instances with ``pairs`` key-value lines each.
 
     Keys are distinct words of `KEY_WORDS`, values distinct ``value_digits``-digit numbers, so
     the queried key appears exactly once in the list and its value names exactly one line.
     ``distance`` = number of pairs listed after the queried pair (0 = the last one); None draws
-    it uniformly per instance.
+    it uniformly per instance. After the list come ``demos`` answered queries of *other* keys
+    (they show the task; none holds the answer), then the query in the list's own format,
+    ``key: ``. Calibrated on SmolLM2-135M-Instruct (full state, 8-20 pairs): about 90% with two
+    demos, under 60% without, about 30% for a question in words.
     """
     if not 1 <= pairs <= len(KEY_WORDS):
         raise ValueError(f"pairs must be in 1..{len(KEY_WORDS)}, got {pairs}")
@@ -78,17 +81,17 @@ def associative_recall(n: int, pairs: int = 8, distance: int | None = None, seed
         raise ValueError(f"value_digits={value_digits} cannot give {pairs} distinct values")
     if distance is not None and not 0 <= distance < pairs:
         raise ValueError(f"distance must be in 0..{pairs - 1}, got {distance}")
-    rng = random.Random(f"recall-{seed}-{pairs}-{distance}-{value_digits}")
+    rng = random.Random(f"recall-{seed}-{pairs}-{distance}-{value_digits}-{demos}")
     out = []
     for i in range(n):
         keys = rng.sample(KEY_WORDS, pairs)
         values = [str(v) for v in rng.sample(range(low, high + 1), pairs)]
         d = rng.randrange(pairs) if distance is None else distance
         index = pairs - 1 - d
+        shown = rng.sample([j for j in range(pairs) if j != index], min(demos, pairs - 1))
         lines = "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
-        # the question repeats the list's own format: "key: " (calibrated on SmolLM2-135M-Instruct:
-        # ~80% at 10-30 pairs, against ~30% for a question in words)
-        prompt = f"{RECALL_HEADER}{lines}\n{keys[index]}: "
+        asked = "".join(f"{keys[j]}: {values[j]}\n" for j in shown)
+        prompt = f"{RECALL_HEADER}{lines}\n{asked}{keys[index]}: "
         out.append(Instance("recall", prompt, values[index],
                             {"pairs": pairs, "distance": d, "index": index, "key": keys[index], "seed": seed,
                              "item": i}))
@@ -138,7 +141,6 @@ def _filler_words(filler: str | None) -> tuple[str, list[str]]:
             name = "areopagitica_gut" if "areopagitica_gut" in books else sorted(books)[0]
             return f"gutenberg:{name}", books[name].split()
         except Exception:  # noqa: BLE001 - no books here: the generated filler will do
-            filler = GENERATED_FILLER
             return "generated", GENERATED_FILLER.split()
     return "given", filler.split()
 

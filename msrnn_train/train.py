@@ -138,8 +138,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     model.config.use_cache = False
     model = add_lora(model, recipe)
     apply_budget(model, spec)
-    if not recipe.deepspeed:
-        model.to(args.device)
+    model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 
     # ---------------------------------------------------------------- 3. data
     train_windows, eval_windows = build_windows(recipe, tokenizer)

