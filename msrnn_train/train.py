@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     validate_only = "--validate" in argv
     argv = [a for a in argv if a != "--validate"]
+    argv = _drop_local_rank(argv)  # the rank comes from the LOCAL_RANK environment variable
     recipe_path = argv.pop(0) if argv and not argv[0].startswith("--") else None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_runtime(recipe: Recipe) -> None:
     """What a recipe needs from this machine, checked before any weights load."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not recipe.deepspeed:
+        raise RecipeError("deepspeed: the launcher runs DeepSpeed (accelerate --use_deepspeed or a config with "
+                          "distributed_type: DEEPSPEED) but the recipe has deepspeed: null; name the DeepSpeed "
+                          "config in the recipe (e.g. --deepspeed recipes/deepspeed/zero2.json): it is the one "
+                          "place that selects it")
     if recipe.deepspeed:
         if not Path(recipe.deepspeed).is_file():
             raise RecipeError(f"deepspeed: config file not found: {recipe.deepspeed}")
@@ -125,6 +131,15 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     args = _training_arguments(recipe)
     set_seed(t_cfg.seed)
     is_main = args.process_index == 0
+    if recipe.deepspeed and args.distributed_state.distributed_type != "DEEPSPEED":
+        raise RecipeError(f"deepspeed: {recipe.deepspeed} is set but this process was not launched for DeepSpeed "
+                          f"({args.distributed_state.distributed_type}); launch it with `accelerate launch "
+                          "--use_deepspeed --num_processes 1 ...` (one GPU) or `accelerate launch --config_file "
+                          "recipes/accelerate/multi_gpu.yaml ...`, without ACCELERATE_USE_CPU")
+    # ZeRO-3 shards the weights: every forward pass is a collective (all ranks evaluate, rank 0
+    # writes), and weights loaded under zero.Init have no gather hooks until the engine exists.
+    zero3 = _zero3_enabled(recipe)
+    evaluates = is_main or zero3
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         recipe.save(out)
@@ -149,7 +164,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     from msrnn_train.data import WindowDataset
 
     before = []
-    if recipe.eval.at_start and len(eval_windows) and is_main:
+    if recipe.eval.at_start and len(eval_windows) and is_main and not zero3:
         before = _load_json(out / _EVAL_BEFORE) if resume is not None else None
         if not before:
             before = evaluate_grid(model, eval_windows, recipe, spec, desc="before")
@@ -163,7 +178,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     trainer = BoundedTrainer(
         model=model, args=args, train_dataset=WindowDataset(train_windows), data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=[*cbs, *callbacks], recipe=recipe, schedule=schedule)
-    periodic = _periodic_eval_callback(recipe, eval_windows, tokenizer, before) if is_main else None
+    periodic = _periodic_eval_callback(recipe, eval_windows, tokenizer, before) if evaluates else None
     if periodic is not None:
         periodic.attach(trainer)  # its metrics go through trainer.log (console, W&B, log_history)
     t0 = time.perf_counter()
@@ -178,16 +193,21 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
                "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history,
                "before": before, "after": [], "model": model, "tokenizer": tokenizer}
     trainer.accelerator.wait_for_everyone()
-    if is_main:
-        save_outputs(trainer, tokenizer, recipe, spec, out)
+    save_outputs(trainer, tokenizer, recipe, spec, out)  # every rank: ZeRO-3 gathers the LoRA weights collectively
 
     # ---------------------------------------------------------------- 6. evaluate
-    if len(eval_windows) and is_main:
+    if len(eval_windows) and evaluates:
+        if zero3 and recipe.eval.at_start and not before:  # the untrained model = the base (LoRA starts at B = 0)
+            before = _load_json(out / _EVAL_BEFORE) or evaluate_grid(model, eval_windows, recipe, spec,
+                                                                     desc="before", adapter_on=False)
+            if is_main:
+                _write_json(out / _EVAL_BEFORE, before)
         final = [r for r in getattr(periodic, "final_records", None) or [] if r.get("adapted", True)]
         after = [{k: v for k, v in r.items() if k != "adapted"} for r in final] or \
             evaluate_grid(model, eval_windows, recipe, spec, desc="after")
-        summary["after"] = after
-        _print_records("held-out perplexity after training", after, before)
+        summary["after"], summary["before"] = after, before
+        if is_main:
+            _print_records("held-out perplexity after training", after, before)
     if is_main:
         _write_json(out / EVAL_FILENAME, {k: summary[k] for k in ("before", "after", "train_metrics", "train_seconds",
                                                                   "tokens_per_second", "peak_memory_mb")})
@@ -266,8 +286,8 @@ def add_lora(model, recipe: Recipe):
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                         bias=lc.bias, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitioned
     log(f"LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters")
     return model
 
@@ -456,6 +476,7 @@ def _training_arguments(recipe: Recipe) -> TrainingArguments:
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
         deepspeed=recipe.deepspeed, run_name=recipe.wandb.name, **checkpointing,
     )
 
@@ -475,6 +496,26 @@ def _resolve_resume(value, out: Path) -> Path | None:
     return Path(value)
 
 
+def _zero3_enabled(recipe: Recipe) -> bool:
+    if not recipe.deepspeed:
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def _unwrap(model):
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
         model = model.module
@@ -482,7 +523,8 @@ def _unwrap(model):
 
 
 # ============================================================================ evaluation
-def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "") -> list[dict]:
+def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "",
+                  adapter_on: bool = True) -> list[dict]:
     """Held-out perplexity, hard process, for every (policy, K) of `recipe.eval` (`full` once);
     the model's training budget is put back afterwards. Records: {policy, budget, ppl, nll, tokens}.
     Uses msrnn_train.evaluate when it is installed, else the same computation inline."""
@@ -493,7 +535,8 @@ def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: Budg
         evaluate = None
     if evaluate is not None:
         records = evaluate.evaluate_grid(bounded, windows, recipe.eval.policies, recipe.eval.budgets,
-                                         batch_size=recipe.eval.batch_size, progress=True, sinks=recipe.budget.sinks)
+                                         batch_size=recipe.eval.batch_size, progress=True, sinks=recipe.budget.sinks,
+                                         adapter_on=adapter_on)
         return [{k: v for k, v in r.items() if k != "adapted"} for r in records]
     was_training = bounded.training
     bounded.eval()
@@ -560,8 +603,12 @@ def _print_records(title: str, records: list[dict], before: list[dict] | None = 
 
 # ============================================================================ save
 def save_outputs(trainer: Trainer, tokenizer, recipe: Recipe, spec: BudgetSpec, out: Path) -> None:
-    """Adapter (peft), tokenizer, msrnn_budget.json and recipe.yaml in one folder."""
+    """Adapter (peft), tokenizer, msrnn_budget.json and recipe.yaml in one folder. Call it on every
+    rank: under DeepSpeed ZeRO-3 `save_model` gathers the sharded LoRA weights (a collective);
+    only rank 0 writes."""
     trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(str(out))
     spec.save(out)
     recipe.save(out)

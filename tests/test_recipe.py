@@ -170,6 +170,7 @@ def test_main_stops_with_exit_2_before_loading_anything(tmp_path, capsys, monkey
     monkeypatch.setattr(train_mod, "train", forbidden)
     monkeypatch.setattr(train_mod, "load_base_model", forbidden)
     path = write(tmp_path, {"budget": {"policy": "tova", "budget": 0}})
+    capsys.readouterr()  # whatever importing transformers printed
     assert train_mod.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()]  # one line

