@@ -18,6 +18,9 @@ POLICY_COLORS = {"tova": "tab:blue", "tova_head": "tab:cyan", "sinks": "tab:gree
                  "window": "tab:red"}
 
 
+POLICY_MARKERS = {"tova": "o", "tova_head": "P", "sinks": "s", "h2o": "D", "window": "v"}
+
+
 def _color(policy: str, i: int) -> str:
     return POLICY_COLORS.get(policy, f"C{(i + 5) % 10}")
 
@@ -108,8 +111,10 @@ def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
             style = ":" if full_layers else "--" if adapted else "-"
             label = policy + (f" + full layer{'s' if len(full_layers) > 1 else ''} {list(full_layers)}"
                               if full_layers else "") + (" (adapted)" if adapted else "")
-            ax.plot(xs, ys, style, marker="^" if full_layers else "o", color=_color(policy, 0) if not full_layers
-                    else f"C{(i + 4) % 10}", lw=2, label=label)
+            # overlapping lines stay visible: a marker shape per policy, decreasing sizes, some alpha
+            ax.plot(xs, ys, style, marker="^" if full_layers else POLICY_MARKERS.get(policy, "o"),
+                    ms=max(4, 10 - 1.5 * i), alpha=0.85, lw=2, label=label,
+                    color=_color(policy, 0) if not full_layers else f"C{(i + 4) % 10}")
         if budgets:
             _budget_axis(ax, budgets)
         ax.set_ylim(-3, 103)
