@@ -264,7 +264,8 @@ class LogitRows:
             q = self.q[:, :, start:start + self.block].float()
             reach = self.k.shape[2] - self.q.shape[2] + start + q.shape[2]
             k = self.k[:, :, :reach].float()
-            self._rows = (torch.matmul(q, k.transpose(-1, -2)) * self.scale).contiguous()
+            with torch.autocast(q.device.type, enabled=False):  # fp32 scores under bf16 training, as at inference
+                self._rows = (torch.matmul(q, k.transpose(-1, -2)) * self.scale).contiguous()
         return self._rows
 
     def row(self, t: int) -> torch.Tensor:

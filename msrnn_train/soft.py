@@ -33,7 +33,8 @@ def soft_keep_logits(query, key, scaling, sched: Schedule, new_valid, groups: in
     vis = sched.visible(new_valid)  # (B, G, T, S)
     k = key.repeat_interleave(Hq // key.shape[1], dim=1) if Hq != key.shape[1] else key
     dt = torch.float64 if query.dtype == torch.float64 else torch.float32
-    logits = torch.matmul(query.to(dt), k.to(dt).transpose(-1, -2)) * scaling
+    with torch.autocast(query.device.type, enabled=False):
+        logits = torch.matmul(query.to(dt), k.to(dt).transpose(-1, -2)) * scaling
     vis_h = vis.repeat_interleave(Hq // groups, dim=1) if groups > 1 else vis
     probs = torch.softmax(logits.masked_fill(~vis_h, -torch.inf), dim=-1).nan_to_num(0.0)
     score = probs.view(B, groups, Hq // groups, T, S).mean(2)  # (B, G, T, S): s_t(j)
