@@ -263,7 +263,7 @@ def loop_period(tokens: list[int], tail: int = 64, max_period: int = 32) -> int 
     return None
 
 
-def generation_stats(tokens: list[int], eos_id: int | None = None, max_new_tokens: int | None = None) -> dict:
+def generation_stats(tokens: list[int], eos_id: int | None = None) -> dict:
     """Degeneration statistics of one generated token sequence (cut at the first EOS):
     length, tokens until EOS (None if none), distinct-n (n = 1..4), repeated 4-gram rate
     (share of 4-grams seen earlier in the text), longest repeated substring, loop period."""
@@ -320,7 +320,7 @@ def long_generation(model, tokenizer, prompts: list[str], specs: list[BudgetSpec
                     gens.append(generate_greedy(model, tokenizer, prompt, max_new_tokens, spec.policy != "full"))
                     bar.update(1)
             outputs[label] = gens
-            per = [generation_stats(g, eos, max_new_tokens) for g in gens]
+            per = [generation_stats(g, eos) for g in gens]
             for g, f, st in zip(gens, outputs["full"], per):
                 st["agree_with_full"] = next((i for i, (a, b) in enumerate(zip(g, f)) if a != b), min(len(g), len(f)))
             mean = {k: sum(float(s[k]) for s in per) / len(per)

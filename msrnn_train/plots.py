@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 POLICY_COLORS = {"tova": "tab:blue", "tova_head": "tab:cyan", "sinks": "tab:green", "h2o": "tab:orange",
                  "window": "tab:red"}
@@ -77,6 +77,10 @@ def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | N
         _budget_axis(ax, budgets)
     if values and max(values) / max(min(values), 1e-9) > 10:
         ax.set_yscale("log")
+        # plain numbers (30, 40, 60, 100, 200, ...) rather than 4x10^1: perplexities are read off the axis
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_ylabel("perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title(title or "Perplexity vs budget")
     ax.grid(True, which="both", alpha=0.3)

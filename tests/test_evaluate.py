@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_model
 
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
@@ -334,6 +333,22 @@ def test_callback_restores_state_and_logs_without_trainer():
     # base full (adapter disabled) equals the adapted full state while LoRA B is still zero
     full = {(r["policy"], r["adapted"]): r["ppl"] for r in records}
     assert full["full", False] == pytest.approx(full["full", True], rel=1e-6)
+
+
+def test_callback_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    model = _peft_budgeted_model()
+    cb = BoundedEvalCallback(windows_of(1, 16), policies=["sinks"], budgets=[4], every_n_steps=1)
+    run = wandb.init(project="msrnn-test", dir=str(tmp_path), mode="offline")
+    try:
+        cb.evaluate(model)
+        summary = dict(run.summary)
+    finally:
+        wandb.finish()
+    assert summary["eval_bounded/tova_6_ppl"] == pytest.approx(cb.history[-1][1][2]["ppl"])
+    assert summary["eval_bounded/table"]["_type"] == "table-file"
+    assert summary["eval_bounded/table"]["nrows"] == 4  # base full, base tova-6, tova-6, sinks-4
 
 
 def test_callback_recovered_metric():
