@@ -13,6 +13,7 @@ module its layer's policy and K. Two forward pre-hooks connect the pieces:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,13 @@ class LayerBudget:
     scan_fn: object = None  # None: schedule.default_scan for the device
 
 
+def _backend_from_env() -> str:
+    value = os.environ.get("MSRNN_ATTN", "auto").strip().lower() or "auto"
+    if value not in ("auto", "dense", "flex"):
+        raise BudgetError(f"MSRNN_ATTN={value!r}: use one of auto, dense, flex")
+    return value
+
+
 @dataclass
 class Controller:
     """Model-level state of a budgeted model."""
@@ -47,7 +55,8 @@ class Controller:
     layers: list[LayerBudget] = field(default_factory=list)
     enabled: bool = True
     cache: object = None  # the BoundedCache of the current forward, if any
-    backend: str = "auto"  # "auto" (flex on CUDA, dense elsewhere), "dense", "flex"
+    # "auto" (flex on CUDA, dense elsewhere), "dense", "flex"; $MSRNN_ATTN sets the default
+    backend: str = field(default_factory=lambda: _backend_from_env())
     soft_temperature: float | None = None  # set while training in soft mode
     recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
     scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)

@@ -42,9 +42,11 @@ def flex_masked_attention(query, key, value, sched: Schedule, new_valid, scaling
     if soft_keep is None:
         mask_mod, score_mod = visible, None
     else:
+        kept = torch.isfinite(soft_keep.detach())  # a mask_mod may not capture tensors that need grad
+
         def mask_mod(b, h, q_idx, kv_idx):
             g = h // per_group if groups > 1 else 0
-            soft = (q_idx > evict[b, g, kv_idx]) & (evict[b, g, kv_idx] >= 0) & (soft_keep[b, g, kv_idx] > -torch.inf)
+            soft = (q_idx > evict[b, g, kv_idx]) & (evict[b, g, kv_idx] >= 0) & kept[b, g, kv_idx]
             return visible(b, h, q_idx, kv_idx) | soft
 
         def score_mod(score, b, h, q_idx, kv_idx):

