@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .schedule import Schedule
+from .schedule import NEVER, Schedule
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,7 +23,7 @@ def _compiled_flex():
 
 
 def flex_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, groups: int,
-                          soft_keep: torch.Tensor | None = None):
+                          soft_keep: torch.Tensor | None = None, block: int = 128):
     """(B, Hq, T, D) -> (B, T, Hq, D). soft_keep: (B, G, S) additive logit for the queries after
     a key's eviction (-inf: hard), or None for the hard process."""
     B, Hq, T, D = query.shape
@@ -55,8 +55,70 @@ def flex_masked_attention(query, key, value, sched: Schedule, new_valid, scaling
             after = (q_idx > e) & (e >= 0)  # evicted earlier (padding keys have e = -1)
             return score + torch.where(after, soft_keep[b, g, kv_idx], 0.0)
 
-    block_mask = create_block_mask(mask_mod, B, Hq if groups > 1 else None, T, S, device=query.device)
+    block_mask = schedule_block_mask(sched, new_valid, mask_mod, kept=None if soft_keep is None else kept,
+                                     block=block, heads=Hq)
     fn = _compiled_flex() if query.is_cuda else flex_attention
     out = fn(query, key, value, block_mask=block_mask, score_mod=score_mod, scale=scaling,
              enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous()
+
+
+def schedule_block_mask(sched: Schedule, new_valid, mask_mod, kept=None, block: int = 128,
+                        heads: int | None = None) -> BlockMask:
+    """The BlockMask of `mask_mod`, built from the schedule in O(S) per (batch, group) instead of
+    evaluating mask_mod on every (query, key) pair as `create_block_mask` does.
+
+    Query t sees key j iff arrive_j <= t <= e_j (soft mode: e_j = NEVER for evicted keys that keep
+    a soft logit). A (query block, key block) pair is *full* when every key of the block is seen by
+    every query of the block, *empty* when no key can be, else partial (mask_mod decides per
+    element); the classification is conservative (a partial block is always correct), and
+    `reference_block_mask` (create_block_mask) is the plain reference it is tested against.
+    """
+    evict, arrive = sched.evict, sched.arrive  # (B, G, S), (S,)
+    B, G, S = evict.shape
+    T = new_valid.shape[1]
+    P = S - T
+    dev = evict.device
+    if kept is not None:
+        evict = torch.where(kept, NEVER, evict)
+    nq, nk = -(-T // block), -(-S // block)
+    pad = nk * block - S
+    valid = evict >= 0
+    arr = arrive.view(1, 1, S).expand(B, G, S)
+    big = torch.iinfo(torch.long).max
+
+    def blocks(x, fill):
+        return torch.nn.functional.pad(x, (0, pad), value=fill).view(B, G, nk, block)
+
+    amin = blocks(torch.where(valid, arr, big), big).amin(-1)  # earliest arrival of a visible key
+    emax = blocks(torch.where(valid, evict, -1), -1).amax(-1)  # latest eviction of a visible key
+    amax = blocks(torch.where(valid, arr, big), big).amax(-1)  # any never-visible key -> never full
+    emin = blocks(torch.where(valid, evict, -1), -1).amin(-1)
+    q0 = torch.arange(nq, device=dev).view(1, 1, nq, 1) * block
+    q1 = (q0 + block).clamp(max=T) - 1  # last query of the block
+    some = (amin.unsqueeze(2) <= q1) & (emax.unsqueeze(2) >= q0)  # (B, G, nq, nk)
+    full = (amax.unsqueeze(2) <= q0) & (emin.unsqueeze(2) >= q1)
+    # a padding query sees its own key (mask_mod's diagonal rule): keep that block
+    pad_q = (~new_valid).nonzero()
+    if pad_q.numel():
+        b_idx, t_idx = pad_q[:, 0], pad_q[:, 1]
+        some[b_idx, :, t_idx // block, (t_idx + P) // block] = True
+    partial = some & ~full
+
+    def as_kv(m):
+        num = m.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx
+
+    if G > 1:  # head-wise groups: one row of blocks per query head (heads = query heads)
+        partial = partial.repeat_interleave(heads // G, dim=1)
+        full = full.repeat_interleave(heads // G, dim=1)
+    kv_num, kv_idx = as_kv(partial)
+    full_num, full_idx = as_kv(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, S))
+
+
+def reference_block_mask(mask_mod, B, H, T, S, device, block: int = 128) -> BlockMask:
+    """The plain reference: mask_mod evaluated on every (query, key) pair."""
+    return create_block_mask(mask_mod, B, H, T, S, device=device, BLOCK_SIZE=block)

@@ -4,6 +4,8 @@
 #   bash scripts/gpu_checks.sh kernels    # Triton scan + CUDA model tests, scan and training-step benchmarks
 #   bash scripts/gpu_checks.sh zero       # DeepSpeed ZeRO-2/3 runs (scripts/run_zero.sh, world size = #GPUs)
 #   bash scripts/gpu_checks.sh headline   # the headline experiment at T = 2048 (scripts/headline.py)
+#   bash scripts/gpu_checks.sh tests      # only the tests (kernels, CUDA model paths, soft/flex)
+#   bash scripts/gpu_checks.sh bench-train [smollm2|mistral-7b] [suffix]
 #   bash scripts/gpu_checks.sh all        # kernels + zero
 #
 # Results go to $OUT (default outputs/gpu): logs, results JSON/Markdown. Uses the python on PATH
@@ -18,10 +20,16 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HU
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; "$@" || { echo "=== FAILED: $*"; status=1; }; }
 
-kernels() {
+versions() {
   "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-  step "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py
+}
+
+tests() { step "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_soft.py; }
+
+kernels() {
+  versions
+  tests
   step "$PY" scripts/bench_scan.py --out "$OUT/bench_scan.json"
   step "$PY" scripts/bench_train.py --shape smollm2 --out "$OUT/bench_train.json"
 }
@@ -39,10 +47,12 @@ headline() {
 
 case "${1:-all}" in
   kernels) kernels ;;
+  tests) versions; tests ;;
+  bench-train) step "$PY" scripts/bench_train.py --shape "${2:-smollm2}" --out "$OUT/bench_train${3:-}.json" ;;
   zero) zero ;;
   headline) headline ;;
   all) kernels; zero ;;
-  *) echo "usage: $0 kernels|zero|headline|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|tests|bench-train|zero|headline|all" >&2; exit 2 ;;
 esac
 echo "=== done ($(date +%T)), status $status"
 exit $status

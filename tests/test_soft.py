@@ -115,3 +115,71 @@ def test_schedules():
     assert finite == sorted(finite, reverse=True) and len(finite) == 90 and finite[-1] > 0.01
     ks = [budget_at(s, 100, 512, 64) for s in range(100)]
     assert ks[0] == 512 and ks[49] > 64 and ks[50:] == [64] * 50 and ks == sorted(ks, reverse=True)
+
+
+@pytest.mark.parametrize("name,soft,init", [("tova", False, False), ("tova_head", True, False),
+                                            ("h2o", False, True), ("tova", True, False)])
+def test_schedule_block_mask_against_create_block_mask(name, soft, init):
+    """The O(S) block mask from the schedule vs mask_mod evaluated everywhere (create_block_mask):
+    every block the reference finds non-empty is there, and every block called full is full."""
+    from msrnn_train.flex import reference_block_mask, schedule_block_mask
+    from msrnn_train.schedule import Slots
+
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, T, D, K, P = 2, 4, 2, 100, 8, 40, (12 if init else 0)
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hkv, P + T, D, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :7] = False
+    valid[0, 50:53] = False
+    policy = make_policy(name, K)
+    groups = Hkv if policy.head_wise else 1
+    start = None
+    if init:
+        start = Slots(src=torch.arange(P).expand(B, groups, P).clone(), order=torch.arange(P).expand(B, groups, P).clone(),
+                      pos=torch.arange(P).expand(B, groups, P).clone(), acc=torch.rand(B, groups, P, generator=g))
+    order = (valid.long().cumsum(-1) - 1) + P
+    sched = scan(policy, K, LogitRows(q, k, 0.3), valid, order, torch.arange(P, P + T), init=start, groups=groups)
+    kept = (torch.rand(B, groups, P + T, generator=g) > 0.5) & (sched.evict >= 0) & (sched.evict < T) if soft else None
+    per_group = Hq // groups
+    S = P + T
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        gg = h // per_group if groups > 1 else 0
+        e = sched.evict[b, gg, kv_idx]
+        seen = (sched.arrive[kv_idx] <= q_idx) & (q_idx <= e)
+        seen = seen | ((~valid)[b, q_idx] & (kv_idx == q_idx + P))
+        if kept is not None:
+            seen = seen | ((q_idx > e) & (e >= 0) & kept[b, gg, kv_idx])
+        return seen
+
+    mine = schedule_block_mask(sched, valid, mask_mod, kept=kept, block=16, heads=Hq)
+    ref = reference_block_mask(mask_mod, B, Hq if groups > 1 else None, T, S, "cpu", block=16)
+    dense_mine, dense_ref = mine.to_dense().bool(), ref.to_dense().bool()
+    assert (dense_ref & ~dense_mine).sum() == 0  # nothing visible is skipped
+    # blocks called full really are: mask_mod true on every element
+    vis = torch.zeros(B, mine.kv_num_blocks.shape[1], T, S, dtype=torch.bool)
+    bb, hh, tt, jj = torch.meshgrid(torch.arange(B), torch.arange(vis.shape[1]), torch.arange(T), torch.arange(S),
+                                    indexing="ij")
+    vis = mask_mod(bb, hh, tt, jj)
+    nq, nk = -(-T // 16), -(-S // 16)
+    for b in range(B):
+        for h in range(vis.shape[1]):
+            for qi in range(nq):
+                for n in range(int(mine.full_kv_num_blocks[b, h, qi])):
+                    kj = int(mine.full_kv_indices[b, h, qi, n])
+                    assert vis[b, h, qi * 16:(qi + 1) * 16, kj * 16:(kj + 1) * 16].all(), (b, h, qi, kj)
+    assert int(mine.full_kv_num_blocks.sum()) > 0  # the test exercises full blocks
+    # fewer partial blocks than non-empty ones: the full ones skip mask_mod
+    assert int(mine.kv_num_blocks.sum()) < int(dense_mine.sum())
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_flex_with_small_blocks_equals_dense(soft):
+    """Many blocks (16 x 16) so that full, partial and empty blocks all occur."""
+    q, k, v, valid, sched, groups = _case(T=90, K=7, name="tova_head" if soft else "tova")
+    keep = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, 0.3) if soft else None
+    dense = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups, soft_keep=keep)
+    flex = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
+    real = valid.view(valid.shape[0], valid.shape[1], 1, 1).expand_as(dense)
+    assert (dense - flex)[real].abs().max() < 1e-5
