@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, each stage meant for one call on a lent GPU machine (see docs/gpu.md):
+# The GPU checks, each stage meant for one call on a GPU machine (README: "On a GPU"):
 #
 #   bash scripts/gpu_checks.sh kernels    # Triton scan + CUDA model tests, scan and training-step benchmarks
 #   bash scripts/gpu_checks.sh zero       # DeepSpeed ZeRO-2/3 runs (scripts/run_zero.sh, world size = #GPUs)

@@ -77,16 +77,18 @@ def triton_backend():
         pytest.skip("needs CUDA, or the CPU under TRITON_INTERPRET=1 (test_triton_kernel_under_interpreter runs these)")
     import triton.runtime.interpreter as interp
 
-    # NumPy >= 2.3 refuses int() of a 1-element array, which triton 3.x's interpreter does for
-    # loop bounds: give it the single element instead
-    orig_set_attr = interp._LangPatchScope.set_attr
+    # NumPy >= 2.3 refuses int() of a 1-element array, which the interpreter of triton < 3.7 does
+    # for loop bounds (later versions squeeze first): give it the single element instead
+    scope = getattr(interp, "_LangPatchScope", None)
+    if scope is not None and hasattr(scope, "set_attr"):
+        orig_set_attr = scope.set_attr
 
-    def set_attr(self, obj, name, value):
-        if name == "__index__":
-            value = lambda t: int(t.handle.data.reshape(-1)[0])  # noqa: E731
-        return orig_set_attr(self, obj, name, value)
+        def set_attr(self, obj, name, value):
+            if name == "__index__":
+                value = lambda t: int(t.handle.data.reshape(-1)[0])  # noqa: E731
+            return orig_set_attr(self, obj, name, value)
 
-    interp._LangPatchScope.set_attr = set_attr
+        scope.set_attr = set_attr
     from msrnn_train.kernels.triton_scan import triton_scan
 
     return triton_scan, "cpu"
