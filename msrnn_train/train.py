@@ -474,7 +474,11 @@ def _training_arguments(recipe: Recipe) -> TrainingArguments:
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
-        deepspeed=recipe.deepspeed, run_name=recipe.wandb.name, use_cpu=not torch.cuda.is_available(),
+        deepspeed=recipe.deepspeed, run_name=recipe.wandb.name,
+        # use_cpu would make transformers build a plain CPU state and skip DeepSpeed's own
+        # distributed init (zero.Init would then see world size 1); DeepSpeed on a CPU runs on
+        # its CPU accelerator instead
+        use_cpu=not torch.cuda.is_available() and not recipe.deepspeed,
         **checkpointing,
     )
 
