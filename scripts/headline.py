@@ -50,7 +50,7 @@ def run_adapter(name, args, overrides) -> dict:
             "training.gradient_accumulation_steps": args.grad_accum,
             "training.per_device_train_batch_size": args.train_batch_size,
             "training.gradient_checkpointing": cuda, "training.bf16": cuda}
-    recipe = load_recipe(None, {**base, **overrides})
+    recipe = load_recipe(args.recipe, {**base, **overrides})
     t0 = time.perf_counter()
     summary = train(recipe)
     summary["wall_s"] = time.perf_counter() - t0
@@ -73,6 +73,8 @@ def recall_accuracy(model, tokenizer, specs, adapter_on, n):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_headline.yaml"),
+                    help="base recipe of every adapter (the flags below override it)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--budgets", default="32,64,128")
     ap.add_argument("--ablation-budget", type=int, default=None, help="K of the sinks baseline and ablations")
@@ -92,7 +94,7 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     # the held-out windows, exactly as training would cut them (split by book)
-    probe = load_recipe(None, {"data.seq_len": args.seq_len, "eval.max_windows": args.eval_windows})
+    probe = load_recipe(args.recipe, {"data.seq_len": args.seq_len, "eval.max_windows": args.eval_windows})
     runs: dict[str, dict] = {}
 
     def adapter(name, overrides):
