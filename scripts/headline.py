@@ -88,7 +88,11 @@ def main(argv=None):
     ap.add_argument("--skip-ablations", action="store_true")
     ap.add_argument("--work-dir", default="outputs/headline")
     ap.add_argument("--out", default=str(ROOT / "results" / "headline"))
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier results JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot_headline(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return
     budgets = [int(b) for b in args.budgets.split(",")]
     kab = args.ablation_budget or budgets[len(budgets) // 2]
     t_start = time.perf_counter()
@@ -179,13 +183,24 @@ def main(argv=None):
     md += ["", f"Command: `{doc['command']}`; {args.steps} steps per adapter; {doc['eval_windows']} held-out windows."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    plot_headline(doc, out.with_suffix(".png"))
+
+
+def plot_headline(doc: dict, path) -> None:
+    """Untuned policies vs budget, tuned TOVA-K, and each TOVA-K adapter's own full-state
+    perplexity at its K (the model with the adapter but no budget)."""
     try:
         from msrnn_train.plots import plot_ppl_vs_budget
 
-        base = [{"policy": p, "budget": k, "ppl": v, "adapted": False} for (p, k), v in untuned.items()]
-        tuned = [{"policy": "tova", "budget": r["budget"], "ppl": r["ppl_tuned"], "adapted": True} for r in rows]
-        plot_ppl_vs_budget(base, tuned, out.with_suffix(".png"), title=f"SmolLM2-135M held-out, T={args.seq_len}")
-    except Exception as err:  # the numbers above are the result; a plot failure must not lose them
+        base = [dict(r, adapted=False) for r in doc["untuned"]]
+        tuned = [{"policy": "tova", "budget": r["budget"], "ppl": r["ppl_tuned"], "adapted": True}
+                 for r in doc["records"]]
+        tuned += [{"policy": "full-state of the TOVA-K adapter", "budget": r["budget"], "ppl": r["ppl_full_tuned"],
+                   "adapted": True} for r in doc["records"]]
+        seq_len = doc["records"][0]["seq_len"] if doc["records"] else "?"
+        plot_ppl_vs_budget(base, tuned, path, title=f"SmolLM2-135M, held-out books, T={seq_len}: untuned vs "
+                                                     f"tuned per K")
+    except Exception as err:  # the numbers are the result; a plot failure must not lose them
         print(f"plot failed: {err}")
 
 
