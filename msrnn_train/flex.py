@@ -90,10 +90,10 @@ def schedule_block_mask(sched: Schedule, new_valid, mask_mod, kept=None, block: 
     def blocks(x, fill):
         return torch.nn.functional.pad(x, (0, pad), value=fill).view(B, G, nk, block)
 
-    amin = blocks(torch.where(valid, arr, big), big).amin(-1)  # earliest arrival of a visible key
-    emax = blocks(torch.where(valid, evict, -1), -1).amax(-1)  # latest eviction of a visible key
-    amax = blocks(torch.where(valid, arr, big), big).amax(-1)  # any never-visible key -> never full
-    emin = blocks(torch.where(valid, evict, -1), -1).amin(-1)
+    arrivals = blocks(torch.where(valid, arr, big), big)  # never-visible keys arrive "never"
+    evictions = blocks(torch.where(valid, evict, -1), -1)  # ... and leave before the first query
+    amin, amax = arrivals.amin(-1), arrivals.amax(-1)  # earliest / latest arrival in each key block
+    emin, emax = evictions.amin(-1), evictions.amax(-1)
     q0 = torch.arange(nq, device=dev).view(1, 1, nq, 1) * block
     q1 = (q0 + block).clamp(max=T) - 1  # last query of the block
     some = (amin.unsqueeze(2) <= q1) & (emax.unsqueeze(2) >= q0)  # (B, G, nq, nk)

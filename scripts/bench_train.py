@@ -32,8 +32,10 @@ SHAPES = {
 
 
 def build(shape, device):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from msrnn_train.recipe import load_recipe
+    from msrnn_train.train import add_lora
 
     cfg = {k: v for k, v in SHAPES[shape].items() if k not in ("T", "K", "B")}
     config = LlamaConfig(**cfg, max_position_embeddings=8192)
@@ -42,9 +44,7 @@ def build(shape, device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"], task_type="CAUSAL_LM")
-    return get_peft_model(model, lora).train()
+    return add_lora(model, load_recipe(None)).train()  # the default recipe's LoRA: r=16 on all projections
 
 
 def main(argv=None):

@@ -1,4 +1,7 @@
+import contextlib
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +61,31 @@ def smollm2():
 
     model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")
     return model, tokenizer
+
+
+def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) -> Path:
+    """Documents with learnable structure: a small vocabulary, repeated phrases."""
+    rng = random.Random(seed)
+    phrases = ["the king is dead", "long live the king", "to be or not to be", "all the world is a stage",
+               "a horse a horse", "my kingdom for a horse", "now is the winter", "of our discontent"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{i}.txt").write_text(". ".join(rng.choice(phrases) for _ in range(words // 4)))
+    return folder
+
+
+@contextlib.contextmanager
+def tiny_run_env(cache: Path):
+    """One intra-op thread and $MSRNN_CACHE at `cache` for a module-scoped training fixture
+    (monkeypatch is function-scoped); both restored afterwards."""
+    threads, old = torch.get_num_threads(), os.environ.get("MSRNN_CACHE")
+    torch.set_num_threads(1)
+    os.environ["MSRNN_CACHE"] = str(cache)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("MSRNN_CACHE", None)
+        else:
+            os.environ["MSRNN_CACHE"] = old

@@ -1,13 +1,13 @@
 """The saved adapter: one-call reload with the same logits, the model card, a failed push."""
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import tiny_run_env
 from msrnn_train import BudgetSpec, get_budget
 from msrnn_train.hub import HubPushError, load_bounded, model_card, push_adapter
 from msrnn_train.recipe import Recipe, load_recipe
@@ -25,20 +25,11 @@ def run(tmp_path_factory):
     corpus.mkdir()
     for i in range(4):
         corpus.joinpath(f"d{i}.txt").write_text(" ".join(["to be or not to be that is the question"] * (30 + i)))
-    threads, cache = torch.get_num_threads(), os.environ.get("MSRNN_CACHE")
-    torch.set_num_threads(1)
-    os.environ["MSRNN_CACHE"] = str(tmp / "cache")
-    try:
+    with tiny_run_env(tmp / "cache"):
         recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {
             "data.source": str(corpus), "data.heldout": 1, "training.output_dir": str(tmp / "out"),
             "training.max_steps": 6, "training.save_steps": 3, "eval.max_windows": 2})
         summary = train(recipe)
-    finally:
-        torch.set_num_threads(threads)
-        if cache is None:
-            os.environ.pop("MSRNN_CACHE", None)
-        else:
-            os.environ["MSRNN_CACHE"] = cache
     return recipe, summary
 
 

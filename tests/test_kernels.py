@@ -105,7 +105,7 @@ def test_triton_kernel_under_interpreter():
     if torch.cuda.is_available():
         pytest.skip("on CUDA the kernel tests run compiled")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("already inside the interpreter run")
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel tests run interpreted in this process already")
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install 'msrnn-train[dev]' brings it on Linux x86-64)")
     env = dict(os.environ, TRITON_INTERPRET="1")

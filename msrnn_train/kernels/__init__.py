@@ -1,0 +1,38 @@
+"""Fast forms of `schedule.scan`: numba on the CPU (cpu_scan.py), Triton on CUDA (triton_scan.py).
+
+Both run the same step loop over the same state; what they start from is built here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..schedule import NEVER, Slots
+
+# policy codes shared by the kernels
+WINDOW, SINKS, H2O, TOVA = 0, 1, 2, 3
+CODES = {"window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA}
+
+
+def policy_code(policy, budget: int) -> tuple[int, int]:
+    """(code, number of sinks) of a policy."""
+    code = CODES[policy.name]
+    return code, (min(policy.sinks, budget - 1) if code == SINKS else 0)
+
+
+def start_state(budget: int, init: Slots | None, new_valid: torch.Tensor, groups: int, device):
+    """What a fast scan starts from, on `device`: a private copy of the held slots (at least
+    K + 1 wide), the eviction array (NEVER for keys that may be seen, -1 for padding and empty
+    slots) and each key's arrival step (-1 for keys held before the call)."""
+    B, T = new_valid.shape
+    P = 0 if init is None else init.src.shape[-1]
+    capacity = max(budget + 1, P + 1)
+    slots = Slots.empty(B, groups, capacity, device) if init is None else init.grow(capacity)
+    slots = Slots(*(x.to(device).contiguous().clone() for x in (slots.src, slots.order, slots.pos)),
+                  acc=slots.acc.to(device, torch.float32).contiguous().clone())
+    evict = torch.full((B, groups, P + T), NEVER, dtype=torch.long, device=device)
+    if P:
+        evict[:, :, :P] = torch.where(init.src.to(device) >= 0, NEVER, -1)
+    evict[:, :, P:] = torch.where(new_valid.to(device), NEVER, -1).unsqueeze(1)
+    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long), torch.arange(T)]).to(device)
+    return slots, evict, arrive

@@ -10,9 +10,9 @@ random inputs for every policy, budget, padding and sliding window.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..schedule import NEVER, Schedule, Slots
+from ..schedule import Schedule, Slots
+from . import H2O, SINKS, TOVA, policy_code, start_state
 
 try:
     import numba
@@ -20,10 +20,6 @@ try:
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency; the torch scan is the fallback
     HAVE_NUMBA = False
-
-# policy codes
-WINDOW, SINKS, H2O, TOVA = 0, 1, 2, 3
-_CODES = {"window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA}
 
 
 def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evict,
@@ -112,31 +108,20 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     """Drop-in for `schedule.scan` on the CPU (same arguments, same result)."""
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
-    S = P + T
-    capacity = max(budget + 1, P + 1)
-    slots = Slots.empty(B, groups, capacity, "cpu") if init is None else init.grow(capacity)
-    src = slots.src.cpu().numpy().copy()
-    order = slots.order.cpu().numpy().copy()
-    pos = slots.pos.cpu().numpy().copy()
-    acc = slots.acc.cpu().numpy().astype(np.float32).copy()
-    evict = np.full((B, groups, S), NEVER, dtype=np.int64)
-    if P:
-        evict[:, :, :P] = np.where(init.src.cpu().numpy() >= 0, NEVER, -1)
-    evict[:, :, P:] = np.where(new_valid.cpu().numpy(), NEVER, -1)[:, None, :]
+    slots, evict, arrive = start_state(budget, init, new_valid, groups, "cpu")
+    src, order, pos, acc = (x.numpy() for x in (slots.src, slots.order, slots.pos, slots.acc))
+    evict_np = evict.numpy()
     valid_np = new_valid.cpu().numpy()
     order_np = new_order.cpu().numpy().astype(np.int64)
     pos_np = new_pos.cpu().numpy().astype(np.int64)
-    code = _CODES[policy.name]
-    n_sinks = min(policy.sinks, budget - 1) if code == SINKS else 0
+    code, n_sinks = policy_code(policy, budget)
     per_group = logits.q.shape[1] // groups
     empty = np.zeros((B, logits.q.shape[1], 1, 1), dtype=np.float32)
     for t0 in range(0, T, logits.block):
         t1 = min(T, t0 + logits.block)
         rows = logits.block_rows(t0).numpy() if code >= H2O else empty
-        _steps(rows, t0, t1, valid_np, order_np, pos_np, src, order, pos, acc, evict, code, budget,
-               n_sinks, policy.recent, window or 0, P, S, per_group, groups)
+        _steps(rows, t0, t1, valid_np, order_np, pos_np, src, order, pos, acc, evict_np, code, budget,
+               n_sinks, policy.recent, window or 0, P, P + T, per_group, groups)
     dev = new_valid.device
-    final = Slots(src=torch.from_numpy(src).to(dev), order=torch.from_numpy(order).to(dev),
-                  pos=torch.from_numpy(pos).to(dev), acc=torch.from_numpy(acc).to(dev))
-    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long), torch.arange(T)]).to(dev)
-    return Schedule(evict=torch.from_numpy(evict).to(dev), arrive=arrive, final=final)
+    final = Slots(*(x.to(dev) for x in (slots.src, slots.order, slots.pos, slots.acc)))
+    return Schedule(evict=evict.to(dev), arrive=arrive.to(dev), final=final)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import NEVER, Schedule, Slots
+from ..schedule import Schedule, Slots
+from . import CODES, H2O, policy_code, start_state
 
 try:
     import triton
@@ -23,9 +24,6 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs: schedule.scan is used instead
     HAVE_TRITON = False
 
-WINDOW, SINKS, H2O, TOVA = 0, 1, 2, 3
-_CODES = {"window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA}
-
 if HAVE_TRITON:
 
     @triton.jit
@@ -33,7 +31,7 @@ if HAVE_TRITON:
                     valid_ptr, onew_ptr, pnew_ptr,
                     src_ptr, order_ptr, pos_ptr, acc_ptr, evict_ptr,
                     t0, t1, T, C, S, P, budget, n_sinks, recent, window, hstride, nh, G,
-                    CODE: tl.constexpr, BUDGETED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    CODE: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     BC: tl.constexpr, HC: tl.constexpr):
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -60,48 +58,47 @@ if HAVE_TRITON:
                 order = tl.where(on, onew, order)
                 pos = tl.where(on, tl.load(pnew_ptr + t), pos)
                 acc = tl.where(on, 0.0, acc)
-                if BUDGETED:
-                    held = (src >= 0) & cm
-                    need = tl.sum(held.to(tl.int32), 0) > budget
-                    score = tl.zeros([BC], dtype=tl.float32)
-                    if CODE >= 2:  # h2o, tova: query t's probabilities over C_t, mean over its heads
-                        if need | (CODE == 2):
-                            col = tl.where(held, src, 0)
-                            for hc in range(0, nh, HC):
-                                hm = (hc + hidx) < nh
-                                ptrs = (rbase + (h0 + hc + hidx)[:, None].to(tl.int64) * s_rh
-                                        + (t - t0) * s_rt + col[None, :])
-                                x = tl.load(ptrs, mask=hm[:, None] & held[None, :], other=float("-inf"))
-                                m = tl.max(x, 1)
-                                m = tl.where(hm, m, 0.0)
-                                e = tl.exp(x - m[:, None])
-                                z = tl.sum(e, 1)
-                                z = tl.where(hm, z, 1.0)
-                                score += tl.sum(e / z[:, None], 0)
-                            score = score / nh
-                            if CODE == 2:
-                                acc = acc + tl.where(held, score, 0.0)
-                    if need:
-                        elig = held
-                        if CODE == 1:
-                            elig = elig & (order >= n_sinks)
+                held = (src >= 0) & cm
+                need = tl.sum(held.to(tl.int32), 0) > budget
+                score = tl.zeros([BC], dtype=tl.float32)
+                if CODE >= 2:  # h2o, tova: query t's probabilities over C_t, mean over its heads
+                    if need | (CODE == 2):
+                        col = tl.where(held, src, 0)
+                        for hc in range(0, nh, HC):
+                            hm = (hc + hidx) < nh
+                            ptrs = (rbase + (h0 + hc + hidx)[:, None].to(tl.int64) * s_rh
+                                    + (t - t0) * s_rt + col[None, :])
+                            x = tl.load(ptrs, mask=hm[:, None] & held[None, :], other=float("-inf"))
+                            m = tl.max(x, 1)
+                            m = tl.where(hm, m, 0.0)
+                            e = tl.exp(x - m[:, None])
+                            z = tl.sum(e, 1)
+                            z = tl.where(hm, z, 1.0)
+                            score += tl.sum(e / z[:, None], 0)
+                        score = score / nh
                         if CODE == 2:
-                            # the r most recent real tokens are always held
-                            elig = elig & (order <= onew - recent)
-                        if CODE == 3:
-                            prio = score
-                        elif CODE == 2:
-                            prio = acc
-                        else:
-                            prio = order.to(tl.float32)
-                        prio = tl.where(elig, prio, float("inf"))
-                        low = tl.min(prio, 0)
-                        tied = elig & (prio == low)
-                        oldest = tl.min(tl.where(tied, order, 9223372036854775807), 0)
-                        victim = tl.min(tl.where(tied & (order == oldest), idx, BC), 0)
-                        vsrc = tl.sum(tl.where(idx == victim, src, 0), 0)
-                        tl.store(evict_ptr + ebase + vsrc, tt)
-                        src = tl.where(idx == victim, -1, src)
+                            acc = acc + tl.where(held, score, 0.0)
+                if need:
+                    elig = held
+                    if CODE == 1:
+                        elig = elig & (order >= n_sinks)
+                    if CODE == 2:
+                        # the r most recent real tokens are always held
+                        elig = elig & (order <= onew - recent)
+                    if CODE == 3:
+                        prio = score
+                    elif CODE == 2:
+                        prio = acc
+                    else:
+                        prio = order.to(tl.float32)
+                    prio = tl.where(elig, prio, float("inf"))
+                    low = tl.min(prio, 0)
+                    tied = elig & (prio == low)
+                    oldest = tl.min(tl.where(tied, order, 9223372036854775807), 0)
+                    victim = tl.min(tl.where(tied & (order == oldest), idx, BC), 0)
+                    vsrc = tl.sum(tl.where(idx == victim, src, 0), 0)
+                    tl.store(evict_ptr + ebase + vsrc, tt)
+                    src = tl.where(idx == victim, -1, src)
             if HAS_WINDOW:
                 # the model's own sliding window: a key at column p leaves at the end of step p + W - 1
                 gone = (src >= 0) & cm & (pos <= tl.load(pnew_ptr + t) + 1 - window)
@@ -115,7 +112,7 @@ if HAVE_TRITON:
 
 
 def supported(policy, budget) -> bool:
-    return HAVE_TRITON and policy is not None and budget is not None and policy.name in _CODES
+    return HAVE_TRITON and policy is not None and budget is not None and policy.name in CODES
 
 
 def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
@@ -130,21 +127,12 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
     S = P + T
-    C = max(budget + 1, P + 1)
-    slots = Slots.empty(B, groups, C, dev) if init is None else init.grow(C)
-    src = slots.src.to(dev, torch.long).contiguous().clone()
-    order = slots.order.to(dev, torch.long).contiguous().clone()
-    pos = slots.pos.to(dev, torch.long).contiguous().clone()
-    acc = slots.acc.to(dev, torch.float32).contiguous().clone()
-    evict = torch.full((B, groups, S), NEVER, dtype=torch.long, device=dev)
-    if P:
-        evict[:, :, :P] = torch.where(init.src.to(dev) >= 0, NEVER, -1)
-    evict[:, :, P:] = torch.where(new_valid, NEVER, -1).unsqueeze(1)
+    slots, evict, arrive = start_state(budget, init, new_valid, groups, dev)
+    C = slots.src.shape[-1]
     valid = new_valid.to(torch.int8).contiguous()
     onew = new_order.to(dev, torch.long).contiguous()
     pnew = new_pos.to(dev, torch.long).contiguous()
-    code = _CODES[policy.name]
-    n_sinks = min(policy.sinks, budget - 1) if code == SINKS else 0
+    code, n_sinks = policy_code(policy, budget)
     Hq = logits.q.shape[1]
     per_group = Hq // groups
     nh = per_group if groups > 1 else Hq
@@ -158,9 +146,7 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
         rows = logits.block_rows(t0) if code >= H2O else dummy
         _scan_block[(B, groups)](
             rows, rows.stride(0), rows.stride(1), rows.stride(2),
-            valid, onew, pnew, src, order, pos, acc, evict,
+            valid, onew, pnew, slots.src, slots.order, slots.pos, slots.acc, evict,
             t0, t1, T, C, S, P, budget, n_sinks, policy.recent, window or 0, hstride, nh, groups,
-            CODE=code, BUDGETED=True, HAS_WINDOW=window is not None, BC=BC, HC=HC, num_warps=num_warps)
-    final = Slots(src=src, order=order, pos=pos, acc=acc)
-    arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=dev), torch.arange(T, device=dev)])
-    return Schedule(evict=evict, arrive=arrive, final=final)
+            CODE=code, HAS_WINDOW=window is not None, BC=BC, HC=HC, num_warps=num_warps)
+    return Schedule(evict=evict, arrive=arrive, final=slots)
