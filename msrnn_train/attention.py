@@ -79,13 +79,8 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
 
         keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
-    # FlexAttention (compiled per shape) for teacher forcing; decoding steps with a cache have a new
-    # key length every call, so they take the dense path unless flex is asked for explicitly
-    backend = ctrl.backend
-    if cache_layer is not None and not (backend == "flex" and T >= FLEX_MIN_LEN):
-        backend = "dense"
     out = masked_attention(query, key, value, sched, new_valid, scaling, dropout if module.training else 0.0,
-                           layer.groups, soft_keep=keep, backend=backend)
+                           layer.groups, soft_keep=keep, backend=ctrl.backend)
     if cache_layer is not None:
         cache_layer.commit(sched.final, key, value, new_valid, T)
     return out, None
@@ -93,23 +88,25 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
 
 def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None,
                      backend="auto"):
-    use_flex = backend == "flex" or (backend == "auto" and query.is_cuda and dropout == 0.0
-                                     and query.shape[-2] >= FLEX_MIN_LEN and not _FLEX_FAILED)
+    # FlexAttention is compiled per shape: calls of fewer than FLEX_MIN_LEN queries (decoding steps,
+    # whose key length changes every call) take the dense path whatever the backend
+    use_flex = query.shape[-2] >= FLEX_MIN_LEN and (
+        backend == "flex" or (backend == "auto" and query.is_cuda and dropout == 0.0 and not _FLEX_FAILED))
     if use_flex:
         from .flex import flex_masked_attention
 
-        if backend == "flex":
-            return flex_masked_attention(query, key, value, sched, new_valid, scaling, groups, soft_keep=soft_keep)
         try:
             return flex_masked_attention(query, key, value, sched, new_valid, scaling, groups, soft_keep=soft_keep)
         except Exception as err:  # a shape the compiled kernel has no config for: the dense path is exact too
+            if backend == "flex":
+                raise
             _FLEX_FAILED.append(repr(err)[:300])
             warnings.warn(f"msrnn_train: FlexAttention failed ({_FLEX_FAILED[0]}); using the dense masked SDPA "
                           "backend from now on (set MSRNN_ATTN=dense to choose it up front)", stacklevel=2)
     return dense_masked_attention(query, key, value, sched, new_valid, scaling, dropout, groups, soft_keep)
 
 
-FLEX_MIN_LEN = 128  # shorter calls (decoding steps, tiny tests) take the dense path under "auto"
+FLEX_MIN_LEN = 128
 _FLEX_FAILED: list[str] = []
 
 
