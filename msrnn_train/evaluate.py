@@ -191,6 +191,43 @@ def full_ppl_of(records: list[dict]) -> float | None:
     return (base or full or [{"ppl": None}])[0]["ppl"]
 
 
+def budget_benefit(ppl_plain_k: float, ppl_tuned_k: float, ppl_plain_full: float) -> float:
+    """The share of plain LoRA's bounded penalty that training under the budget removes:
+    (ppl_plain(K) - ppl_tuned(K)) / (ppl_plain(K) - ppl_plain(full)). 1 = the tuned model at K is
+    as good as plain LoRA with the full state; 0 = no better than plain LoRA at K; NaN when plain
+    LoRA pays no penalty at K."""
+    penalty = ppl_plain_k - ppl_plain_full
+    return (ppl_plain_k - ppl_tuned_k) / penalty if penalty > 0 else float("nan")
+
+
+def compare_adapters(tuned: list[dict], plain: list[dict]) -> list[dict]:
+    """Side by side per (policy, K): the tuned adapter's and the baseline (plain LoRA) adapter's
+    perplexity, their difference, and the budget benefit (needs `full` in both)."""
+    plain_by = {(r["policy"], r["budget"]): r["ppl"] for r in plain}
+    plain_full = plain_by.get(("full", None))
+    rows = []
+    for r in tuned:
+        key = (r["policy"], r["budget"])
+        if key not in plain_by:
+            continue
+        row = {"policy": r["policy"], "budget": r["budget"], "ppl": r["ppl"], "ppl_baseline": plain_by[key],
+               "diff": r["ppl"] - plain_by[key]}
+        if r["policy"] != "full" and plain_full is not None:
+            row["budget_benefit"] = budget_benefit(plain_by[key], r["ppl"], plain_full)
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: list[dict], name: str = "adapter", baseline: str = "baseline") -> str:
+    lines = [f"| policy | K | {baseline} | {name} | difference | budget benefit |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        bb = r.get("budget_benefit")
+        bb = "" if bb is None else "n/a" if math.isnan(bb) else f"{100 * bb:.0f}%"
+        lines.append(f"| {r['policy']} | {_budget_name(r['budget'])} | {r['ppl_baseline']:.3f} | {r['ppl']:.3f} | "
+                     f"{r['diff']:+.3f} | {bb} |")
+    return "\n".join(lines)
+
+
 def _budget_key(budget) -> str:
     if budget is None:
         return "full"
@@ -542,6 +579,8 @@ EXAMPLES = """examples:
       --policies full,tova,sinks,window,h2o --budgets 64,128,256 --json eval.json --plot eval.png
   # a trained adapter: its msrnn_budget.json is the default policy; base and adapted are both evaluated
   python -m msrnn_train.evaluate --model smollm2 --adapter runs/tova128 --json eval.json --plot eval.png
+  # against the control: plain LoRA on the same data, side by side, with the budget benefit per K
+  python -m msrnn_train.evaluate --adapter runs/tova-multi --baseline-adapter runs/plain --budgets 16,32,64
   # in-context retrieval (associative recall, needle in a haystack), hybrids with full layers
   python -m msrnn_train.evaluate --tasks retrieval --policies full,tova,sinks,h2o --budgets 64,128,256 \\
       --hybrid-layers "middle;last" --hybrid-budgets 64,128 --json retrieval.json --plot retrieval.png
@@ -567,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None,
                    help="trained adapter folder (peft). Its msrnn_budget.json is the default policy/budget; both "
                         "the base model (adapter disabled) and the adapted one are evaluated")
+    p.add_argument("--baseline-adapter", default=None, metavar="DIR",
+                   help="a second adapter (e.g. plain LoRA trained on the same data) evaluated on the same windows "
+                        "and specs; the table puts both side by side with the budget benefit at each K")
     p.add_argument("--text", default="gutenberg",
                    help="'gutenberg' (the held-out books), 'gutenberg:all', a .txt file, a directory of .txt "
                         "files, a .json/.jsonl/.parquet file with a 'text' column, or a Hub dataset id")
@@ -686,8 +728,25 @@ def _retrieval(args, model, tokenizer, specs, adapter_on, progress) -> list[dict
                               progress=progress, adapter_on=adapter_on)
 
 
+def baseline_records(model, folder, windows, specs, batch_size, progress) -> list[dict]:
+    """The same specs with a second adapter loaded beside the first (peft multi-adapter, no
+    second copy of the base weights); the first adapter is active again afterwards."""
+    active = model.active_adapter
+    model.load_adapter(str(folder), adapter_name="baseline")
+    model.set_adapter("baseline")
+    try:
+        return evaluate_specs(model, windows, specs, batch_size, True, None, progress, desc="eval (baseline)")
+    finally:
+        model.set_adapter(active)
+        model.delete_adapter("baseline")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.baseline_adapter and not args.adapter:
+        raise SystemExit("--baseline-adapter: compares two adapters; give the tuned one with --adapter too")
+    if args.baseline_adapter and not (Path(args.baseline_adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"--baseline-adapter: no adapter (adapter_config.json) in {args.baseline_adapter}")
     tasks = set(_csv(args.tasks))
     unknown = tasks - {"ppl", "retrieval", "generation"}
     if unknown:
@@ -711,6 +770,12 @@ def main(argv=None) -> int:
         print(f"\n## Perplexity: {args.model}{' + ' + args.adapter if adapter else ''}, {args.text}, "
               f"{windows.shape[0]} x {args.seq_len} tokens\n")
         print(markdown_table(records))
+        if args.baseline_adapter:
+            baseline = baseline_records(model, args.baseline_adapter, windows, specs, args.batch_size, progress)
+            rows = compare_adapters([r for r in records if r.get("adapted")], baseline)
+            out["baseline_adapter"], out["baseline"], out["comparison"] = args.baseline_adapter, baseline, rows
+            print(f"\n## {args.adapter} against the baseline {args.baseline_adapter} (same windows, same specs)\n")
+            print(comparison_markdown(rows, name=Path(args.adapter).name, baseline=Path(args.baseline_adapter).name))
         if args.plot:
             from .plots import plot_ppl_vs_budget
 

@@ -43,6 +43,7 @@ RECIPE_FILENAME = "recipe.yaml"
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BUDGET_MODES = ("hard", "soft")
+TEACHERS = ("base", "self")
 SOFT_POLICIES = ("tova", "tova_head")  # soft-TOVA relaxes the current-query score rule
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,6 +84,9 @@ class BudgetConfig:
     sinks: int = 4  # sinks (window+i) keeps the first i positions
     recent: int | None = None  # h2o's protected recent window (null: K // 2)
     mode: str = "soft"  # soft: anneal the soft-TOVA relaxation to hard (see `soft`); hard: exact throughout
+    # multi-budget training: each optimizer step samples K from this list (null: always `budget`),
+    # so one adapter serves a range of budgets; `budget` stays the K saved with the adapter
+    train_budgets: list[int] | None = None
 
 
 @dataclass
@@ -99,6 +103,10 @@ class LossConfig:
     lm_weight: float = 1.0  # cross-entropy of the bounded student on the next token
     kl_weight: float = 1.0  # KL(full-state teacher || bounded student); 0 turns the teacher off
     kl_temperature: float = 1.0  # softmax temperature of the distillation (the KL is scaled by T^2)
+    # the distillation teacher: base = the adapter off, full state (anchors to the base model);
+    # self = the adapter on, full state, detached (the bounded pass imitates the current full-state model)
+    teacher: str = "base"
+    full_lm_weight: float = 0.0  # cross-entropy of the full-state pass (adapter on), so full-state quality keeps up
 
 
 @dataclass
@@ -221,6 +229,19 @@ class Recipe:
             raise RecipeError(
                 f"budget.mode: 'soft' relaxes TOVA's evictions and needs policy {' or '.join(SOFT_POLICIES)}; "
                 f"policy {b.policy!r} has no relaxation: use mode: hard")
+        if b.train_budgets is not None:
+            if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
+                raise RecipeError("budget.train_budgets: multi-budget training needs a bounded policy and one "
+                                  f"integer budget.budget (got policy={b.policy!r}, budget={b.budget!r}); "
+                                  "set it to null")
+            if not b.train_budgets:
+                raise RecipeError("budget.train_budgets: empty; give the K values to sample, e.g. [16, 32, 64], "
+                                  "or null")
+            for i, k in enumerate(b.train_budgets):
+                _at_least(f"budget.train_budgets[{i}]", k, 1)
+            if s.budget_ramp_start is not None:
+                raise RecipeError("budget.train_budgets: cannot be combined with soft.budget_ramp_start; "
+                                  "set one of them to null")
         ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
         if ks and min(ks) >= d.seq_len:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
@@ -236,11 +257,16 @@ class Recipe:
                               f"{LORA_TARGETS}")
         _one_of("lora.bias", lo.bias, ("none", "all", "lora_only"))
 
-        for key in ("lm_weight", "kl_weight"):
+        for key in ("lm_weight", "kl_weight", "full_lm_weight"):
             if getattr(ls, key) < 0:
                 raise RecipeError(f"loss.{key}: must be >= 0, got {getattr(ls, key)}")
-        if ls.lm_weight == 0 and ls.kl_weight == 0:
-            raise RecipeError("loss: lm_weight and kl_weight are both 0; nothing to train")
+        if ls.lm_weight == 0 and ls.kl_weight == 0 and ls.full_lm_weight == 0:
+            raise RecipeError("loss: lm_weight, kl_weight and full_lm_weight are all 0; nothing to train")
+        _one_of("loss.teacher", ls.teacher, TEACHERS)
+        if ls.full_lm_weight > 0 and t.gradient_checkpointing:
+            raise RecipeError("loss.full_lm_weight: a full-state LM term needs training.gradient_checkpointing: "
+                              "false (the checkpoint recompute of the full-state pass would run bounded); "
+                              "set loss.full_lm_weight: 0 or turn checkpointing off")
         if ls.kl_temperature <= 0:
             raise RecipeError(f"loss.kl_temperature: must be > 0, got {ls.kl_temperature}")
 

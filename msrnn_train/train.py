@@ -9,8 +9,9 @@ One run, top to bottom (`train()`):
   1. setup    - the recipe is validated before anything loads; seeds, output folder, W&B;
   2. model    - the base model, a LoRA adapter (peft), the budget (apply_budget);
   3. data     - documents -> held-out split by document -> cached tokens -> fixed windows;
-  4. train    - transformers.Trainer with the bounded LM loss + KL from the full-state teacher
-                (the same weights, adapter disabled, no budget), soft-TOVA annealed to hard;
+  4. train    - transformers.Trainer with the bounded LM loss, optionally an LM term on the full-state
+                pass and a KL from a full-state teacher (the same weights, no budget; adapter off or
+                on), soft-TOVA annealed to hard, K fixed or sampled per step (multi-budget);
   5. save     - adapter, tokenizer, msrnn_budget.json, recipe.yaml: `hub.load_bounded(dir)`
                 restores the bounded model in one call;
   6. evaluate - held-out perplexity under the budget, before and after; a model card;
@@ -365,6 +366,19 @@ class BudgetScheduleCallback(TrainerCallback):
 
             self.k = budget_at(step, total, s.budget_ramp_start, self.spec.budget, s.ramp_fraction)
             set_layer_budget(bounded, self.k)
+        elif self.recipe.budget.train_budgets:
+            from msrnn_train.apply import set_layer_budget
+
+            self.k = sampled_budget(self.recipe.budget.train_budgets, self.recipe.training.seed, step)
+            set_layer_budget(bounded, self.k)
+
+
+def sampled_budget(budgets: list[int], seed: int, step: int) -> int:
+    """Multi-budget training's K at an optimizer step: uniform over `budgets`, a function of
+    (seed, step) alone, so a resumed run samples the same sequence."""
+    import random
+
+    return int(random.Random(seed * 1_000_003 + step).choice(list(budgets)))
 
 
 class SaveSpecCallback(TrainerCallback):
@@ -382,8 +396,9 @@ class SaveSpecCallback(TrainerCallback):
 
 
 class BoundedTrainer(Trainer):
-    """Trainer whose loss is `lm_weight * CE(bounded student) + kl_weight * KL(full-state teacher ||
-    student)`. The teacher is the same weights with the adapter disabled and no budget: no copy."""
+    """Trainer whose loss is `lm_weight * CE(bounded student) + full_lm_weight * CE(full-state pass,
+    adapter on) + kl_weight * KL(full-state teacher || student)`. The teacher is the same weights
+    with no budget and the adapter off (`loss.teacher: base`) or on and detached (`self`): no copy."""
 
     def __init__(self, *args, recipe: Recipe, schedule: BudgetScheduleCallback, **kwargs):
         super().__init__(*args, **kwargs)
@@ -391,7 +406,7 @@ class BoundedTrainer(Trainer):
         self.schedule = schedule
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by GA
         self.tokens_seen = 0
-        self._parts = {"lm_loss": 0.0, "kl_loss": 0.0}
+        self._parts = {"lm_loss": 0.0, "kl_loss": 0.0, "full_lm_loss": 0.0}
         self._parts_n = 0
         self._tokens_since_log = 0
         self._last_log_time = None
@@ -400,37 +415,53 @@ class BoundedTrainer(Trainer):
         input_ids = inputs["input_ids"]
         labels = inputs.get("labels", input_ids)
         mask = inputs.get("attention_mask")
+        cfg = self.loss_cfg
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
         outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         lm = causal_lm_loss(outputs.logits, labels)
-        loss = self.loss_cfg.lm_weight * lm
+        loss = cfg.lm_weight * lm
+        full_lm = teacher = None
+        if cfg.full_lm_weight > 0:  # the full-state pass with the adapter on, trained too
+            with full_state(self.accelerator.unwrap_model(model)):
+                full_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            full_lm = causal_lm_loss(full_logits, labels)
+            loss = loss + cfg.full_lm_weight * full_lm
+            if cfg.teacher == "self":
+                teacher = full_logits.detach()
         kl = None
-        if self.loss_cfg.kl_weight > 0:
-            kl = distillation_kl(outputs.logits, self.teacher_logits(model, input_ids, mask), labels,
-                                 self.loss_cfg.kl_temperature)
-            loss = loss + self.loss_cfg.kl_weight * kl
+        if cfg.kl_weight > 0:
+            if teacher is None:
+                teacher = self.teacher_logits(model, input_ids, mask)
+            kl = distillation_kl(outputs.logits, teacher, labels, cfg.kl_temperature)
+            loss = loss + cfg.kl_weight * kl
         if model.training:
             n = int(input_ids.numel())
             self.tokens_seen += n
             self._tokens_since_log += n
             self._parts["lm_loss"] += lm.detach().float().item()
             self._parts["kl_loss"] += 0.0 if kl is None else kl.detach().float().item()
+            self._parts["full_lm_loss"] += 0.0 if full_lm is None else full_lm.detach().float().item()
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
 
     def teacher_logits(self, model, input_ids, attention_mask):
-        return full_state_logits(self.accelerator.unwrap_model(model), input_ids, attention_mask)
+        """Distillation targets without gradient: the base model (adapter off) or, with
+        `loss.teacher: self`, the current model (adapter on); both with the full state."""
+        return full_state_logits(self.accelerator.unwrap_model(model), input_ids, attention_mask,
+                                 adapter=self.loss_cfg.teacher == "self")
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._parts_n:
-            parts = torch.tensor([self._parts["lm_loss"], self._parts["kl_loss"], float(self._parts_n)],
-                                 device=self.args.device)
+            parts = torch.tensor([self._parts["lm_loss"], self._parts["kl_loss"], self._parts["full_lm_loss"],
+                                  float(self._parts_n)], device=self.args.device)
             if self.args.world_size > 1:
                 parts = self.accelerator.reduce(parts, reduction="sum")
-            logs["lm_loss"] = parts[0].item() / parts[2].item()
+            logs["lm_loss"] = parts[0].item() / parts[3].item()
             if self.loss_cfg.kl_weight > 0:
-                logs["kl_loss"] = parts[1].item() / parts[2].item()
+                logs["kl_loss"] = parts[1].item() / parts[3].item()
+            if self.loss_cfg.full_lm_weight > 0:
+                logs["full_lm_loss"] = parts[2].item() / parts[3].item()
             now = time.perf_counter()
             logs["tokens_per_second"] = self._tokens_since_log * self.args.world_size / max(now - self._last_log_time,
                                                                                             1e-9)
@@ -438,7 +469,7 @@ class BoundedTrainer(Trainer):
             logs["tau"] = 0.0 if self.schedule.tau is None else self.schedule.tau  # 0: hard (the inference process)
             if self.schedule.k is not None:
                 logs["budget_K"] = self.schedule.k
-            self._parts = {"lm_loss": 0.0, "kl_loss": 0.0}
+            self._parts = {"lm_loss": 0.0, "kl_loss": 0.0, "full_lm_loss": 0.0}
             self._parts_n = 0
             self._tokens_since_log = 0
             self._last_log_time = now
@@ -446,9 +477,10 @@ class BoundedTrainer(Trainer):
 
 
 @torch.no_grad()
-def full_state_logits(model, input_ids, attention_mask=None) -> torch.Tensor:
-    """The distillation teacher: the same weights with the LoRA adapter disabled and no budget."""
-    with model.disable_adapter(), full_state(model):
+def full_state_logits(model, input_ids, attention_mask=None, adapter: bool = False) -> torch.Tensor:
+    """The distillation teacher: the same weights with no budget, the LoRA adapter disabled
+    (`adapter=False`, the base model) or on (the current model's own full-state prediction)."""
+    with (contextlib.nullcontext() if adapter else model.disable_adapter()), full_state(model):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 

@@ -217,6 +217,59 @@ def test_cli_adapter_default_policy_and_adapted_field(tmp_path, monkeypatch):
     assert base[0]["ppl"] == pytest.approx(perplexity(plain, win, progress=False)["ppl"], rel=1e-5)
 
 
+def test_budget_benefit_by_hand():
+    from msrnn_train.evaluate import budget_benefit
+
+    # plain: full 30, K 40 (penalty 10); tuned at K 34 removes 6 of the 10
+    assert budget_benefit(40.0, 34.0, 30.0) == pytest.approx(0.6)
+    assert budget_benefit(40.0, 30.0, 30.0) == pytest.approx(1.0)
+    assert budget_benefit(40.0, 42.0, 30.0) == pytest.approx(-0.2)  # worse than plain at K
+    assert math.isnan(budget_benefit(30.0, 29.0, 30.0))  # no penalty to remove
+
+
+def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
+    """--baseline-adapter: the second adapter's numbers are its own (equal to loading it alone),
+    on the same windows and specs, with the budget benefit computed from both."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from msrnn_train.evaluate import budget_benefit, evaluate_specs
+
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
+    model_dir, text = _tiny_model_dir(tmp_path)
+    folders = []
+    for i, name in enumerate(("tuned", "plain")):
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                    LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(10 + i)
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        peft_model.save_pretrained(tmp_path / name)
+        folders.append(tmp_path / name)
+    BudgetSpec(policy="tova", budget=6).save(folders[0])
+    out = tmp_path / "eval.json"
+    main(["--model", str(model_dir), "--adapter", str(folders[0]), "--baseline-adapter", str(folders[1]),
+          "--text", str(text), "--seq-len", "16", "--max-windows", "2", "--budgets", "4,6", "--policies",
+          "full,tova", "--json", str(out), "--no-progress"])
+    doc = json.loads(out.read_text())
+    base = {(r["policy"], r["budget"]): r["ppl"] for r in doc["baseline"]}
+    assert set(base) == {("full", None), ("tova", 4), ("tova", 6)}
+    # the baseline's numbers are those of the plain adapter loaded on its own
+    win = torch.tensor([tiny_tokenizer()(text.read_text())["input_ids"][:32]]).view(2, 16)
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folders[1]).eval()
+    ref = evaluate_specs(alone, win, [BudgetSpec("full"), BudgetSpec("tova", 4)], progress=False)
+    assert base[("full", None)] == pytest.approx(ref[0]["ppl"], rel=1e-5)
+    assert base[("tova", 4)] == pytest.approx(ref[1]["ppl"], rel=1e-5)
+    tuned = {(r["policy"], r["budget"]): r["ppl"] for r in doc["results"] if r["adapted"]}
+    assert abs(tuned[("full", None)] - base[("full", None)]) > 1e-3  # two different adapters
+    rows = {(r["policy"], r["budget"]): r for r in doc["comparison"]}
+    assert rows[("tova", 4)]["budget_benefit"] == pytest.approx(
+        budget_benefit(base[("tova", 4)], tuned[("tova", 4)], base[("full", None)]), nan_ok=True)
+    assert "budget_benefit" not in rows[("full", None)]
+
+
 def test_plot_with_adapted_records(tmp_path):
     from msrnn_train.plots import plot_ppl_vs_budget
 

@@ -102,6 +102,79 @@ def test_teacher_is_the_full_state_base_model():
         assert torch.allclose(model(input_ids=ids, use_cache=False).logits, student)
 
 
+def test_self_teacher_is_the_adapted_model_with_the_full_state():
+    """loss.teacher: self - the adapter on, no budget: what the current model predicts with every state."""
+    from msrnn_train.apply import full_state
+    from msrnn_train.recipe import Recipe
+    from msrnn_train.train import add_lora, full_state_logits, random_model
+
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(2))
+    recipe = Recipe()
+    recipe.lora.r = 4
+    model = add_lora(random_model()[0], recipe)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        apply_budget(model, BudgetSpec("tova", 8))
+        student = model(input_ids=ids, use_cache=False).logits
+        with full_state(model):
+            expected = model(input_ids=ids, use_cache=False).logits
+        base = full_state_logits(model, ids)
+    teacher = full_state_logits(model, ids, adapter=True)
+    assert torch.allclose(teacher, expected, atol=1e-6)
+    assert not torch.allclose(teacher, base, atol=1e-2)  # not the base model ...
+    assert not torch.allclose(teacher, student, atol=1e-2)  # ... and not the bounded student
+    assert get_controller(model).enabled
+
+
+def test_sampled_budget_is_uniform_over_the_set_and_reproducible():
+    from msrnn_train.train import sampled_budget
+
+    ks = [sampled_budget([16, 32, 64], seed=3, step=s) for s in range(300)]
+    assert ks == [sampled_budget([16, 32, 64], seed=3, step=s) for s in range(300)]  # a resumed run agrees
+    assert set(ks) == {16, 32, 64} and all(70 < ks.count(k) < 130 for k in (16, 32, 64))
+    assert ks != [sampled_budget([16, 32, 64], seed=4, step=s) for s in range(300)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.teacher": "student"}, "loss.teacher"),
+    ({"loss.full_lm_weight": -1.0}, "loss.full_lm_weight"),
+    ({"loss.lm_weight": 0.0, "loss.kl_weight": 0.0}, "nothing to train"),
+    ({"loss.full_lm_weight": 1.0, "training.gradient_checkpointing": True}, "gradient_checkpointing"),
+    ({"budget.train_budgets": [4, 8], "budget.policy": "full", "budget.mode": "hard"}, "budget.train_budgets"),
+    ({"budget.train_budgets": []}, "budget.train_budgets"),
+    ({"budget.train_budgets": [4, 0], "soft.budget_ramp_start": None}, "budget.train_budgets[1]"),
+    ({"budget.train_budgets": [4, 8], "soft.budget_ramp_start": 16}, "soft.budget_ramp_start"),
+])
+def test_objective_keys_are_checked(overrides, message):
+    from msrnn_train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(ROOT / "recipes" / "tiny.yaml", overrides)
+
+
+def test_full_state_lm_self_distillation_and_multi_budget_run(tmp_path):
+    """LM on the bounded pass + LM on the full-state pass + KL to the model's own full-state
+    prediction, K sampled per step: every part is logged, adds up, and K follows the sampler."""
+    from msrnn_train.train import sampled_budget, train
+
+    over = {"training.max_steps": 6, "eval.max_windows": 0, "soft.budget_ramp_start": None,
+            "budget.mode": "hard", "loss.teacher": "self", "loss.full_lm_weight": 0.5, "loss.kl_weight": 0.25,
+            "budget.train_budgets": [4, 8, 16]}
+    summary = train(tiny_recipe(tmp_path, **over))
+    hist = summary["log_history"]
+    lm, full, kl, total, k = (train_logs(hist, key) for key in ("lm_loss", "full_lm_loss", "kl_loss", "loss",
+                                                                   "budget_K"))
+    assert sorted(lm) == sorted(full) == sorted(kl) == list(range(1, 7))
+    for s in lm:
+        assert total[s] == pytest.approx(lm[s] + 0.5 * full[s] + 0.25 * kl[s], rel=1e-5)
+        assert k[s] == sampled_budget([4, 8, 16], 0, s - 1)  # logged after step s-1 began
+    assert all(v > 0 for v in kl.values())  # the bounded student differs from its own full state
+    assert all(abs(full[s] - lm[s]) > 1e-4 for s in lm)  # two different passes (full state vs K states)
+    assert BudgetSpec.load(summary["output_dir"]).budget == 8  # the saved K is budget.budget
+
+
 # ----------------------------------------------------------------------------- schedules
 def test_schedule_callback_anneals_tau_and_ramps_k():
     from msrnn_train.train import BudgetScheduleCallback, random_model
