@@ -184,6 +184,30 @@ def full_state(model):
         model.config._attn_implementation_internal = previous[1]
 
 
+def checkpoint_context_fn(model):
+    """`context_fn` for torch.utils.checkpoint (non-reentrant): the recompute of a checkpointed
+    layer runs the attention that layer ran in the forward - bounded, or the full state inside
+    `full_state()` - whatever is active when the backward pass comes. Without it, a full-state
+    pass recomputed after `full_state()` exits would be recomputed bounded."""
+    config = model.config
+
+    def context_fn():
+        ran = config._attn_implementation_internal
+
+        @contextlib.contextmanager
+        def recompute():
+            now = config._attn_implementation_internal
+            config._attn_implementation_internal = ran
+            try:
+                yield
+            finally:
+                config._attn_implementation_internal = now
+
+        return contextlib.nullcontext(), recompute()
+
+    return context_fn
+
+
 @contextlib.contextmanager
 def record_schedules(model):
     """Collect every layer's schedules of the forwards inside the block: {layer: [Schedule]}."""

@@ -48,10 +48,11 @@ def _budget_axis(ax, budgets: list[int]) -> None:
 
 
 def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | None, path,
-                       title: str | None = None) -> Path:
+                       title: str | None = None, extra: dict[str, list[dict]] | None = None) -> Path:
     """Perplexity against budget, one line per policy: base model solid with round markers,
-    adapted model dashed with square markers, full-state model(s) as horizontal lines. The y
-    axis is logarithmic when the values span more than a factor of 10 (e.g. `window`)."""
+    adapted model dashed with square markers, full-state model(s) as horizontal lines. `extra`
+    adds other models ({label: records}, e.g. the plain-LoRA control) dotted with triangles. The
+    y axis is logarithmic when the values span more than a factor of 10 (e.g. `window`)."""
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     base, adapted = _lines(records_base), _lines(records_adapted or [])
     policies = list(dict.fromkeys(list(base) + list(adapted)))
@@ -73,6 +74,15 @@ def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | N
     if full_adapted is not None:
         ax.axhline(full_adapted, color="gray", ls=":", lw=1.3, label=f"full state (adapted) = {full_adapted:.2f}")
         values.append(full_adapted)
+    for label, recs in (extra or {}).items():
+        for i, (policy, pts) in enumerate(_lines(recs).items()):
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, ":^", color=_color(policy, i), lw=1.6, ms=6, alpha=0.8, label=f"{policy} ({label})")
+            values.extend(ys)
+        full_extra = _full(recs)
+        if full_extra is not None:
+            ax.axhline(full_extra, color="tab:brown", ls="-.", lw=1.1, label=f"full state ({label}) = {full_extra:.2f}")
+            values.append(full_extra)
     if budgets:
         _budget_axis(ax, budgets)
     if values and max(values) / max(min(values), 1e-9) > 10:

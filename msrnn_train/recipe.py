@@ -263,10 +263,7 @@ class Recipe:
         if ls.lm_weight == 0 and ls.kl_weight == 0 and ls.full_lm_weight == 0:
             raise RecipeError("loss: lm_weight, kl_weight and full_lm_weight are all 0; nothing to train")
         _one_of("loss.teacher", ls.teacher, TEACHERS)
-        if ls.full_lm_weight > 0 and t.gradient_checkpointing:
-            raise RecipeError("loss.full_lm_weight: a full-state LM term needs training.gradient_checkpointing: "
-                              "false (the checkpoint recompute of the full-state pass would run bounded); "
-                              "set loss.full_lm_weight: 0 or turn checkpointing off")
+
         if ls.kl_temperature <= 0:
             raise RecipeError(f"loss.kl_temperature: must be > 0, got {ls.kl_temperature}")
 

@@ -173,6 +173,8 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     # ---------------------------------------------------------------- 4. train
     schedule = BudgetScheduleCallback(recipe, spec)
     cbs = [schedule, SaveSpecCallback(recipe, spec)]
+    if t_cfg.gradient_checkpointing and recipe.loss.full_lm_weight > 0:
+        cbs.append(CheckpointingCallback(recipe))
     trainer = BoundedTrainer(
         model=model, args=args, train_dataset=WindowDataset(train_windows), data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=[*cbs, *callbacks], recipe=recipe, schedule=schedule)
@@ -351,7 +353,7 @@ class BudgetScheduleCallback(TrainerCallback):
     def __init__(self, recipe: Recipe, spec: BudgetSpec):
         self.recipe, self.spec = recipe, spec
         self.tau: float | None = None
-        self.k: int | None = spec.budget if isinstance(spec.budget, int) else None
+        self.k: int | None = spec.budget if isinstance(spec.budget, int) and spec.policy != "full" else None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         s, total, step = self.recipe.soft, self.recipe.training.max_steps, state.global_step
@@ -379,6 +381,30 @@ def sampled_budget(budgets: list[int], seed: int, step: int) -> int:
     import random
 
     return int(random.Random(seed * 1_000_003 + step).choice(list(budgets)))
+
+
+class CheckpointingCallback(TrainerCallback):
+    """Activation checkpointing whose recompute runs each layer's forward attention again
+    (`apply.checkpoint_context_fn`): needed when one step has a bounded and a full-state pass
+    with gradients (loss.full_lm_weight > 0). Trainer.train() enables checkpointing just before
+    on_train_begin; this re-enables it with the context function."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from msrnn_train.apply import checkpoint_context_fn
+
+        enable_checkpointing(_unwrap(model), {"use_reentrant": False, "context_fn": checkpoint_context_fn(
+            _unwrap(model))})
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class SaveSpecCallback(TrainerCallback):

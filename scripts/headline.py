@@ -109,8 +109,7 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args) ->
             "soft.budget_ramp_start": None,
             "training.learning_rate": args.lr, "training.gradient_accumulation_steps": args.grad_accum,
             "training.per_device_train_batch_size": args.train_batch_size,
-            # a full-state LM term needs checkpointing off (recipe.py says why)
-            "training.gradient_checkpointing": cuda and not overrides.get("loss.full_lm_weight"),
+            "training.gradient_checkpointing": cuda,
             "training.bf16": cuda, **overrides}
     if k is not None:
         over["budget.budget"] = k

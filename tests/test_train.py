@@ -128,6 +128,55 @@ def test_self_teacher_is_the_adapted_model_with_the_full_state():
     assert get_controller(model).enabled
 
 
+def _two_pass_grads(checkpointing: str | None):
+    """LoRA gradients of one step with a bounded pass and a full-state pass (loss.full_lm_weight)."""
+    from msrnn_train.apply import checkpoint_context_fn, full_state
+    from msrnn_train.recipe import Recipe
+    from msrnn_train.train import add_lora, enable_checkpointing, random_model
+
+    recipe = Recipe()
+    recipe.lora.r = 4
+    torch.manual_seed(0)  # peft draws lora_A from the global generator
+    model = add_lora(random_model()[0], recipe)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    apply_budget(model, BudgetSpec("tova", 6))
+    if checkpointing is not None:
+        kwargs = {"use_reentrant": False}
+        if checkpointing == "context":
+            kwargs["context_fn"] = checkpoint_context_fn(model)
+        enable_checkpointing(model, kwargs)
+    model.train()
+    ids = torch.randint(3, 200, (2, 48), generator=torch.Generator().manual_seed(5))
+    loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+    with full_state(model):
+        loss = loss + causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+    loss.backward()  # after full_state() exited, as in the Trainer
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpointing_recomputes_each_pass_with_its_own_attention():
+    plain, ctx = _two_pass_grads(None), _two_pass_grads("context")
+    assert all(torch.allclose(plain[n], ctx[n], atol=1e-6, rtol=1e-4) for n in plain)
+    # without the context function the full-state pass is recomputed bounded, which torch detects
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        _two_pass_grads("naive")
+
+
+def test_run_with_checkpointing_and_a_full_state_lm_term(tmp_path):
+    """Trainer.train() enables checkpointing itself; CheckpointingCallback re-enables it with the
+    context function (a plain re-enable would raise CheckpointError at the first backward)."""
+    from msrnn_train.train import train
+
+    over = {"training.max_steps": 2, "eval.max_windows": 0, "soft.budget_ramp_start": None, "budget.mode": "hard",
+            "loss.full_lm_weight": 1.0, "loss.kl_weight": 0.0, "training.gradient_checkpointing": True}
+    summary = train(tiny_recipe(tmp_path, **over))
+    assert sorted(train_logs(summary["log_history"], "full_lm_loss")) == [1, 2]
+
+
 def test_sampled_budget_is_uniform_over_the_set_and_reproducible():
     from msrnn_train.train import sampled_budget
 
@@ -141,7 +190,6 @@ def test_sampled_budget_is_uniform_over_the_set_and_reproducible():
     ({"loss.teacher": "student"}, "loss.teacher"),
     ({"loss.full_lm_weight": -1.0}, "loss.full_lm_weight"),
     ({"loss.lm_weight": 0.0, "loss.kl_weight": 0.0}, "nothing to train"),
-    ({"loss.full_lm_weight": 1.0, "training.gradient_checkpointing": True}, "gradient_checkpointing"),
     ({"budget.train_budgets": [4, 8], "budget.policy": "full", "budget.mode": "hard"}, "budget.train_budgets"),
     ({"budget.train_budgets": []}, "budget.train_budgets"),
     ({"budget.train_budgets": [4, 0], "soft.budget_ramp_start": None}, "budget.train_budgets[1]"),
