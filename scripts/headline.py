@@ -50,20 +50,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # training books set aside to choose between objectives (never the held-out test books)
 VALIDATION_BOOKS = ["coriolanus_gut", "julius_caesar_gut", "romeo_and_juliet_gut", "tempest_gut"]
 
-# arm -> recipe overrides on top of the base recipe (its policy is TOVA)
+# arm -> recipe overrides on top of the base recipe (its policy is TOVA); every loss key an arm
+# relies on is spelled out, so an arm means the same whatever the recipe's defaults
 ARMS = {
     # the control: ordinary LoRA on the same data, steps and learning rate
     "plain": {"budget.policy": "full", "budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
     # bounded LM only, exact process
-    "hard-lm": {"budget.mode": "hard", "loss.kl_weight": 0.0},
+    "hard-lm": {"budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
     # bounded LM only, soft-TOVA annealed to hard
-    "soft-lm": {"budget.mode": "soft", "loss.kl_weight": 0.0},
+    "soft-lm": {"budget.mode": "soft", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
     # the former default: soft + KL to the base model (adapter off)
-    "soft-kl-base": {"budget.mode": "soft", "loss.kl_weight": 1.0, "loss.teacher": "base"},
+    "soft-kl-base": {"budget.mode": "soft", "loss.kl_weight": 1.0, "loss.teacher": "base", "loss.full_lm_weight": 0.0},
     # bounded LM + full-state LM (adapter on)
-    "hard-full": {"budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 1.0},
+    "hard-full": {"budget.mode": "hard", "loss.lm_weight": 1.0, "loss.kl_weight": 0.0, "loss.full_lm_weight": 1.0},
     # bounded LM + full-state LM + KL(bounded || the model's own full-state prediction)
-    "hard-full-self": {"budget.mode": "hard", "loss.kl_weight": 1.0, "loss.teacher": "self",
+    "hard-full-self": {"budget.mode": "hard", "loss.lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
                        "loss.full_lm_weight": 1.0},
     # KL to self only, plus the full-state LM (no bounded LM term)
     "hard-self": {"budget.mode": "hard", "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",

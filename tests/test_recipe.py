@@ -121,7 +121,7 @@ def test_budget_ramp_must_start_above_k(tmp_path):
 
 
 def test_other_cross_field_rules(tmp_path):
-    assert error_of(tmp_path, {"loss": {"lm_weight": 0, "kl_weight": 0}}).startswith("loss:")
+    assert error_of(tmp_path, {"loss": {"lm_weight": 0, "kl_weight": 0, "full_lm_weight": 0}}).startswith("loss:")
     assert error_of(tmp_path, {"soft": {"tau_start": 0.1, "tau_end": 1.0}}).startswith("soft.tau_start/tau_end")
     assert error_of(tmp_path, {"hub": {"push_to_hub": True}}).startswith("hub.repo_id: required")
     assert error_of(tmp_path, {"training": {"lr_scheduler_type": "cosin"}}).startswith(
