@@ -618,8 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--full-layers", default="none",
                    help="';'-separated choices of unbounded layers: none, auto:N (the N layers whose heads put most "
                         "attention on the answer's source over a probe set), random:N, first/middle/last, 3+17")
-    s.add_argument("--augment", default="both", choices=("off", "on", "both"),
-                   help="retrieval augmentation (BM25 chunks re-inserted before the question) of the bounded model")
+    s.add_argument("--augment", default="both", choices=("off", "on", "both", "bounded"),
+                   help="retrieval augmentation (BM25 chunks re-inserted before the question) of the bounded model: "
+                        "without, with, both; 'bounded': both for the all-bounded model, without for hybrids")
+    s.add_argument("--no-full-state", action="store_true", help="leave out the full-state row (measured elsewhere)")
     s.add_argument("--augment-tokens", type=int, default=None, help="tokens re-inserted at most (default: K)")
     g = p.add_argument_group("long generation (--tasks generation)")
     g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
@@ -726,7 +728,7 @@ def _suite_args(args) -> dict:
             raise SystemExit(f"--full-layers: {err}") from None
     if args.retrieval_length < 16:
         raise SystemExit(f"--retrieval-length: must be >= 16 tokens, got {args.retrieval_length}")
-    augment = {"off": (False,), "on": (True,), "both": (False, True)}[args.augment]
+    augment = {"off": (False,), "on": (True,), "both": (False, True), "bounded": (False, True)}[args.augment]
     return {"tasks": tasks, "difficulty": difficulty, "hybrids": hybrids, "augment": augment}
 
 
@@ -741,12 +743,19 @@ def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, bes
     budgets = list(dict.fromkeys(s.budget for s in bounded if s.policy == policy))
     probe = probe_instances(tokenizer, tasks=tuple(suite["tasks"]), length=min(256, args.retrieval_length)) \
         if any(h.startswith("auto:") for h in suite["hybrids"]) else None
-    records = []
+    records: list[dict] = []
+
+    def save(partial):  # a long run keeps what it measured so far
+        if args.json:
+            write_json(args.json, args.model, args.adapter, args.text, args.seq_len, [],
+                       retrieval_suite=records + partial, complete=False)
+
     for adapter_on, adapted in passes:
         records += retrieval_grid(model, tokenizer, tasks, budgets, suite["hybrids"], policy, suite["augment"],
                                   trained=bool(adapted), adapter_on=adapter_on, augment_tokens=args.augment_tokens,
                                   batch_size=args.retrieval_batch_size, seed=args.retrieval_seed,
-                                  probe=probe, progress=progress)
+                                  probe=probe, progress=progress, full_state=not args.no_full_state,
+                                  augment_hybrids=args.augment != "bounded", on_record=save)
     print(f"\n## Retrieval beyond the state ({args.retrieval_n} instances per cell, prompts of about "
           f"{args.retrieval_length} tokens; accuracy [95% Wilson interval] (n))\n")
     print(grid_table(records))

@@ -26,6 +26,7 @@ import contextlib
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -365,7 +366,7 @@ def retrieval_head_scores(model, tokenizer, instances: list[Instance], progress:
     return total / max(len(instances), 1)
 
 
-def probe_instances(tokenizer, n: int = 16, length: int = 256, tasks=("mqar", "kv", "needles", "vartrack"),
+def probe_instances(tokenizer, n: int = 8, length: int = 256, tasks=("mqar", "kv", "needles", "vartrack"),
                     seed: int = 10_000) -> list[Instance]:
     """The probe set of `auto:N`: generated instances of every task, with a seed apart from the
     evaluation's (default 0)."""
@@ -435,13 +436,15 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                    hybrids=("none",), policy: str = "tova", augment=(False, True), trained: bool = False,
                    adapter_on: bool = True, augment_tokens: int | None = None, batch_size: int = 4,
                    seed: int = 0, probe: list[Instance] | None = None, progress: bool = True,
-                   full_state: bool = True) -> list[dict]:
+                   full_state: bool = True, augment_hybrids: bool = True, on_record=None) -> list[dict]:
     """Accuracy of every task for K in ``budgets`` x hybrid choice x (without / with retrieval
     augmentation), plus the full-state model once (``full_state``). Records: {"task", "policy",
     "budget" (None: full state), "hybrid", "full_layers", "trained", "augmented", "accuracy",
     "correct", "n", "ci95" (Wilson), "tokens" (mean prompt length), "ratio" (tokens / K),
     "distance_tokens", "label"[, "hit" (share of augmented prompts holding the answer's source)]}.
-    Augmentation re-inserts at most ``augment_tokens`` (default K) tokens before the question."""
+    Augmentation re-inserts at most ``augment_tokens`` (default K) tokens before the question;
+    ``augment_hybrids=False`` augments only the all-bounded model. ``on_record(records)`` is
+    called after every cell (e.g. to save partial results of a long run)."""
     from .augment import augment as augment_instance
     from .evaluate import with_spec
     from .retrieval_tasks import token_counter
@@ -454,7 +457,7 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
     for k in budgets:
         for h in hybrids:
             spec = hybrid_spec(policy, k, n_layers, layers[h]) if layers[h] else BudgetSpec(policy=policy, budget=k)
-            configs += [(spec, h, aug) for aug in augment]
+            configs += [(spec, h, aug) for aug in augment if augment_hybrids or not layers[h] or not aug]
     augmented_cache: dict[tuple, list[Instance]] = {}
     records = []
     for spec, h, aug in configs:
@@ -480,10 +483,12 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                 if hit is not None:
                     rec["hit"] = hit
                 records.append(rec)
-                if progress:
-                    lo, hi = rec["ci95"]
-                    tqdm.write(f"  {task:9} {label:34} {'trained' if trained else 'base':7} "
-                               f"{100 * rec['accuracy']:5.1f}%  [{100 * lo:.0f}, {100 * hi:.0f}]  n={rec['n']}")
+                if on_record is not None:
+                    on_record(records)
+                lo, hi = rec["ci95"]
+                tqdm.write(f"  {task:9} {label:34} {'trained' if trained else 'base':7} "
+                           f"{100 * rec['accuracy']:5.1f}%  [{100 * lo:.0f}, {100 * hi:.0f}]  n={rec['n']}"
+                           + ("" if hit is None else f"  (source retrieved: {100 * hit:.0f}%)"), file=sys.stderr)
     return records
 
 

@@ -33,6 +33,7 @@ should look) and ``question`` (the prompt's tail after the material to be search
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -79,10 +80,15 @@ def filler_words(filler: str | None = None) -> tuple[str, list[str]]:
     held-out set concatenated in name order (a passage drawn from them is real prose)."""
     if filler is not None:
         return "given", filler.split()
+    return "gutenberg", _book_words()
+
+
+@functools.lru_cache(maxsize=1)
+def _book_words() -> list[str]:
     from .data import DEFAULT_HELDOUT, gutenberg_books, split_books
 
     train, _ = split_books(gutenberg_books(), DEFAULT_HELDOUT)
-    return "gutenberg", " ".join(train[name] for name in sorted(train)).split()
+    return " ".join(train[name] for name in sorted(train)).split()
 
 
 def _fit(build: Callable[[int], tuple], length: int, count: Callable[[str], int], start: int,
