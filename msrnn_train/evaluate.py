@@ -621,9 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(map(str, DEFAULT_BUDGETS))})")
     p.add_argument("--sinks", type=int, default=None, help="sink positions of 'sinks' (default: 4)")
     p.add_argument("--recent", type=int, default=None, help="h2o's recent window r (default: K/2)")
-    p.add_argument("--tasks", default="ppl",
+    p.add_argument("--tasks", default=None,
                    help="comma list of: ppl, retrieval (associative recall + needle in a haystack), generation "
-                        "(long greedy generation, repetition statistics)")
+                        "(long greedy generation, repetition statistics) (default: ppl, or none with --retrieval)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG (retrieval accuracy: "
                                                  "<stem>_retrieval.png beside it, or this file without ppl)")
@@ -647,6 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hybrid-budgets", default=None, help="budgets for the hybrids (default: all of --budgets)")
     r.add_argument("--chat", action="store_true", help="wrap retrieval prompts in the chat template")
     r.add_argument("--retrieval-batch-size", type=int, default=8, help="instances per forward pass")
+    s = p.add_argument_group("retrieval beyond the state (--retrieval): MQAR, key-value lookup, multi-key needle, "
+                             "variable tracking; K x full layers x (base / trained) x (with / without augmentation)")
+    s.add_argument("--retrieval", action="store_true",
+                   help="run the retrieval suite (accuracy with 95%% Wilson intervals; uses --retrieval-n, "
+                        "--retrieval-batch-size, the first bounded policy of --policies and --budgets)")
+    s.add_argument("--retrieval-tasks", default="mqar,kv,needles,vartrack", help="comma list of tasks")
+    s.add_argument("--retrieval-length", type=int, default=512, help="prompt length in tokens (aim for 4-16x K)")
+    s.add_argument("--retrieval-difficulty", default=None,
+                   help="one number for every task, or task=N pairs (e.g. 'mqar=4,kv=16'); default: each task's own")
+    s.add_argument("--retrieval-seed", type=int, default=0, help="seed of the instances")
+    s.add_argument("--full-layers", default="none",
+                   help="';'-separated choices of unbounded layers: none, auto:N (the N layers whose heads put most "
+                        "attention on the answer's source over a probe set), random:N, first/middle/last, 3+17")
+    s.add_argument("--augment", default="both", choices=("off", "on", "both", "bounded"),
+                   help="retrieval augmentation (BM25 chunks re-inserted before the question) of the bounded model: "
+                        "without, with, both; 'bounded': both for the all-bounded model, without for hybrids")
+    s.add_argument("--no-full-state", action="store_true", help="leave out the full-state row (measured elsewhere)")
+    s.add_argument("--augment-tokens", type=int, default=None, help="tokens re-inserted at most (default: K)")
     g = p.add_argument_group("long generation (--tasks generation)")
     g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
     g.add_argument("--gen-prompts", type=int, default=3, help="number of prompts (held-out Gutenberg passages)")
@@ -741,16 +759,83 @@ def baseline_records(model, folder, windows, specs, batch_size, progress) -> lis
         model.delete_adapter("baseline")
 
 
+def _suite_args(args) -> dict:
+    """The --retrieval options, checked (task names, difficulties, full-layer choices)."""
+    from .retrieval import parse_hybrid
+    from .retrieval_tasks import TASKS
+
+    tasks = _csv(args.retrieval_tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise SystemExit(f"--retrieval-tasks: unknown task(s) {bad or tasks}; allowed: {', '.join(TASKS)}")
+    difficulty: dict[str, int | None] = {t: None for t in tasks}
+    for item in _csv(args.retrieval_difficulty):
+        name, eq, value = item.rpartition("=")
+        if not value.isdigit() or (eq and name not in tasks):
+            raise SystemExit(f"--retrieval-difficulty: {item!r}; give N or task=N with a task of --retrieval-tasks")
+        for t in ([name] if eq else tasks):
+            difficulty[t] = int(value)
+    hybrids = [h.strip() for h in args.full_layers.split(";") if h.strip()] or ["none"]
+    for h in hybrids:
+        try:
+            parse_hybrid(h)
+        except ValueError as err:
+            raise SystemExit(f"--full-layers: {err}") from None
+    if args.retrieval_length < 16:
+        raise SystemExit(f"--retrieval-length: must be >= 16 tokens, got {args.retrieval_length}")
+    augment = {"off": (False,), "on": (True,), "both": (False, True), "bounded": (False, True)}[args.augment]
+    return {"tasks": tasks, "difficulty": difficulty, "hybrids": hybrids, "augment": augment}
+
+
+def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, beside: bool) -> list[dict]:
+    from .retrieval import grid_table, probe_instances, retrieval_grid
+    from .retrieval_tasks import make_task
+
+    tasks = {t: make_task(t, args.retrieval_n, args.retrieval_length, suite["difficulty"][t],
+                          seed=args.retrieval_seed, tokenizer=tokenizer) for t in suite["tasks"]}
+    bounded = [s for s in specs if s.policy != "full" and isinstance(s.budget, int)]
+    policy = bounded[0].policy if bounded else "tova"
+    budgets = list(dict.fromkeys(s.budget for s in bounded if s.policy == policy))
+    probe = probe_instances(tokenizer, tasks=tuple(suite["tasks"]), length=min(256, args.retrieval_length)) \
+        if any(h.startswith("auto:") for h in suite["hybrids"]) else None
+    records: list[dict] = []
+
+    def save(partial):  # a long run keeps what it measured so far
+        if args.json:
+            write_json(args.json, args.model, args.adapter, args.text, args.seq_len, [],
+                       retrieval_suite=records + partial, complete=False)
+
+    for adapter_on, adapted in passes:
+        records += retrieval_grid(model, tokenizer, tasks, budgets, suite["hybrids"], policy, suite["augment"],
+                                  trained=bool(adapted), adapter_on=adapter_on, augment_tokens=args.augment_tokens,
+                                  batch_size=args.retrieval_batch_size, seed=args.retrieval_seed,
+                                  probe=probe, progress=progress, full_state=not args.no_full_state,
+                                  augment_hybrids=args.augment != "bounded", on_record=save)
+    print(f"\n## Retrieval beyond the state ({args.retrieval_n} instances per cell, prompts of about "
+          f"{args.retrieval_length} tokens; accuracy [95% Wilson interval] (n))\n")
+    print(grid_table(records))
+    if args.plot:
+        from .plots import plot_recall_vs_budget
+
+        path = Path(args.plot)
+        rpath = path.with_name(path.stem + "_recall" + path.suffix) if beside else path
+        plot_recall_vs_budget(records, rpath, title=f"{Path(args.model).name}: recall vs K "
+                                                     f"(prompts ≈{args.retrieval_length} tokens)")
+        print(f"\nplot: {rpath}")
+    return records
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.baseline_adapter and not args.adapter:
         raise SystemExit("--baseline-adapter: compares two adapters; give the tuned one with --adapter too")
     if args.baseline_adapter and not (Path(args.baseline_adapter) / "adapter_config.json").is_file():
         raise SystemExit(f"--baseline-adapter: no adapter (adapter_config.json) in {args.baseline_adapter}")
-    tasks = set(_csv(args.tasks))
+    tasks = set(_csv(args.tasks if args.tasks is not None else "" if args.retrieval else "ppl"))
     unknown = tasks - {"ppl", "retrieval", "generation"}
     if unknown:
         raise SystemExit(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, retrieval, generation")
+    suite = _suite_args(args) if args.retrieval else None  # checked before any weights load
     progress = not args.no_progress
     start = time.perf_counter()
     model, tokenizer, saved_spec = _load(args)
@@ -809,6 +894,9 @@ def main(argv=None) -> int:
             rpath = path.with_name(path.stem + "_retrieval" + path.suffix) if "ppl" in tasks else path
             plot_retrieval(retrieval, rpath)
             print(f"\nplot: {rpath}")
+    if suite is not None:
+        out["retrieval_suite"] = _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress,
+                                                  "ppl" in tasks or "retrieval" in tasks)
     if "generation" in tasks:
         prompts = default_prompts(args.gen_prompts, args.gen_prompt_words)
         gen_specs = [s for s in specs if s.policy != "full"]

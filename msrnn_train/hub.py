@@ -99,13 +99,13 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
     repo_id = repo_id or (r.get("hub") or {}).get("repo_id")
     name = repo_id or Path(output_dir).name
     location = repo_id or output_dir  # what load_bounded() takes: a Hub repo id or the local folder
-    before = {(b["policy"], b["budget"]): b for b in baseline_records or []}
+    before = {(b["policy"], str(b["budget"])): b for b in baseline_records or []}  # str: a hybrid's list budget
 
     table = []
     for rec in eval_records:
         row = {"policy": rec["policy"], "budget": rec["budget"], "ppl": _round(rec.get("ppl"))}
-        if (rec["policy"], rec["budget"]) in before:
-            row["ppl_before"] = _round(before[(rec["policy"], rec["budget"])].get("ppl"))
+        if (rec["policy"], str(rec["budget"])) in before:
+            row["ppl_before"] = _round(before[(rec["policy"], str(rec["budget"]))].get("ppl"))
         if rec.get("tokens") is not None:
             row["tokens"] = rec["tokens"]
         table.append(row)

@@ -49,3 +49,15 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         _, mask = next_token_targets(labels)
     n = mask.sum().clamp_min(1)
     return (kl * mask).sum() / n * temperature**2
+
+
+def weighted_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss` with a weight per target token: ``weights[:, t]`` weighs the prediction of
+    ``labels[:, t]`` (e.g. the answer tokens of a retrieval sequence). The weighted sum is divided
+    by the number of scored tokens, so all-ones weights give `causal_lm_loss` exactly."""
+    targets, mask = next_token_targets(labels)
+    logits = logits[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="none").view_as(targets)
+    w = weights[:, 1:].to(ce.dtype) * mask
+    return (ce * w).sum() / mask.sum().clamp_min(1)

@@ -145,3 +145,59 @@ def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _config_label(r: dict) -> str:
+    parts = [r["policy"]]
+    if r.get("hybrid", "none") != "none":
+        parts.append(f"+ full {r['hybrid']} {r.get('full_layers')}")
+    if r.get("augmented"):
+        parts.append("+ retrieval")
+    if r.get("trained"):
+        parts.append("(trained)")
+    return " ".join(parts)
+
+
+def plot_recall_vs_budget(records: list[dict], path, title: str | None = None) -> Path:
+    """Retrieval accuracy against K, one panel per task, one line per configuration (policy,
+    full layers, augmentation, trained) with its 95 % interval as error bars; the full-state
+    accuracy as a horizontal line with its interval shaded. Records as `retrieval.retrieval_grid`
+    writes them."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.8), dpi=110, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        recs = [r for r in records if r["task"] == task]
+        lines: dict[str, list[dict]] = {}
+        for r in recs:
+            if r["budget"] is None:
+                lo, hi = r["ci95"]
+                style = dict(color="gray" if r.get("trained") else "black", ls=":" if r.get("trained") else "--")
+                ax.axhline(100 * r["accuracy"], lw=1.5, label=f"full state{' (trained)' if r.get('trained') else ''}"
+                                                              f" {100 * r['accuracy']:.0f}%", **style)
+                ax.axhspan(100 * lo, 100 * hi, color=style["color"], alpha=0.08)
+                continue
+            lines.setdefault(_config_label(r), []).append(r)
+        budgets = sorted({r["budget"] for v in lines.values() for r in v})
+        for i, (label, pts) in enumerate(lines.items()):
+            pts = sorted(pts, key=lambda r: r["budget"])
+            xs = [r["budget"] * (1.03 ** (i - len(lines) / 2)) for r in pts]  # a small offset: bars stay apart
+            ys = [100 * r["accuracy"] for r in pts]
+            err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"]) for r in pts]]
+            ax.errorbar(xs, ys, yerr=err, fmt="-o" if not pts[0].get("augmented") else "--s", ms=5, lw=1.8,
+                        capsize=3, label=label, color=f"C{i % 10}")
+        if budgets:
+            _budget_axis(ax, budgets)
+        ax.set_ylim(-3, 103)
+        ax.set_ylabel("accuracy (%)")
+        tokens = sum(r["tokens"] for r in recs) / len(recs)
+        ax.set_title(f"{task} (prompts ≈{tokens:.0f} tokens)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -75,6 +75,10 @@ class DataConfig:
     max_train_windows: int | None = None  # cap on training windows (null: all)
     stride: int | None = None  # window stride within a document (null: seq_len, no overlap)
     cache_tokens: bool = True  # cache token ids under models.cache_dir()/tokens
+    # share of the training rows that are generated retrieval prompts of seq_len tokens (0: none)
+    retrieval_fraction: float = 0.0
+    # their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack; also the auto:N probe set
+    retrieval_tasks: list[str] = field(default_factory=lambda: ["mqar", "kv", "needles", "vartrack"])
 
 
 @dataclass
@@ -89,6 +93,10 @@ class BudgetConfig:
     # multi-budget training: each optimizer step samples K from this list (null: always `budget`),
     # so one adapter serves a range of budgets; `budget` stays the K saved with the adapter
     train_budgets: list[int] | None = None
+    # layers kept unbounded (a hybrid): null (none), "auto:N" (the N layers whose heads put most attention on
+    # the answer's source over generated data.retrieval_tasks prompts), "random:N", "first"/"middle"/"last",
+    # or indices joined by "+" ("3+17"); needs one integer budget for the other layers
+    hybrid: str | int | None = None
 
 
 @dataclass
@@ -109,6 +117,7 @@ class LossConfig:
     # self = the adapter on, full state, detached (the bounded pass imitates the current full-state model)
     teacher: str = "self"
     full_lm_weight: float = 1.0  # cross-entropy of the full-state pass (adapter on), so full-state quality keeps up
+    answer_weight: float = 1.0  # weight of the answer tokens' cross-entropy in retrieval rows (data.retrieval_fraction)
 
 
 @dataclass
@@ -221,6 +230,19 @@ class Recipe:
         if isinstance(d.heldout, float) and not 0.0 < d.heldout < 1.0:
             raise RecipeError(f"data.heldout: a fraction of documents must be in (0, 1), got {d.heldout}")
 
+        if not 0.0 <= d.retrieval_fraction < 1.0:
+            raise RecipeError(f"data.retrieval_fraction: must be in [0, 1), got {d.retrieval_fraction}")
+        from .retrieval_tasks import TASKS
+
+        for i, task in enumerate(d.retrieval_tasks):
+            _one_of(f"data.retrieval_tasks[{i}]", task, tuple(TASKS))
+        if d.retrieval_fraction > 0 and not d.retrieval_tasks:
+            raise RecipeError(f"data.retrieval_tasks: empty, but data.retrieval_fraction is {d.retrieval_fraction}; "
+                              f"name at least one of {', '.join(TASKS)}")
+        if d.retrieval_fraction > 0 and d.seq_len < 64:
+            raise RecipeError(f"data.seq_len: retrieval rows (data.retrieval_fraction) need >= 64 tokens, "
+                              f"got {d.seq_len}")
+
         # the budget: BudgetSpec's own rules (K >= 1, known policy, h2o's recent <= K), then training's
         try:
             self.budget_spec().validate()
@@ -244,6 +266,16 @@ class Recipe:
             if s.budget_ramp_start is not None:
                 raise RecipeError("budget.train_budgets: cannot be combined with soft.budget_ramp_start; "
                                   "set one of them to null")
+        if b.hybrid is not None:
+            from .retrieval import parse_hybrid
+
+            try:
+                parse_hybrid(str(b.hybrid))
+            except ValueError as err:
+                raise RecipeError(f"budget.{err}") from None
+            if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
+                raise RecipeError(f"budget.hybrid: {b.hybrid!r} keeps some layers unbounded and bounds the others to "
+                                  f"one integer budget.budget (got policy={b.policy!r}, budget={b.budget!r})")
         ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
         if ks and min(ks) >= d.seq_len:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
@@ -262,6 +294,11 @@ class Recipe:
         for key in ("lm_weight", "kl_weight", "full_lm_weight"):
             if getattr(ls, key) < 0:
                 raise RecipeError(f"loss.{key}: must be >= 0, got {getattr(ls, key)}")
+        if ls.answer_weight < 0:
+            raise RecipeError(f"loss.answer_weight: must be >= 0, got {ls.answer_weight}")
+        if ls.answer_weight != 1.0 and d.retrieval_fraction == 0:
+            warnings.warn("loss.answer_weight: has no effect without retrieval rows (data.retrieval_fraction: 0)",
+                          RecipeWarning, stacklevel=2)
         if ls.lm_weight == 0 and ls.kl_weight == 0 and ls.full_lm_weight == 0:
             raise RecipeError("loss: lm_weight, kl_weight and full_lm_weight are all 0; nothing to train")
         _one_of("loss.teacher", ls.teacher, TEACHERS)

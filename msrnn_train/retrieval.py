@@ -22,7 +22,11 @@ per-layer list with ``None`` for the full layers: see `hybrid_spec`.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
+import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -183,6 +187,8 @@ def encode(instance: Instance, tokenizer, chat: bool = False) -> Encoded:
 
 def _evidence(inst: Instance) -> str | None:
     """The part of the prompt that holds the answer (None: not a known task)."""
+    if "evidence" in inst.meta:
+        return inst.meta["evidence"]
     if inst.task == "recall":
         return f"{inst.meta['key']}: {inst.answer}\n"
     if inst.task == "needle":
@@ -305,3 +311,204 @@ def retrieval_table(records: list[dict]) -> str:
 def _mean_dist(records, task):
     values = [r["distance_tokens"] for r in records if r["task"] == task]
     return sum(values) / max(len(values), 1)
+
+
+# ----------------------------------------------------------------------------- which layers stay full
+HYBRID_NAMES = ("none", "auto:N", "random:N", "first", "middle", "last", "<i>+<j>...")
+
+
+def source_positions(instance: Instance, tokenizer) -> list[int]:
+    """Token indices (of the prompt tokenized with the tokenizer's defaults) that overlap the
+    answer's source span ``meta["source"]``."""
+    a, b = instance.meta["source"]
+    offsets = tokenizer(instance.prompt, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+
+
+@contextlib.contextmanager
+def _eager_attention(model):
+    """The full-state model with eager attention, so it can return its attention weights."""
+    from .apply import full_state
+
+    config = model.config
+    with full_state(model):
+        previous = config._attn_implementation
+        config._attn_implementation_internal = "eager"
+        try:
+            yield model
+        finally:
+            config._attn_implementation_internal = previous
+
+
+@torch.no_grad()
+def retrieval_head_scores(model, tokenizer, instances: list[Instance], progress: bool = False) -> torch.Tensor:
+    """(layers, heads): the mean attention mass that each query head puts on the tokens of the
+    answer's source (`source_positions`) from the positions that predict the answer tokens,
+    full state, averaged over the instances."""
+    device = next(model.parameters()).device
+    total = None
+    was_training = model.training
+    model.eval()
+    with _eager_attention(model):
+        for inst in tqdm(instances, desc="probe", disable=not progress, leave=False):
+            enc = encode(inst, tokenizer)
+            src = source_positions(inst, tokenizer)
+            if not src:
+                raise ValueError(f"probe: the answer's source of a {inst.task!r} instance has no tokens")
+            ids = torch.tensor([enc.ids], device=device)
+            att = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+            queries = torch.arange(enc.answer_start - 1, len(enc.ids) - 1, device=device)
+            src_t = torch.tensor(src, device=device)
+            # per layer: (heads, answer positions, keys) -> mass on the source, mean over positions
+            mass = torch.stack([a[0][:, queries][:, :, src_t].sum(-1).mean(-1).float().cpu() for a in att])
+            total = mass if total is None else total + mass
+    model.train(was_training)
+    return total / max(len(instances), 1)
+
+
+def probe_instances(tokenizer, n: int = 8, length: int = 256, tasks=("mqar", "kv", "needles", "vartrack"),
+                    seed: int = 10_000) -> list[Instance]:
+    """The probe set of `auto:N`: generated instances of every task, with a seed apart from the
+    evaluation's (default 0)."""
+    from .retrieval_tasks import make_task
+
+    per = max(1, n // len(tasks))
+    return [inst for t in tasks for inst in make_task(t, per, length, seed=seed, tokenizer=tokenizer)]
+
+
+def rank_layers(scores: torch.Tensor) -> list[int]:
+    """Layers ordered by their best head's score (a layer with one retrieving head counts)."""
+    best = scores.max(dim=1).values
+    return sorted(range(len(best)), key=lambda i: (-float(best[i]), i))
+
+
+def parse_hybrid(choice) -> tuple[str, object]:
+    """("none" | "auto" | "random" | "fixed", N or [layers]) from a hybrid choice: None/"none",
+    "auto:N", "random:N", "first"/"middle"/"last", an index, "3+17", or a list of those."""
+    if choice is None or choice == "none" or choice == []:
+        return "none", []
+    if isinstance(choice, str) and re.fullmatch(r"(auto|random):\d+", choice):
+        kind, n = choice.split(":")
+        if int(n) < 1:
+            raise ValueError(f"hybrid: {choice!r} needs N >= 1")
+        return kind, int(n)
+    items = choice if isinstance(choice, (list, tuple)) else (choice.split("+") if isinstance(choice, str)
+                                                               else [choice])
+    for x in items:
+        if not (x in ("first", "middle", "last") or re.fullmatch(r"-?\d+", str(x))):
+            raise ValueError(f"hybrid: {choice!r} is not a layer choice; allowed: {', '.join(HYBRID_NAMES)}")
+    return "fixed", list(items)
+
+
+def choose_full_layers(choice, model, tokenizer=None, probe: list[Instance] | None = None, seed: int = 0,
+                       progress: bool = False) -> list[int]:
+    """The layer indices a hybrid keeps unbounded: ``auto:N`` the N layers whose heads put the
+    most attention mass on the answer's source over a probe set (`probe_instances` unless
+    given), ``random:N`` N layers drawn with ``seed``, else the named/indexed layers."""
+    n_layers = model.config.num_hidden_layers
+    kind, arg = parse_hybrid(choice)
+    if kind == "none":
+        return []
+    if kind in ("auto", "random") and arg > n_layers:
+        raise ValueError(f"hybrid: {choice!r} asks for {arg} of {n_layers} layers")
+    if kind == "random":
+        return sorted(random.Random(f"hybrid-{seed}").sample(range(n_layers), arg))
+    if kind == "auto":
+        if tokenizer is None and probe is None:
+            raise ValueError("hybrid: 'auto:N' needs the tokenizer (for its probe set)")
+        scores = retrieval_head_scores(model, tokenizer, probe or probe_instances(tokenizer), progress)
+        return sorted(rank_layers(scores)[:arg])
+    return sorted({_layer_index(x, n_layers) for x in arg})
+
+
+# ----------------------------------------------------------------------------- the retrieval grid
+def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval of a proportion (95 % for z = 1.96); [0, 1] when n = 0."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: list[int],
+                   hybrids=("none",), policy: str = "tova", augment=(False, True), trained: bool = False,
+                   adapter_on: bool = True, augment_tokens: int | None = None, batch_size: int = 4,
+                   seed: int = 0, probe: list[Instance] | None = None, progress: bool = True,
+                   full_state: bool = True, augment_hybrids: bool = True, on_record=None) -> list[dict]:
+    """Accuracy of every task for K in ``budgets`` x hybrid choice x (without / with retrieval
+    augmentation), plus the full-state model once (``full_state``). Records: {"task", "policy",
+    "budget" (None: full state), "hybrid", "full_layers", "trained", "augmented", "accuracy",
+    "correct", "n", "ci95" (Wilson), "tokens" (mean prompt length), "ratio" (tokens / K),
+    "distance_tokens", "label"[, "hit" (share of augmented prompts holding the answer's source)]}.
+    Augmentation re-inserts at most ``augment_tokens`` (default K) tokens before the question;
+    ``augment_hybrids=False`` augments only the all-bounded model. ``on_record(records)`` is
+    called after every cell (e.g. to save partial results of a long run)."""
+    from .augment import augment as augment_instance
+    from .evaluate import with_spec
+    from .retrieval_tasks import token_counter
+
+    n_layers = model.config.num_hidden_layers
+    count = token_counter(tokenizer)
+    with with_spec(model, None, adapter_on):  # the probe reads the (adapted) full-state model
+        layers = {h: choose_full_layers(h, model, tokenizer, probe, seed) for h in hybrids}
+    configs = [(BudgetSpec(policy="full"), "none", False)] if full_state else []
+    for k in budgets:
+        for h in hybrids:
+            spec = hybrid_spec(policy, k, n_layers, layers[h]) if layers[h] else BudgetSpec(policy=policy, budget=k)
+            configs += [(spec, h, aug) for aug in augment if augment_hybrids or not layers[h] or not aug]
+    augmented_cache: dict[tuple, list[Instance]] = {}
+    records = []
+    for spec, h, aug in configs:
+        k = None if spec.policy == "full" else (spec.budget if isinstance(spec.budget, int)
+                                                else max(b for b in spec.budget if b is not None))
+        with with_spec(model, spec, adapter_on):
+            for task, instances in tasks.items():
+                hit = None
+                if aug:
+                    key = (task, augment_tokens or k)
+                    if key not in augmented_cache:
+                        augmented_cache[key] = [augment_instance(i, augment_tokens or k, count) for i in instances]
+                    instances = augmented_cache[key]
+                    hit = sum(i.meta["hit"] for i in instances) / max(len(instances), 1)
+                label = spec_label(spec) + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
+                    + (" +retrieval" if aug else "")
+                res = accuracy(model, tokenizer, instances, batch_size, desc=f"{task} {label}", progress=progress)
+                rec = {"task": task, "policy": spec.policy, "budget": k, "hybrid": h if spec.policy != "full" else "none",
+                       "full_layers": list(layers[h]) if spec.policy != "full" else list(range(n_layers)),
+                       "trained": trained, "augmented": aug, **res,
+                       "ci95": wilson(res["correct"], res["n"]),
+                       "ratio": None if k is None else res["tokens"] / k, "label": label}
+                if hit is not None:
+                    rec["hit"] = hit
+                records.append(rec)
+                if on_record is not None:
+                    on_record(records)
+                lo, hi = rec["ci95"]
+                tqdm.write(f"  {task:9} {label:34} {'trained' if trained else 'base':7} "
+                           f"{100 * rec['accuracy']:5.1f}%  [{100 * lo:.0f}, {100 * hi:.0f}]  n={rec['n']}"
+                           + ("" if hit is None else f"  (source retrieved: {100 * hit:.0f}%)"), file=sys.stderr)
+    return records
+
+
+def grid_table(records: list[dict]) -> str:
+    """Markdown: one row per configuration, one column per task: accuracy % [95 % CI] (n)."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        cfg = ("full state" if r["budget"] is None else f"{r['policy']}-{r['budget']}",
+               "all" if r["budget"] is None else (r["hybrid"] if r["hybrid"] != "none" else "0")
+               + ("" if r["budget"] is None or r["hybrid"] == "none" else f" {r['full_layers']}"),
+               "trained" if r["trained"] else "base", "yes" if r["augmented"] else "no")
+        rows.setdefault(cfg, {})[r["task"]] = r
+    lines = ["| state | full layers | model | augmented | " + " | ".join(tasks) + " |",
+             "|" + " --- |" * (4 + len(tasks))]
+    for cfg, cells in rows.items():
+        out = []
+        for t in tasks:
+            r = cells.get(t)
+            out.append("" if r is None else f"{100 * r['accuracy']:.0f}% [{100 * r['ci95'][0]:.0f}, "
+                                            f"{100 * r['ci95'][1]:.0f}] ({r['n']})")
+        lines.append("| " + " | ".join(cfg) + " | " + " | ".join(out) + " |")
+    return "\n".join(lines)

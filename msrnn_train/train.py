@@ -45,7 +45,7 @@ with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration pr
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from msrnn_train import BudgetSpec, apply_budget, full_state, get_budget
-from msrnn_train.losses import causal_lm_loss, distillation_kl
+from msrnn_train.losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
 from msrnn_train.recipe import RECIPE_FILENAME, Recipe, RecipeError, RecipeWarning, load_recipe
 from msrnn_train.soft import budget_at, set_soft_temperature, tau_at
 
@@ -150,6 +150,12 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     spec.validate_for(model.config)
     model.config.use_cache = False
     model = add_lora(model, recipe)
+    if recipe.budget.hybrid is not None:  # which layers stay unbounded (auto:N probes the model)
+        from msrnn_train.retrieval_data import resolve_hybrid
+
+        spec = resolve_hybrid(recipe, model, tokenizer, spec)
+        log(f"budget.hybrid {recipe.budget.hybrid!r}: unbounded layers "
+            f"{[i for i, k in enumerate(spec.budget) if k is None]}")
     apply_budget(model, spec)
     model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 
@@ -159,7 +165,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
         f"{recipe.data.seq_len} tokens")
     if len(train_windows) == 0:
         raise RecipeError(f"data.seq_len: no training document is {recipe.data.seq_len} tokens long")
-    from msrnn_train.data import WindowDataset
+    from msrnn_train.retrieval_data import training_dataset
 
     before = []
     if recipe.eval.at_start and len(eval_windows) and is_main and not zero3:
@@ -176,7 +182,8 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     if t_cfg.gradient_checkpointing and recipe.loss.full_lm_weight > 0:
         cbs.append(CheckpointingCallback(recipe))
     trainer = BoundedTrainer(
-        model=model, args=args, train_dataset=WindowDataset(train_windows), data_collator=default_data_collator,
+        model=model, args=args, train_dataset=training_dataset(recipe, train_windows, tokenizer),
+        data_collator=default_data_collator,
         processing_class=tokenizer, callbacks=[*cbs, *callbacks], recipe=recipe, schedule=schedule)
     periodic = _periodic_eval_callback(recipe, eval_windows, tokenizer, before) if evaluates else None
     if periodic is not None:
@@ -366,7 +373,7 @@ class BudgetScheduleCallback(TrainerCallback):
         if s.budget_ramp_start is not None:
             from msrnn_train.apply import set_layer_budget
 
-            self.k = budget_at(step, total, s.budget_ramp_start, self.spec.budget, s.ramp_fraction)
+            self.k = budget_at(step, total, s.budget_ramp_start, self.recipe.budget.budget, s.ramp_fraction)
             set_layer_budget(bounded, self.k)
         elif self.recipe.budget.train_budgets:
             from msrnn_train.apply import set_layer_budget
@@ -445,7 +452,8 @@ class BoundedTrainer(Trainer):
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
         outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        lm = causal_lm_loss(outputs.logits, labels)
+        lm = causal_lm_loss(outputs.logits, labels) if "loss_weight" not in inputs else \
+            weighted_causal_lm_loss(outputs.logits, labels, inputs["loss_weight"])  # retrieval rows' answers
         loss = cfg.lm_weight * lm
         full_lm = teacher = None
         if cfg.full_lm_weight > 0:  # the full-state pass with the adapter on, trained too
@@ -654,18 +662,18 @@ def _periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: lis
     cb = BoundedEvalCallback(eval_windows, recipe.eval.policies, recipe.eval.budgets, recipe.eval.every_n_steps,
                              recipe.eval.batch_size, tokenizer=tokenizer, sinks=recipe.budget.sinks)
     spec = recipe.budget_spec()
-    have = {(r["policy"], r["budget"]) for r in before}
-    if ("full", None) in have and (spec.policy, spec.budget) in have:  # the base model is measured already
-        cb.base_records = [{**r, "adapted": False} for r in before
-                           if (r["policy"], r["budget"]) in (("full", None), (spec.policy, spec.budget))]
+    have = {(r["policy"], str(r["budget"])) for r in before}  # str: a hybrid's list budget
+    wanted = (("full", "None"), (spec.policy, str(spec.budget)))
+    if all(w in have for w in wanted):  # the base model is measured already
+        cb.base_records = [{**r, "adapted": False} for r in before if (r["policy"], str(r["budget"])) in wanted]
     return cb
 
 
 def _print_records(title: str, records: list[dict], before: list[dict] | None = None) -> None:
-    base = {(r["policy"], r["budget"]): r["ppl"] for r in before or []}
+    base = {(r["policy"], str(r["budget"])): r["ppl"] for r in before or []}  # str: a hybrid's list budget
     lines = [title]
     for r in records:
-        key = (r["policy"], r["budget"])
+        key = (r["policy"], str(r["budget"]))
         was = f"  (before {base[key]:.3f})" if key in base else ""
         lines.append(f"  {r['policy']:>9} K={str(r['budget']):>5}: ppl {r['ppl']:.3f}{was}")
     log("\n".join(lines))
@@ -770,10 +778,10 @@ def finish_wandb(summary: dict) -> None:
 
     if wandb.run is None:
         return
-    before = {(r["policy"], r["budget"]): r["ppl"] for r in summary["before"]}
+    before = {(r["policy"], str(r["budget"])): r["ppl"] for r in summary["before"]}
     table = wandb.Table(columns=["policy", "budget", "ppl_before", "ppl_after"])
     for r in summary["after"]:
-        key = (r["policy"], r["budget"])
+        key = (r["policy"], str(r["budget"]))
         table.add_data(r["policy"], str(r["budget"]), before.get(key), r["ppl"])
         wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl"] = r["ppl"]
         if key in before:

@@ -1,0 +1,105 @@
+"""Training for retrieval: generated retrieval sequences mixed into the language-model data.
+
+A recipe with ``data.retrieval_fraction: f`` trains on LM windows plus generated retrieval
+prompts (`retrieval_tasks`, tasks ``data.retrieval_tasks``, each about ``data.seq_len`` tokens
+with its answer at the end) making up the fraction ``f`` of all rows. Every row carries a
+per-token ``loss_weight``: 1, except the answer tokens of a retrieval row, which weigh
+``loss.answer_weight`` (the trainer's loss is then `losses.weighted_causal_lm_loss`). The
+retrieval rows are drawn lazily, one seed per row, so a dataset of any size costs nothing up
+front and is the same in every run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import IGNORE_INDEX
+
+
+def retrieval_row(task: str, seed: int, seq_len: int, tokenizer, answer_weight: float = 1.0,
+                  filler: str | None = None) -> dict[str, torch.Tensor]:
+    """One generated instance as a training row of exactly ``seq_len`` tokens: prompt + answer
+    (padded on the right with unscored tokens), labels, and loss weights (``answer_weight`` on
+    the answer tokens)."""
+    from .retrieval import encode
+    from .retrieval_tasks import make_task
+
+    length = seq_len - 4
+    while True:
+        inst = make_task(task, 1, max(length, 16), seed=seed, tokenizer=tokenizer, filler=filler)[0]
+        enc = encode(inst, tokenizer)
+        over = len(enc.ids) - seq_len
+        if over <= 0 or length <= 16:
+            break
+        length -= over + 4
+    ids = enc.ids[-seq_len:]  # (never cut in practice: the loop above shortens the prompt)
+    start = enc.answer_start - (len(enc.ids) - len(ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((seq_len,), pad, dtype=torch.long)
+    input_ids[:len(ids)] = torch.tensor(ids)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    labels[:len(ids)] = input_ids[:len(ids)]
+    weight = torch.ones(seq_len)
+    weight[start:len(ids)] = answer_weight
+    return {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
+
+
+class RetrievalMixDataset(torch.utils.data.Dataset):
+    """LM windows (rows 0..N-1) followed by generated retrieval rows, ``fraction`` of the whole;
+    rows ``{"input_ids", "labels", "loss_weight"}``. Row N+j is task ``tasks[j % len(tasks)]``
+    with seed ``seed * 1_000_003 + j``."""
+
+    def __init__(self, windows: torch.Tensor, tokenizer, fraction: float, tasks: list[str],
+                 answer_weight: float = 1.0, seed: int = 0, filler: str | None = None):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+        self.windows, self.tokenizer, self.tasks = windows, tokenizer, list(tasks)
+        self.answer_weight, self.seed, self.filler = answer_weight, seed, filler
+        self.n_lm = windows.shape[0]
+        self.n_retrieval = round(fraction / (1.0 - fraction) * self.n_lm) if fraction > 0 else 0
+
+    def __len__(self) -> int:
+        return self.n_lm + self.n_retrieval
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < self.n_lm:
+            w = self.windows[i]
+            return {"input_ids": w, "labels": w.clone(), "loss_weight": torch.ones(w.shape[0])}
+        j = i - self.n_lm
+        if j >= self.n_retrieval:
+            raise IndexError(i)
+        return retrieval_row(self.tasks[j % len(self.tasks)], self.seed * 1_000_003 + j, self.windows.shape[1],
+                             self.tokenizer, self.answer_weight, self.filler)
+
+
+def training_dataset(recipe, windows: torch.Tensor, tokenizer):
+    """The training rows of a recipe: the LM windows, mixed with retrieval rows when
+    ``data.retrieval_fraction`` > 0 (or weighted when ``loss.answer_weight`` != 1)."""
+    from .data import WindowDataset
+
+    d = recipe.data
+    if d.retrieval_fraction <= 0:
+        return WindowDataset(windows)
+    return RetrievalMixDataset(windows, tokenizer, d.retrieval_fraction, d.retrieval_tasks,
+                               recipe.loss.answer_weight, seed=recipe.training.seed)
+
+
+def resolve_hybrid(recipe, model, tokenizer, spec):
+    """The spec with ``budget.hybrid``'s layers unbounded (``auto:N`` probes the model on
+    generated instances of ``data.retrieval_tasks``); the spec unchanged without a hybrid."""
+    from .retrieval import choose_full_layers, hybrid_spec, probe_instances
+    from .spec import BudgetSpec
+
+    choice = recipe.budget.hybrid
+    if choice is None:
+        return spec
+    probe = None
+    if str(choice).startswith("auto:"):
+        probe = probe_instances(tokenizer, tasks=tuple(recipe.data.retrieval_tasks),
+                                length=min(256, recipe.data.seq_len))
+    layers = choose_full_layers(choice, model, tokenizer, probe=probe, seed=recipe.training.seed)
+    if not layers:
+        return spec
+    hybrid = hybrid_spec(spec.policy, spec.budget, model.config.num_hidden_layers, layers, sinks=spec.sinks,
+                         recent=spec.recent)
+    return BudgetSpec.from_dict({**hybrid.to_dict(), "mode": spec.mode})

@@ -1,0 +1,137 @@
+"""Training for retrieval: the answer-weighted loss, generated retrieval rows mixed into the LM
+data, the recipe keys (data.retrieval_fraction, data.retrieval_tasks, loss.answer_weight,
+budget.hybrid) and a tiny run with a probed hybrid (tiny random model)."""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import tiny_recipe
+
+from msrnn_train import BudgetSpec
+from msrnn_train.losses import causal_lm_loss, weighted_causal_lm_loss
+from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
+from msrnn_train.retrieval_data import RetrievalMixDataset, retrieval_row
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _byte_tokenizer():
+    from msrnn_train.train import random_model
+
+    return random_model()[1]
+
+
+# ----------------------------------------------------------------------------- the loss
+def test_weighted_loss_is_the_lm_loss_with_ones_and_weighs_each_target():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[1, 5:] = -100
+    ones = torch.ones(2, 7)
+    assert torch.allclose(weighted_causal_lm_loss(logits, labels, ones), causal_lm_loss(logits, labels), atol=1e-6)
+    w = ones.clone()
+    w[0, 3] = 5.0  # weighs the prediction of labels[0, 3], made at position 2
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                         reduction="none").view(2, 6)
+    scored = labels[:, 1:] != -100
+    expected = (ce[scored].sum() + 4.0 * ce[0, 2]) / scored.sum()
+    assert torch.allclose(weighted_causal_lm_loss(logits, labels, w), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the rows
+def test_retrieval_row_is_seq_len_long_with_the_answer_weighted():
+    tok = _byte_tokenizer()
+    for seed in range(3):
+        row = retrieval_row("mqar", seed, 256, tok, answer_weight=5.0)
+        assert {k: v.shape for k, v in row.items()} == {k: (256,) for k in ("input_ids", "labels", "loss_weight")}
+        used = row["labels"] != -100
+        n = int(used.sum())
+        assert used[:n].all() and not used[n:].any()  # right padding, not scored
+        assert 200 < n <= 256
+        answer = row["loss_weight"] == 5.0
+        assert answer.sum() == 2 and answer[n - 2:n].all()  # the two answer digits end the text
+        assert (row["loss_weight"][~answer] == 1.0).all()
+        text = tok.decode(row["input_ids"][:n])
+        key, value = re.search(r"\n(\w+): (\d\d)$", text).groups()
+        assert value == tok.decode(row["input_ids"][answer])
+        listed = re.findall(rf"(?m)^{key}: (\d\d)$", text.split("\n\n")[1])
+        assert listed == [value]  # the answer is the listed value of the asked key
+    assert torch.equal(retrieval_row("mqar", 1, 256, tok)["input_ids"], retrieval_row("mqar", 1, 256, tok)["input_ids"])
+
+
+def test_mix_dataset_holds_the_fraction_and_is_deterministic():
+    tok = _byte_tokenizer()
+    windows = torch.randint(3, 200, (9, 192))
+    ds = RetrievalMixDataset(windows, tok, 0.25, ["mqar"], answer_weight=3.0, seed=1)
+    assert len(ds) == 12 and ds.n_retrieval == 3
+    assert torch.equal(ds[0]["input_ids"], windows[0]) and (ds[0]["loss_weight"] == 1).all()
+    r = ds[10]
+    assert torch.equal(r["input_ids"], ds[10]["input_ids"]) and (r["loss_weight"] == 3.0).sum() == 2
+    assert not torch.equal(ds[9]["input_ids"], ds[10]["input_ids"])
+    with pytest.raises(IndexError):
+        ds[12]
+    batch = torch.utils.data.default_collate([ds[0], ds[9]])  # LM and retrieval rows batch together
+    assert batch["loss_weight"].shape == (2, 192)
+
+
+# ----------------------------------------------------------------------------- the recipe keys
+@pytest.mark.parametrize("override,match", [
+    ({"data.retrieval_fraction": 1.0}, "data.retrieval_fraction"),
+    ({"data.retrieval_fraction": 0.2, "data.retrieval_tasks": ["mqar", "recal"]}, r"data.retrieval_tasks\[1\]"),
+    ({"data.retrieval_fraction": 0.2, "data.retrieval_tasks": []}, "data.retrieval_tasks"),
+    ({"loss.answer_weight": -1.0}, "loss.answer_weight"),
+    ({"budget.hybrid": "auto:x"}, "budget.hybrid"),
+    ({"budget.hybrid": "auto:1", "budget.budget": [8, None]}, "budget.hybrid"),
+])
+def test_recipe_rejects_bad_retrieval_keys(override, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", override)
+
+
+def test_recipe_warns_about_an_answer_weight_without_retrieval_rows(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_recipe(tmp_path, **{"loss.answer_weight": 4.0})
+    assert any(issubclass(w.category, RecipeWarning) and "answer_weight" in str(w.message) for w in caught)
+
+
+# ----------------------------------------------------------------------------- a tiny run
+def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypatch):
+    import msrnn_train.train as T
+    from msrnn_train.retrieval import choose_full_layers, probe_instances
+
+    seen = {}
+    real = T.BoundedTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):
+        seen.setdefault("weights", []).append(inputs["loss_weight"].detach().clone())
+        return real(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(T.BoundedTrainer, "compute_loss", spy)
+    recipe = tiny_recipe(tmp_path, **{"data.seq_len": 256, "data.max_train_windows": 6, "data.retrieval_fraction": 0.5,
+                                      "data.retrieval_tasks": ["mqar"], "loss.answer_weight": 4.0,
+                                      "budget.hybrid": "auto:1", "budget.budget": 16, "soft.budget_ramp_start": 32,
+                                      "training.max_steps": 3, "training.save_steps": 3, "eval.budgets": [16],
+                                      "eval.max_windows": 1, "eval.at_start": False})
+    summary = T.train(recipe)
+    spec = BudgetSpec.load(summary["output_dir"])
+    assert spec.budget.count(None) == 1 and len(spec.budget) == 2 and 16 in spec.budget
+    model, tok = T.random_model()
+    probe = probe_instances(tok, tasks=("mqar",), length=min(256, 256))
+    assert [i for i, k in enumerate(spec.budget) if k is None] == choose_full_layers("auto:1", model, tok, probe=probe)
+    weights = torch.cat(seen["weights"])
+    assert (weights == 4.0).any() and (weights == 1.0).all(dim=1).any()  # retrieval and LM rows were trained on
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["log_history"] if "loss" in h)
+    assert json.loads((Path(summary["output_dir"]) / "msrnn_budget.json").read_text())["budget"] == spec.budget
