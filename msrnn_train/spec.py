@@ -47,7 +47,7 @@ class BudgetSpec:
     recent: int | None = None
     mode: str = "hard"
     temperature: float = 1.0
-    prefill_chunk: int = 256
+    prefill_chunk: int = 128
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "BudgetSpec":
