@@ -247,40 +247,56 @@ def main(argv=None):
         return args.reps if length < 8192 or args.reps_long is None else args.reps_long
 
     started = time.time()
+    device = torch.cuda.get_device_name() if not cpu else f"CPU, {os.environ.get('OMP_NUM_THREADS', 'all')} thread(s)"
+    command = "python " + " ".join(["scripts/bench_decode.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    timer = "process CPU time" if cpu else "wall time"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows, chunk_rows = [], []
+
+    def write(planned: int):
+        """Results so far (rewritten after every configuration, so an interrupted run keeps its rows)."""
+        wall = time.time() - started
+        done = len(rows) + len(chunk_rows)
+        result = dict(command=command, device=device, timer=timer,
+                      model="SmolLM2-135M fp32" if cpu else "Mistral-7B shape, random bf16", budget=args.budget,
+                      chunk=chunk, reps=args.reps, reps_long=args.reps_long, decode_tokens=args.decode_tokens,
+                      wall_s=round(wall, 1), configs_done=done, configs_planned=planned, rows=rows,
+                      chunk_rows=chunk_rows)
+        md = table(rows) if rows else chunk_table(chunk_rows)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        status = "" if done == planned else f" (interrupted or running: {done} of {planned} configurations)"
+        out.with_suffix(".md").write_text(
+            f"# bench_decode ({result['model']}, {device})\n\n`{command}` ({wall / 60:.1f} min wall; timings are "
+            f"{timer}, medians of {args.reps} runs ({args.reps_long or args.reps} from 8k tokens) after warm-up)"
+            f"{status}\n\n{md}\n")
+        return md
+
     if args.chunks:
-        for c in (int(x) for x in args.chunks.split(",")):
+        sizes = [int(x) for x in args.chunks.split(",")]
+        for c in sizes:
             r = in_subprocess(cache_kind="tova", length=lengths[0], batch=batches[0], chunk=c, reps=reps(lengths[0]),
                               **common)
             chunk_rows.append(r)
             print(f"chunk {c}: prefill {r['prefill_s']:.2f} s, +{_mb(r['peak_increase_bytes'])} MiB", flush=True)
+            md = write(len(sizes))
     else:
-        plan = [(args.memory_baseline, "tova")] if args.memory_baseline else []
+        plan = []
         for length in lengths:
+            if args.memory_baseline and length >= 8192 and (args.memory_baseline, "tova") not in plan:
+                plan.append((args.memory_baseline, "tova"))
             kinds = args.caches_long if length >= 8192 and args.caches_long else args.caches
             plan += [(length, kind) for kind in kinds.split(",")]
+        if args.memory_baseline and (args.memory_baseline, "tova") not in plan:
+            plan.append((args.memory_baseline, "tova"))
         for length, kind in plan:
             for batch in batches:
                 r = in_subprocess(cache_kind=kind, length=length, batch=batch, chunk=chunk, reps=reps(length), **common)
                 rows.append(r)
                 print(f"{length} x{batch} {kind}: prefill {r['prefill_s']:.2f} s, "
                       f"decode {r['decode_tokens_per_s']:.1f} tok/s", flush=True)
-    wall = time.time() - started
-    device = torch.cuda.get_device_name() if not cpu else f"CPU, {os.environ.get('OMP_NUM_THREADS', 'all')} thread(s)"
-    command = "python " + " ".join(["scripts/bench_decode.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    timer = "process CPU time" if cpu else "wall time"
-    result = dict(command=command, device=device, timer=timer, model="SmolLM2-135M fp32" if cpu else "Mistral-7B shape, random bf16",
-                  budget=args.budget, chunk=chunk, reps=args.reps, reps_long=args.reps_long,
-                  decode_tokens=args.decode_tokens,
-                  wall_s=round(wall, 1), rows=rows, chunk_rows=chunk_rows)
-    md = table(rows) if rows else chunk_table(chunk_rows)
+                md = write(len(plan) * len(batches))
     print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
-        f"# bench_decode ({result['model']}, {device})\n\n`{command}` ({wall / 60:.1f} min wall; timings are "
-        f"{timer}, medians of {args.reps} runs ({args.reps_long or args.reps} from 8k tokens) after warm-up)\n\n{md}\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
 
 
