@@ -50,7 +50,7 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
     if cache_layer is None:  # teacher forcing
         return _attend(layer, ctrl, None, query, key, value, new_valid, scaling,
                        dropout if module.training else 0.0, window), None
-    if cache_layer.decodes_in_place(T):
+    if cache_layer.free is not None:  # `update` wrote the token into the layer's K + 1 slot buffer
         return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window), None
     # a prompt (or any multi-token call) through the cache: chunks of c queries, each scanned
     # from the slots held after the previous one, so no mask is larger than c x (K + 1 + c)
@@ -114,7 +114,6 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
     return out
 
 
-@torch.no_grad()
 def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window):
     """One decoding step of a bounded layer over its K + 1 slots (the new token already written
     into the free slot by `BoundedLayer.update`): attend over C_t, then the policy's step."""
@@ -132,15 +131,16 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-    row = None
-    if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan
-        with torch.autocast(query.device.type, enabled=False):
-            row = torch.matmul(query[:, :, 0:1].float(), k.float().transpose(-1, -2)).squeeze(2) * scaling
-    acc = torch.where(on, 0.0, cache_layer.acc)
-    order = torch.where(on, cache_layer.n_real.view(B, 1, 1), cache_layer.order)
-    pos = torch.where(on, cache_layer.seen, cache_layer.pos)
-    held, acc = decode_step(layer.policy, layer.budget, row, held, order, pos, acc, valid, cache_layer.seen,
-                            window, G)
+    with torch.no_grad():
+        row = None
+        if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan
+            with torch.autocast(query.device.type, enabled=False):
+                row = torch.matmul(query.detach().float(), k.detach().float().transpose(-1, -2)).squeeze(2) * scaling
+        acc = torch.where(on, 0.0, cache_layer.acc)
+        order = torch.where(on, cache_layer.n_real.view(B, 1, 1), cache_layer.order)
+        pos = torch.where(on, cache_layer.seen, cache_layer.pos)
+        held, acc = decode_step(layer.policy, layer.budget, row, held, order, pos, acc, valid, cache_layer.seen,
+                                window, G)
     cache_layer.commit_step(held, order, pos, acc, valid)
     return out.transpose(1, 2).contiguous()
 

@@ -38,7 +38,7 @@ class BoundedLayer(CacheLayerMixin):
         self.seen = 0  # columns processed (the logical sequence length)
         self.n_real = None  # (B,) real tokens processed per sequence
         self.order = self.pos = self.acc = self.valid = None
-        self.free = None  # (B, G) slot the token of the current decoding step was written to
+        self.free = None  # (B, G) slot the current decoding step's token was written to (None: not in place)
 
     def lazy_initialization(self, key_states, value_states):
         B, Hkv, _, D = key_states.shape
@@ -55,13 +55,16 @@ class BoundedLayer(CacheLayerMixin):
         self.n_real = torch.zeros(B, dtype=torch.long, device=dev)
         self.is_initialized = True
 
-    def decodes_in_place(self, n_new: int) -> bool:
-        return self.capacity is not None and self.decode_buffer and n_new == 1
+    def decodes_in_place(self, key_states) -> bool:
+        """One new token of a bounded layer goes into the buffer (not while building a graph for
+        backward: an in-place write would invalidate the previous step's saved tensors)."""
+        return (self.capacity is not None and self.decode_buffer and key_states.shape[-2] == 1
+                and not (torch.is_grad_enabled() and key_states.requires_grad))
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.decodes_in_place(key_states.shape[-2]):
+        if self.decodes_in_place(key_states):
             # the new token takes the first free slot of each (sequence, group): one always is,
             # since at most K of the K + 1 slots are held
             self.free = (~self.valid).to(torch.int8).argmax(-1)  # (B, G)
@@ -70,6 +73,7 @@ class BoundedLayer(CacheLayerMixin):
             self.keys.scatter_(2, idx, key_states)
             self.values.scatter_(2, idx.expand(B, Hkv, 1, self.values.shape[-1]), value_states)
             return self.keys, self.values
+        self.free = None
         return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
 
     def slots(self) -> Slots:

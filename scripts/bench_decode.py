@@ -196,8 +196,11 @@ def table(rows: list[dict]) -> str:
     head = ("| prompt | batch | cache | prefill s | vs full | peak MiB | prefill +MiB | decode tok/s | vs full "
             "| cache MiB | held |")
     out = [head, "|" + "---|" * 11]
-    full = {(r["length"], r["batch"]): r for r in rows if r["cache"] == "full"}
+    full = {(r["length"], r["batch"]): r for r in rows if r["cache"] == "full" and "error" not in r}
     for r in rows:
+        if "error" in r:
+            out.append(f"| {r['length']} | {r['batch']} | {r['cache']} | {r['error']} |" + " |" * 7)
+            continue
         f = full.get((r["length"], r["batch"]))
         p_ratio = f"{r['prefill_s'] / f['prefill_s']:.2f}x" if f else ""
         d_ratio = f"{r['decode_tokens_per_s'] / f['decode_tokens_per_s']:.2f}x" if f else ""
@@ -291,10 +294,17 @@ def main(argv=None):
             plan.append((args.memory_baseline, "tova"))
         for length, kind in plan:
             for batch in batches:
-                r = in_subprocess(cache_kind=kind, length=length, batch=batch, chunk=chunk, reps=reps(length), **common)
+                try:
+                    r = in_subprocess(cache_kind=kind, length=length, batch=batch, chunk=chunk, reps=reps(length),
+                                      **common)
+                except RuntimeError as err:  # e.g. the full cache out of memory: a row that says so
+                    reason = "out of memory" if "out of memory" in str(err).lower() else "failed"
+                    print(f"{length} x{batch} {kind}: {reason}\n{err}", flush=True)
+                    r = dict(cache=kind, length=length, batch=batch, error=reason)
                 rows.append(r)
-                print(f"{length} x{batch} {kind}: prefill {r['prefill_s']:.2f} s, "
-                      f"decode {r['decode_tokens_per_s']:.1f} tok/s", flush=True)
+                if "error" not in r:
+                    print(f"{length} x{batch} {kind}: prefill {r['prefill_s']:.2f} s, "
+                          f"decode {r['decode_tokens_per_s']:.1f} tok/s", flush=True)
                 md = write(len(plan) * len(batches))
     print(md)
     print(f"wrote {out.with_suffix('.json')} and .md")
