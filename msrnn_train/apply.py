@@ -61,6 +61,7 @@ class Controller:
     recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
     scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)
     hooks: list = field(default_factory=list)
+    chunked_configs: list = field(default_factory=list)  # generation configs whose prefill_chunk_size we set
     _store: dict = field(default_factory=dict)
 
     def cache_layer(self, layer_idx: int):
@@ -145,6 +146,12 @@ def apply_budget(model, spec: BudgetSpec | dict | str, **overrides):
         mod._msrnn = lb
         ctrl.layers.append(lb)
     dec._msrnn_controller = ctrl
+    # generate() feeds the prompt c tokens per forward (its own chunked prefill), unless the
+    # user chose a chunk size already
+    for gc in _generation_configs(model):
+        if getattr(gc, "prefill_chunk_size", None) is None:
+            gc.prefill_chunk_size = spec.prefill_chunk
+            ctrl.chunked_configs.append(gc)
     ctrl.hooks.append(dec.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True))
     ctrl.hooks.append(dec.register_forward_hook(_decoder_post_hook))
     config._attn_implementation_internal = ATTN_NAME
@@ -159,6 +166,8 @@ def remove_budget(model):
         return model
     for h in ctrl.hooks:
         h.remove()
+    for gc in ctrl.chunked_configs:
+        gc.prefill_chunk_size = None
     for layer in dec.layers:
         if hasattr(layer.self_attn, "_msrnn"):
             del layer.self_attn._msrnn
@@ -229,11 +238,22 @@ def set_layer_budget(model, budget: int) -> None:
                 lb.policy.recent = int(budget) // 2
 
 
-def make_cache(model):
-    """The bounded inference cache matching the model's budget."""
+def make_cache(model, prefill_chunk: int | None = None, decode_buffer: bool = True):
+    """The bounded inference cache matching the model's budget (`prefill_chunk`: tokens per
+    prefill chunk, default the spec's)."""
     from .cache import BoundedCache
 
-    return BoundedCache(model)
+    return BoundedCache(model, prefill_chunk=prefill_chunk, decode_buffer=decode_buffer)
+
+
+def _generation_configs(model) -> list:
+    """The generation configs generate() may read: the model's and, under peft, the base model's."""
+    out = []
+    for m in (model, model.get_base_model() if hasattr(model, "get_base_model") else None):
+        gc = getattr(m, "generation_config", None)
+        if gc is not None and all(gc is not o for o in out):
+            out.append(gc)
+    return out
 
 
 def _decoder_pre_hook(module, args, kwargs):

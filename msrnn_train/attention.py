@@ -15,7 +15,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .schedule import NEVER, LogitRows, Schedule, Slots, default_scan, rolling_schedule, unbounded_schedule
+from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, default_scan, rolling_schedule,
+                       unbounded_schedule)
 
 ATTN_NAME = "msrnn"
 
@@ -30,6 +31,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
     if mask.shape[-1] < total:
         mask = F.pad(mask, (0, total - mask.shape[-1]), value=True)
     mask = mask[:, :total]
+    if q_length == 1:  # a decoding step: no check that would wait for the device
+        return mask
     return None if bool(mask.all()) else mask
 
 
@@ -44,6 +47,31 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
 
     new_valid = (attention_mask[:, -T:] if attention_mask is not None
                  else torch.ones(B, T, dtype=torch.bool, device=query.device))
+    if cache_layer is None:  # teacher forcing
+        return _attend(layer, ctrl, None, query, key, value, new_valid, scaling,
+                       dropout if module.training else 0.0, window), None
+    if cache_layer.free is not None:  # `update` wrote the token into the layer's K + 1 slot buffer
+        return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window), None
+    # a prompt (or any multi-token call) through the cache: chunks of c queries, each scanned
+    # from the slots held after the previous one, so no mask is larger than c x (K + 1 + c)
+    c = ctrl.cache.prefill_chunk
+    P = key.shape[-2] - T
+    outs = []
+    for a in range(0, T, c):
+        b = min(T, a + c)
+        if a == 0:
+            k, v = key[:, :, :P + b], value[:, :, :P + b]
+        else:
+            k = torch.cat([cache_layer.keys, key[:, :, P + a:P + b]], -2)
+            v = torch.cat([cache_layer.values, value[:, :, P + a:P + b]], -2)
+        outs.append(_attend(layer, ctrl, cache_layer, query[:, :, a:b], k, v, new_valid[:, a:b], scaling, 0.0, window))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
+
+
+def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dropout, window):
+    """One call's schedule (from the cache's held slots, or from an empty state under teacher
+    forcing), the attention masked to it, and the cache's new held set."""
+    B, Hq, T, D = query.shape
     if cache_layer is not None:
         init, past = cache_layer.slots(), cache_layer.seen
         first_order = cache_layer.n_real
@@ -67,7 +95,7 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
                 logits = LogitRows(query.detach(), key.detach(), scaling)
                 scan_fn = layer.scan_fn or default_scan(query.device)
                 sched = scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
-                                      init=init, window=window, groups=layer.groups)
+                                init=init, window=window, groups=layer.groups)
         ctrl.store_schedule(layer.layer_idx, cache_layer is None, sched)
     if ctrl.recording is not None:
         ctrl.recording.setdefault(layer.layer_idx, []).append(sched)
@@ -79,11 +107,42 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
 
         keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
-    out = masked_attention(query, key, value, sched, new_valid, scaling, dropout if module.training else 0.0,
-                           layer.groups, soft_keep=keep, backend=ctrl.backend)
+    out = masked_attention(query, key, value, sched, new_valid, scaling, dropout, layer.groups, soft_keep=keep,
+                           backend=ctrl.backend)
     if cache_layer is not None:
         cache_layer.commit(sched.final, key, value, new_valid, T)
-    return out, None
+    return out
+
+
+def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window):
+    """One decoding step of a bounded layer over its K + 1 slots (the new token already written
+    into the free slot by `BoundedLayer.update`): attend over C_t, then the policy's step."""
+    B, Hq, _, D = query.shape
+    Hkv, G = key.shape[1], layer.groups
+    on = cache_layer.new_slot()  # (B, G, C)
+    valid = new_valid[:, -1]
+    held = cache_layer.valid | (on & valid.view(B, 1, 1))  # C_t
+    see = held | on  # a padding query sees its own key, so its softmax stays finite
+    mask = see.unsqueeze(2)  # (B, G, 1, C)
+    if G > 1:
+        mask = mask.repeat_interleave(Hq // G, dim=1)
+    k, v = key, value
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    with torch.no_grad():
+        row = None
+        if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan
+            with torch.autocast(query.device.type, enabled=False):
+                row = torch.matmul(query.detach().float(), k.detach().float().transpose(-1, -2)).squeeze(2) * scaling
+        acc = torch.where(on, 0.0, cache_layer.acc)
+        order = torch.where(on, cache_layer.n_real.view(B, 1, 1), cache_layer.order)
+        pos = torch.where(on, cache_layer.seen, cache_layer.pos)
+        held, acc = decode_step(layer.policy, layer.budget, row, held, order, pos, acc, valid, cache_layer.seen,
+                                window, G)
+    cache_layer.commit_step(held, order, pos, acc, valid)
+    return out.transpose(1, 2).contiguous()
 
 
 def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None,

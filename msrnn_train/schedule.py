@@ -225,6 +225,36 @@ def pick_victim(policy: Policy, held, order, score, acc) -> torch.Tensor:
     return torch.where(tied, order, torch.iinfo(torch.long).max).argmin(-1)
 
 
+def decode_step(policy: Policy, budget: int, row: torch.Tensor | None, held: torch.Tensor, order: torch.Tensor,
+                pos: torch.Tensor, acc: torch.Tensor, valid: torch.Tensor, new_pos: int, window: int | None,
+                groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step of `_step` (and the window expiry of `_run_steps`) for one new token on fixed
+    slots, written without a branch on tensor values, so a decoding step never waits for the
+    device. The BoundedCache runs it on its K + 1 slot buffer; tests/test_inference.py checks it
+    against `scan` on fresh random inputs.
+
+    held  – (B, G, C) C_t: the members held before the step plus the new token's slot
+    row   – (B, Hq, C) fp32 logits q_t . k_slot * scale (None when the policy needs no scores)
+    valid – (B,) whether the new token is real (a padding token changes nothing)
+    Returns the held mask and accumulated mass after the step.
+    """
+    B, G, C = held.shape
+    valid = valid.view(B, 1)
+    need = (held.sum(-1) > budget) & valid  # (B, G)
+    score = None
+    if policy.needs_scores:
+        src = torch.where(held, torch.arange(C, device=held.device), -1)
+        score = _scores(row, src, held, groups)
+        if policy.accumulates:
+            acc = acc + torch.where(held & valid.unsqueeze(-1), score, 0.0)
+    victim = pick_victim(policy, held, order, score, acc)  # (B, G)
+    drop = (torch.arange(C, device=held.device) == victim.unsqueeze(-1)) & need.unsqueeze(-1)
+    held = held & ~drop
+    if window is not None:  # the model's sliding window: a key at column p leaves after query p + W - 1
+        held = held & (pos > new_pos + 1 - window)
+    return held, acc
+
+
 def _put(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, value) -> None:
     """t[b, g, idx[b, g]] = value where valid[b]."""
     current = t.gather(2, idx)

@@ -35,6 +35,10 @@ class BudgetSpec:
     mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
                  differentiable relaxation with temperature `temperature`).
     temperature: soft-TOVA temperature τ.
+    prefill_chunk: inference only: a prompt enters a BoundedCache c tokens at a time (generate()
+                 feeds c tokens per forward; a longer forward is split per layer), so prefill
+                 holds O(K + c) keys per layer and builds O(c (K + c)) masks. Exact: chunked
+                 prefill equals one-token-at-a-time decoding.
     """
 
     policy: str = "tova"
@@ -43,6 +47,7 @@ class BudgetSpec:
     recent: int | None = None
     mode: str = "hard"
     temperature: float = 1.0
+    prefill_chunk: int = 128
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "BudgetSpec":
@@ -60,6 +65,8 @@ class BudgetSpec:
             raise BudgetError(f"recent: must be an integer >= 0 or null, got {self.recent!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             raise BudgetError(f"temperature: must be a number > 0, got {self.temperature!r}")
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise BudgetError(f"prefill_chunk: must be an integer >= 1 (tokens per prefill chunk), got {self.prefill_chunk!r}")
         if self.policy == "full":
             return self
         b = self.budget

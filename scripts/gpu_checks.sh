@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh headline   # the headline experiment at T = 2048 (scripts/headline.py)
 #   bash scripts/gpu_checks.sh tests      # only the tests (kernels, CUDA model paths, soft/flex)
 #   bash scripts/gpu_checks.sh bench-train [smollm2|mistral-7b] [suffix]
+#   bash scripts/gpu_checks.sh bench-decode # inference: Mistral-7B shape, 2k/8k/32k, full vs TOVA/window-512, batch 1 and 8
 #   bash scripts/gpu_checks.sh all        # kernels + zero
 #
 # Results go to $OUT (default outputs/gpu): logs, results JSON/Markdown. Uses the python on PATH
@@ -25,7 +26,8 @@ versions() {
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 }
 
-tests() { step "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_soft.py; }
+tests() { step "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_soft.py \
+  tests/test_inference.py; }
 
 kernels() {
   versions
@@ -52,10 +54,14 @@ case "${1:-all}" in
   kernels) kernels ;;
   tests) versions; tests ;;
   bench-train) step "$PY" scripts/bench_train.py --shape "${2:-smollm2}" --out "$OUT/bench_train${3:-}.json" ;;
+  bench-decode) versions
+    step "$PY" scripts/bench_decode.py --device cuda --lengths 2048 --chunks 128,256,512,1024,2048 \
+      --out "$OUT/bench_decode_chunks"
+    step "$PY" scripts/bench_decode.py --device cuda --out "$OUT/bench_decode" ;;
   zero) zero ;;
   headline) headline ;;
   all) kernels; zero ;;
-  *) echo "usage: $0 kernels|tests|bench-train|zero|headline|all" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|tests|bench-train|bench-decode|zero|headline|all" >&2; exit 2 ;;
 esac
 echo "=== done ($(date +%T)), status $status"
 exit $status
