@@ -58,6 +58,8 @@ def test_gemma3_sliding_layers_drop_keys_leaving_their_window():
     assert result["state_sizes"] == [4, T, 4]
     result = _check(model, BudgetSpec(policy="tova", budget=[3, 8, 6]), ids, mask)
     assert result["state_sizes"] == [3, 8, 4]
+    with pytest.raises(BudgetError, match="bidirectional"):
+        apply_budget(tiny_model("gemma3", use_bidirectional_attention=True), BudgetSpec(policy="tova", budget=4))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
