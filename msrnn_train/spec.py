@@ -123,6 +123,9 @@ class BudgetSpec:
                 )
         if getattr(config, "attn_logit_softcapping", None) or getattr(config, "sinks", None):
             raise BudgetError("the model uses attention soft-capping or learned sinks, which msrnn-train does not support")
+        if getattr(config, "use_bidirectional_attention", False):  # e.g. EmbeddingGemma: not a decoder
+            raise BudgetError("the model attends bidirectionally (use_bidirectional_attention); a bounded state "
+                              "needs a causal decoder")
         return self
 
     # ------------------------------------------------------------------ per-layer view

@@ -59,7 +59,8 @@ USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--sect
 EVAL_FILENAME = "eval_results.json"
 _EVAL_BEFORE = "eval_before.json"
 _WANDB_ID = "wandb_run_id.txt"
-HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # known Hub ids of embedded sources
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",  # known Hub ids of embedded sources
+           "gemma3": "google/gemma-3-270m"}
 
 
 def log(msg: str) -> None:

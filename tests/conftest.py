@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 def tiny_config(arch: str = "llama", **overrides):
     """A tiny random decoder config with grouped-query attention (4 query heads, 2 KV heads)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -29,6 +29,16 @@ def tiny_config(arch: str = "llama", **overrides):
         return MistralConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "gemma3":
+        # Gemma-3's own ideas: per-layer sliding (window 5, shorter than the test sequences: combined
+        # with the budget) and global layers with separate RoPE bases, scaling by
+        # query_pre_attn_scalar**-0.5 (not head_dim**-0.5), q/k norms, a scaled embedding
+        n = common["num_hidden_layers"]
+        common.setdefault("layer_types", [("full_attention" if i % 3 == 1 else "sliding_attention") for i in range(n)])
+        common.setdefault("sliding_window", 5)
+        common.setdefault("head_dim", 16)
+        common.setdefault("query_pre_attn_scalar", 24)
+        return Gemma3TextConfig(**common)
     raise ValueError(arch)
 
 

