@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -55,9 +56,19 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
 
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
+        name = str(adapter_dir)
+        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise FileNotFoundError(f"load_bounded: no adapter folder at {folder} (and {name!r} is not a Hub repo "
+                                    "id like 'owner/name')")
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(adapter_dir)))
+        try:
+            folder = Path(snapshot_download(name))
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: many types
+            raise FileNotFoundError(f"load_bounded: {name!r} is no local folder, and as a Hub repo id it could not be "
+                                    f"fetched ({type(err).__name__}: {err})") from None
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"load_bounded: {folder} holds no adapter (no adapter_config.json)")
     recipe = _read_recipe(folder)
     if base_model is None or isinstance(base_model, (str, Path)):
         source = base_model or (recipe or {}).get("model", {}).get("source") or _adapter_base(folder)
@@ -71,7 +82,13 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = PeftModel.from_pretrained(model, str(folder)).to(device)
     if (folder / SPEC_FILENAME).is_file():
-        apply_budget(model, BudgetSpec.load(folder))
+        spec = BudgetSpec.load(folder)  # BudgetError names the file when it is corrupt
+        spec.validate_for(model.config)
+        apply_budget(model, spec)
+    else:
+        warnings.warn(f"load_bounded: {folder} has no {SPEC_FILENAME}, so no budget is known: the model is returned "
+                      "unbounded (full state); apply one with msrnn_train.apply_budget(model, BudgetSpec(...))",
+                      UserWarning, stacklevel=2)
     model.eval()
     return model, tokenizer
 

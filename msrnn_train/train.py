@@ -261,7 +261,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     t0 = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.perf_counter() - t0
-    check_loss_curve(trainer.state.log_history, recipe)  # a diverged run is not saved
+    check_loss_curve(trainer.state.log_history, recipe, model.config.vocab_size)  # a diverged run is not saved
     set_soft_temperature(model, None)
     apply_budget(trainer.accelerator.unwrap_model(model), spec)  # the exact, full-K process from here on
 
@@ -534,17 +534,24 @@ class FiniteGuard(TrainerCallback):
         self._stop_if(bad, state, "the weights stopped being finite")
 
 
-def check_loss_curve(log_history: list[dict], recipe: Recipe) -> None:
-    """A run whose loss ends far above where it started diverged (e.g. a collapse to uniform
-    output after a too-large learning rate): TrainingFailed, so that it is not saved."""
+def check_loss_curve(log_history: list[dict], recipe: Recipe, vocab_size: int | None = None) -> None:
+    """A run whose loss ends far above where it started diverged, and one whose LM loss ends at
+    log(vocabulary) collapsed to uniform output (both after a too-large learning rate, say):
+    TrainingFailed, so that it is not saved."""
     losses = [h["loss"] for h in log_history if "loss" in h and "step" in h]
+    lm = [h["lm_loss"] for h in log_history if "lm_loss" in h and "step" in h]
     if len(losses) < 2:
         return
     first, last = losses[0], sum(losses[-3:]) / len(losses[-3:])
-    if not math.isfinite(last) or last > 1.5 * first + 1.0:
+    uniform = math.log(vocab_size) if vocab_size else None
+    collapsed = uniform is not None and len(lm) >= 2 and lm[0] < uniform - 0.5 and \
+        sum(lm[-3:]) / len(lm[-3:]) > uniform - 0.05
+    if not math.isfinite(last) or last > 1.5 * first + 1.0 or collapsed:
+        what = (f"the LM loss ended at {sum(lm[-3:]) / len(lm[-3:]):.3f} = log(vocabulary size {vocab_size}): the "
+                f"model collapsed to uniform output" if collapsed else
+                f"the training loss rose from {first:.3f} (first step) to {last:.3f} (last steps): the run diverged")
         raise TrainingFailed(
-            f"the training loss rose from {first:.3f} (first step) to {last:.3f} (last steps): the run diverged, "
-            f"so its adapter was not saved. Lower training.learning_rate (now {recipe.training.learning_rate:g}) or "
+            f"{what}, so its adapter was not saved. Lower training.learning_rate (now {recipe.training.learning_rate:g}) or "
             f"set training.max_grad_norm > 0 (now {recipe.training.max_grad_norm:g})")
 
 
@@ -670,7 +677,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "budget":
+        if isinstance(v, dict) and key != "budget.budget":  # a budget map is one value
             out.update(_flat(v, key + "."))
         else:
             out[key] = v
