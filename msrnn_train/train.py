@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"recipe error: {err}")
         return 2
     except TrainingFailed as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(file=sys.stderr)  # off the progress bar's line
         _error(f"training failed: {err}")
         return 1
     return 3 if result.get("push_error") else 0
