@@ -274,7 +274,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
                "before": before, "after": [], "model": model, "tokenizer": tokenizer}
     trainer.accelerator.wait_for_everyone()
     save_outputs(trainer, tokenizer, recipe, spec, out)  # every rank: ZeRO-3 gathers the LoRA weights collectively
-    if is_main and replaced:
+    if is_main and replaced is not None:
         shutil.rmtree(out / _REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
 
     # ---------------------------------------------------------------- 6. evaluate
@@ -781,40 +781,41 @@ def _resolve_resume(recipe: Recipe, out: Path) -> Path | None:
     return ckpt
 
 
-def _claim_output_dir(recipe: Recipe, out: Path, resume: Path | None) -> list[Path]:
-    """Refuse an output folder that holds another run, unless training.overwrite_output_dir; returns
-    that run's checkpoints (to be set aside, so the Trainer's rotation never deletes them and a
-    resume never picks them up)."""
+def _claim_output_dir(recipe: Recipe, out: Path, resume: Path | None) -> list[Path] | None:
+    """Refuse an output folder that holds another run, unless training.overwrite_output_dir; then
+    returns that run's checkpoints (set aside in out/.replaced-run, so the Trainer's rotation never
+    deletes them and a resume never picks them up; removed once this run's adapter is saved).
+    None: nothing is replaced."""
     if resume is not None or not out.is_dir():
-        return []
+        return None
     ckpts = _checkpoints(out)
     if not ckpts and not any((out / n).exists() for n in ("adapter_config.json", RECIPE_FILENAME)):
-        return []
+        return None
     saved = _saved_recipe(out) or next((r for c in ckpts if (r := _saved_recipe(c)) is not None), None)
     if saved is None:
         diffs = ["no recipe.yaml says what run it is"]
     else:
         diffs = recipe_differences(saved, recipe)
     if not diffs:
-        return []  # the same recipe run again: its files are replaced as it goes
+        return None  # the same recipe run again: its files are replaced as it goes
     if not recipe.training.overwrite_output_dir:
         raise RecipeError(
             f"training.output_dir: {out} already holds another run ({'; '.join(diffs)}). Choose another "
             "output_dir, resume that run with its own recipe (training.resume_from_checkpoint: true), or set "
             "training.overwrite_output_dir: true to replace it (its adapter stays until this run succeeds)")
     log(f"training.overwrite_output_dir: replacing the run in {out} ({'; '.join(diffs)}); its adapter stays until "
-        f"this run's adapter is saved")
+        f"this run's adapter is saved, its checkpoints wait in {out / _REPLACED} until then")
     return ckpts
 
 
-def _set_aside(out: Path, ckpts: list[Path]) -> None:
+def _set_aside(out: Path, ckpts: list[Path] | None) -> None:
     if not ckpts:
         return
     aside = out / _REPLACED
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
+    aside.mkdir(exist_ok=True)  # an earlier failed attempt may have set checkpoints aside already
     for c in ckpts:
-        os.replace(c, aside / c.name)
+        target = aside / c.name
+        os.replace(c, target if not target.exists() else aside / f"{c.name}.{time.time_ns()}")
 
 
 def _zero3_enabled(recipe: Recipe) -> bool:
