@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,32 @@ def split_books(books: dict[str, str], heldout: list[str] | int = DEFAULT_HELDOU
 
 
 # ----------------------------------------------------------------------------- generic sources
+class DataError(ValueError):
+    """A text source that cannot give training or evaluation text; the message says why (callers
+    prefix the option or recipe key that named the source)."""
+
+
+class DataWarning(UserWarning):
+    """Text that is used, but not as it stands (another encoding, a skipped file)."""
+
+
+def read_text_file(path: Path) -> str | None:
+    """A .txt file's text: UTF-8 (a BOM dropped); other bytes are read as Latin-1 with a warning
+    saying so; a binary file (NUL bytes) is skipped with a warning (None)."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        warnings.warn(f"{path}: a binary file (NUL bytes), not text: skipped", DataWarning, stacklevel=2)
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        warnings.warn(f"{path}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); decoded as "
+                      "Latin-1 (ISO-8859-1), every byte one character; convert the file to UTF-8 if that is wrong",
+                      DataWarning, stacklevel=2)
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text
+
+
 def _looks_like_path(source: str) -> bool:
     suffix = Path(source).suffix.lower()
     return source.startswith((".", "/", "~")) or suffix in (".txt", ".json", ".jsonl", ".parquet")
@@ -179,10 +206,13 @@ def load_texts(source: str | os.PathLike) -> dict[str, str]:
     path = Path(src).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
-        texts = {f.relative_to(path).with_suffix("").as_posix():
-                 f.read_text(encoding="utf-8-sig", errors="replace") for f in files}
+        if not files:
+            raise DataError(f"{path}: a folder with no .txt files")
+        texts = {f.relative_to(path).with_suffix("").as_posix(): read_text_file(f) for f in files}
+        texts = {k: v for k, v in texts.items() if v is not None}
     elif path.is_file() and path.suffix.lower() == ".txt":
-        texts = {path.stem: path.read_text(encoding="utf-8-sig", errors="replace")}
+        text = read_text_file(path)
+        texts = {} if text is None else {path.stem: text}
     elif path.is_file() and path.suffix.lower() in (".json", ".jsonl", ".parquet"):
         import datasets
 
@@ -190,7 +220,10 @@ def load_texts(source: str | os.PathLike) -> dict[str, str]:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         texts = _rows_to_texts(ds, path.stem, str(path))
     elif _looks_like_path(src):
-        raise FileNotFoundError(f"Text source not found or unsupported: {src}")
+        if path.exists():
+            raise DataError(f"{path}: unsupported text source; give a .txt file, a folder of .txt files or a "
+                            ".json/.jsonl/.parquet file with a 'text' column")
+        raise FileNotFoundError(f"{path}: no such file or folder")
     else:
         import datasets
 
@@ -205,7 +238,10 @@ def load_texts(source: str | os.PathLike) -> dict[str, str]:
                 f"dataset is not cached locally, or the id is wrong. Original error: "
                 f"{type(err).__name__}: {err}") from err
         texts = _rows_to_texts(ds, name.replace("/", "__"), src)
-    return {k: v for k, v in texts.items() if v.strip()}
+    kept = {k: v for k, v in texts.items() if v.strip()}
+    if not kept:
+        raise DataError(f"{src}: no text in it (every document is empty{' or binary' if path.exists() else ''})")
+    return kept
 
 
 def _rows_to_texts(ds, stem: str, where: str) -> dict[str, str]:

@@ -23,8 +23,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -593,8 +595,17 @@ bounded cache starts with the answer", at the cost of one forward pass.
 """
 
 
+class ArgError(ValueError):
+    """A bad command line; the message names the option and what is allowed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage first)
+        raise ArgError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m msrnn_train.evaluate",
         description="Perplexity (and optionally in-context retrieval and long generation) of a model under "
                     "bounded-state policies and budgets, against the full-state baseline. Evaluation is "
@@ -672,34 +683,158 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args):
-    from .models import load_model
+def _ints(option: str, text: str | None, low: int) -> list[int]:
+    values = []
+    for item in _csv(text):
+        try:
+            k = int(item)
+        except ValueError:
+            raise ArgError(f"{option}: {item!r} is not an integer; give a comma list of integers >= {low}, "
+                           "e.g. 64,128") from None
+        if k < low:
+            raise ArgError(f"{option}: {k} is not allowed; every value must be >= {low}")
+        values.append(k)
+    if text is not None and not values:
+        raise ArgError(f"{option}: empty; give a comma list of integers >= {low}, e.g. 64,128")
+    return values
+
+
+def _writable_file(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ArgError(f"{option}: {p} is a folder; give a file name")
+    probe = p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ArgError(f"{option}: cannot write {p}: {probe} is a file, not a folder")
+    if not os.access(probe if not p.exists() else p, os.W_OK):
+        raise ArgError(f"{option}: cannot write {p}: permission denied")
+
+
+def check_args(args) -> BudgetSpec | None:
+    """Everything the command line says that can be checked without the model; raises ArgError.
+    Returns the adapter's (or fine-tuned model's) saved budget spec, if any. Warns (stderr) where
+    the numbers will mean little: K >= the window, a very short window."""
+    from .models import check_source
+    from .policies import POLICIES
+    from .recipe import DTYPES
+
+    tasks = _tasks_of(args)
+    unknown = tasks - {"ppl", "retrieval", "generation"}
+    if unknown or not (tasks or args.retrieval):
+        raise ArgError(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, retrieval, generation")
+    if args.baseline_adapter and not args.adapter:
+        raise ArgError("--baseline-adapter: compares two adapters; give the tuned one with --adapter too")
+    if args.baseline_adapter and not (Path(args.baseline_adapter) / "adapter_config.json").is_file():
+        raise ArgError(f"--baseline-adapter: no adapter (adapter_config.json) in {args.baseline_adapter}")
+    for p in _csv(args.policies) + _csv(args.hybrid_policies):
+        if p not in POLICIES:
+            raise ArgError(f"--policies: unknown policy {p!r}; allowed: {', '.join(POLICIES)}")
+    if args.policies is not None and not _csv(args.policies):
+        raise ArgError(f"--policies: empty; allowed: {', '.join(POLICIES)}")
+    budgets = _ints("--budgets", args.budgets, 1)
+    _ints("--hybrid-budgets", args.hybrid_budgets, 1)
+    for option, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
+                               ("--max-windows", args.max_windows, 0), ("--sinks", args.sinks, 0),
+                               ("--recent", args.recent, 0), ("--retrieval-n", args.retrieval_n, 1),
+                               ("--recall-pairs", args.recall_pairs, 1), ("--needle-words", args.needle_words, 1),
+                               ("--retrieval-batch-size", args.retrieval_batch_size, 1),
+                               ("--gen-tokens", args.gen_tokens, 1), ("--gen-prompts", args.gen_prompts, 1),
+                               ("--gen-prompt-words", args.gen_prompt_words, 1)):
+        if value is not None and value < low:
+            why = " (a window needs 2 tokens to predict one)" if option == "--seq-len" else ""
+            raise ArgError(f"{option}: must be >= {low}, got {value}{why}")
+    if args.dtype not in DTYPES:
+        raise ArgError(f"--dtype: {args.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    if not str(args.model).startswith("random:"):
+        try:
+            check_source(args.model)
+        except FileNotFoundError as err:
+            raise ArgError(f"--model: {err}") from None
+    if "ppl" in tasks and args.text != "gutenberg" and not args.text.startswith("gutenberg:"):
+        from .data import _looks_like_path
+
+        if _looks_like_path(args.text) or Path(args.text).expanduser().exists():
+            from .data import DataError, load_texts
+
+            try:  # local text is read now (it is small next to a model): an empty or binary source stops here
+                args.texts = load_texts(args.text)
+            except (OSError, DataError) as err:
+                raise ArgError(f"--text: {err}") from None
+    spec = None
+    if args.adapter is not None:
+        folder = Path(args.adapter).expanduser()
+        if not folder.is_dir():
+            raise ArgError(f"--adapter: no adapter folder at {folder}")
+        if not (folder / "adapter_config.json").is_file():
+            raise ArgError(f"--adapter: {folder} holds no adapter (no adapter_config.json)")
+        if (folder / SPEC_FILENAME).is_file():
+            spec = _load_spec("--adapter", folder)
+        else:
+            _warn(f"--adapter: {folder} has no {SPEC_FILENAME}, so no trained budget is known: the adapter is "
+                  f"evaluated under --policies/--budgets (default {','.join(DEFAULT_POLICIES)} x "
+                  f"{','.join(map(str, DEFAULT_BUDGETS))})")
+    elif Path(args.model).is_dir() and (Path(args.model) / SPEC_FILENAME).is_file():
+        spec = _load_spec("--model", Path(args.model))  # a fully fine-tuned model saved with its spec
+    _writable_file("--json", args.json)
+    _writable_file("--plot", args.plot)
+    if "ppl" in tasks:
+        ks = budgets or ([k for k in spec._all_ints()] if spec is not None else DEFAULT_BUDGETS)
+        big = [k for k in ks if k >= args.seq_len]
+        if big:
+            _warn(f"--budgets: K={big} >= --seq-len {args.seq_len}: no state is ever evicted in a window, so those "
+                  f"rows equal the full state; use K < seq_len")
+        if args.seq_len < 16:
+            _warn(f"--seq-len {args.seq_len}: windows this short make a perplexity that means little "
+                  "(every token sees at most a few others); use hundreds of tokens")
+    return spec
+
+
+def _load_spec(option: str, folder: Path) -> BudgetSpec:
+    from .spec import BudgetError
+
+    try:
+        return BudgetSpec.load(folder)
+    except BudgetError as err:
+        raise ArgError(f"{option}: {err}") from None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _load(args, spec: BudgetSpec | None = None):
+    from .train import load_base_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    spec = None
+    model, tokenizer = load_base_model(args.model, dtype=args.dtype, device=device)
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
         model.eval()
-        if (Path(args.adapter) / SPEC_FILENAME).is_file():
-            spec = BudgetSpec.load(args.adapter)
-    elif Path(args.model).is_dir() and (Path(args.model) / SPEC_FILENAME).is_file():
-        spec = BudgetSpec.load(args.model)  # a fully fine-tuned model saved with its spec
+    if spec is not None:
+        spec.validate_for(model.config)
     return model, tokenizer, spec
 
 
 def _windows(args, tokenizer) -> torch.Tensor:
-    from .data import DEFAULT_HELDOUT, gutenberg_books, load_texts, make_windows, split_books, tokenize_documents
+    from .data import (DEFAULT_HELDOUT, DataError, gutenberg_books, load_texts, make_windows, split_books,
+                       tokenize_documents)
 
     if args.text == "gutenberg":
         texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
     else:
-        texts = load_texts(args.text)
+        try:
+            texts = getattr(args, "texts", None) or load_texts(args.text)
+        except (OSError, RuntimeError, DataError) as err:
+            raise ArgError(f"--text: {err}") from None
     windows = make_windows(tokenize_documents(texts, tokenizer), args.seq_len, args.max_windows or None)
     if windows.shape[0] == 0:
-        raise SystemExit(f"--text {args.text}: no complete window of {args.seq_len} tokens")
+        raise ArgError(f"--text {args.text}: no document is --seq-len {args.seq_len} tokens long")
     return windows
 
 
@@ -767,12 +902,12 @@ def _suite_args(args) -> dict:
     tasks = _csv(args.retrieval_tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise SystemExit(f"--retrieval-tasks: unknown task(s) {bad or tasks}; allowed: {', '.join(TASKS)}")
+        raise ArgError(f"--retrieval-tasks: unknown task(s) {bad or tasks}; allowed: {', '.join(TASKS)}")
     difficulty: dict[str, int | None] = {t: None for t in tasks}
     for item in _csv(args.retrieval_difficulty):
         name, eq, value = item.rpartition("=")
         if not value.isdigit() or (eq and name not in tasks):
-            raise SystemExit(f"--retrieval-difficulty: {item!r}; give N or task=N with a task of --retrieval-tasks")
+            raise ArgError(f"--retrieval-difficulty: {item!r}; give N or task=N with a task of --retrieval-tasks")
         for t in ([name] if eq else tasks):
             difficulty[t] = int(value)
     hybrids = [h.strip() for h in args.full_layers.split(";") if h.strip()] or ["none"]
@@ -780,9 +915,9 @@ def _suite_args(args) -> dict:
         try:
             parse_hybrid(h)
         except ValueError as err:
-            raise SystemExit(f"--full-layers: {err}") from None
+            raise ArgError(f"--full-layers: {err}") from None
     if args.retrieval_length < 16:
-        raise SystemExit(f"--retrieval-length: must be >= 16 tokens, got {args.retrieval_length}")
+        raise ArgError(f"--retrieval-length: must be >= 16 tokens, got {args.retrieval_length}")
     augment = {"off": (False,), "on": (True,), "both": (False, True), "bounded": (False, True)}[args.augment]
     return {"tasks": tasks, "difficulty": difficulty, "hybrids": hybrids, "augment": augment}
 
@@ -826,19 +961,44 @@ def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, bes
 
 
 def main(argv=None) -> int:
+    """The CLI; a bad argument or input is one line on stderr and exit code 2, before the model
+    loads wherever the information allows."""
+    from .data import DataError, DataWarning
+    from .spec import BudgetError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DataWarning)
+            show = warnings.showwarning
+            warnings.showwarning = lambda message, category, *a, **k: _warn(str(message)) \
+                if issubclass(category, DataWarning) else show(message, category, *a, **k)
+            return _main(argv)
+    except (ArgError, DataError, BudgetError) as err:
+        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _tasks_of(args) -> set[str]:
+    """--tasks, defaulting to ppl (or to nothing beside --retrieval's grid)."""
+    return set(_csv(args.tasks if args.tasks is not None else "" if args.retrieval else "ppl"))
+
+
+def _main(argv=None) -> int:
+    from .spec import BudgetError
+
     args = build_parser().parse_args(argv)
-    if args.baseline_adapter and not args.adapter:
-        raise SystemExit("--baseline-adapter: compares two adapters; give the tuned one with --adapter too")
-    if args.baseline_adapter and not (Path(args.baseline_adapter) / "adapter_config.json").is_file():
-        raise SystemExit(f"--baseline-adapter: no adapter (adapter_config.json) in {args.baseline_adapter}")
-    tasks = set(_csv(args.tasks if args.tasks is not None else "" if args.retrieval else "ppl"))
-    unknown = tasks - {"ppl", "retrieval", "generation"}
-    if unknown:
-        raise SystemExit(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, retrieval, generation")
+    saved_spec = check_args(args)
+    tasks = _tasks_of(args)
     suite = _suite_args(args) if args.retrieval else None  # checked before any weights load
     progress = not args.no_progress
     start = time.perf_counter()
-    model, tokenizer, saved_spec = _load(args)
+    try:
+        model, tokenizer, saved_spec = _load(args, saved_spec)
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, (ArgError, BudgetError, torch.OutOfMemoryError)):
+            raise
+        raise ArgError(f"--model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}: could not be "
+                       f"loaded: {type(err).__name__}: {err}") from None
     specs = _grid(args, saved_spec)
     adapter = args.adapter is not None
     passes = [(False, False), (True, True)] if adapter else [(True, None)]  # (adapter_on, adapted field)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
 
 from .recipe import RECIPE_FILENAME, Recipe
-from .spec import SPEC_FILENAME, BudgetSpec
+from .spec import SPEC_FILENAME, BudgetSpec, budget_key
 
 CARD_TAGS = ["msrnn-train", "multi-state-rnn", "bounded-kv-cache", "lora", "peft"]
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "eval_before.json", "wandb_run_id.txt",
@@ -57,9 +58,19 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
 
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
+        name = str(adapter_dir)
+        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise FileNotFoundError(f"load_bounded: no adapter folder at {folder} (and {name!r} is not a Hub repo "
+                                    "id like 'owner/name')")
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(adapter_dir)))
+        try:
+            folder = Path(snapshot_download(name))
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: many types
+            raise FileNotFoundError(f"load_bounded: {name!r} is no local folder, and as a Hub repo id it could not be "
+                                    f"fetched ({type(err).__name__}: {err})") from None
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"load_bounded: {folder} holds no adapter (no adapter_config.json)")
     recipe = _read_recipe(folder)
     if base_model is None or isinstance(base_model, (str, Path)):
         source = base_model or (recipe or {}).get("model", {}).get("source") or _adapter_base(folder)
@@ -73,7 +84,13 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = PeftModel.from_pretrained(model, str(folder)).to(device)
     if (folder / SPEC_FILENAME).is_file():
-        apply_budget(model, BudgetSpec.load(folder))
+        spec = BudgetSpec.load(folder)  # BudgetError names the file when it is corrupt
+        spec.validate_for(model.config)
+        apply_budget(model, spec)
+    else:
+        warnings.warn(f"load_bounded: {folder} has no {SPEC_FILENAME}, so no budget is known: the model is returned "
+                      "unbounded (full state); apply one with msrnn_train.apply_budget(model, BudgetSpec(...))",
+                      UserWarning, stacklevel=2)
     model.eval()
     return model, tokenizer
 
@@ -101,13 +118,14 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
     repo_id = repo_id or (r.get("hub") or {}).get("repo_id")
     name = repo_id or Path(output_dir).name
     location = repo_id or output_dir  # what load_bounded() takes: a Hub repo id or the local folder
-    before = {(b["policy"], str(b["budget"])): b for b in baseline_records or []}  # str: a hybrid's list budget
+    before = {(b["policy"], budget_key(b["budget"])): b for b in baseline_records or []}
 
     table = []
     for rec in eval_records:
         row = {"policy": rec["policy"], "budget": rec["budget"], "ppl": _round(rec.get("ppl"))}
-        if (rec["policy"], str(rec["budget"])) in before:
-            row["ppl_before"] = _round(before[(rec["policy"], str(rec["budget"]))].get("ppl"))
+        key = (rec["policy"], budget_key(rec["budget"]))
+        if key in before:
+            row["ppl_before"] = _round(before[key].get("ppl"))
         if rec.get("tokens") is not None:
             row["tokens"] = rec["tokens"]
         table.append(row)

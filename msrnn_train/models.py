@@ -163,6 +163,50 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, attn_implementation: str | None):
     return _from_pretrained(str(target), dtype, attn_implementation)
 
 
+def _looks_like_path(src: str) -> bool:
+    return src.startswith((".", "/", "~")) or src.lower().endswith(".gguf") or src.count("/") > 1 \
+        or os.sep != "/" and os.sep in src
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Raise FileNotFoundError when a model source names a local file or folder that is not there
+    (a Hub id, "owner/name", is left to the loader)."""
+    src = str(source)
+    if src.lower() == "smollm2" or src.startswith("random:"):
+        return
+    path = Path(src).expanduser()
+    if src.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+    elif _looks_like_path(src) and not path.is_dir():
+        raise FileNotFoundError(f"no model folder at {path} (a local source is a folder written by "
+                                f"save_pretrained, a .gguf file, 'smollm2', or a Hub id like 'owner/name')")
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a folder without config.json, not a saved model")
+
+
+def load_config(source: str | os.PathLike):
+    """The transformers config of a model source, read without loading any weights (for checks such
+    as the number of layers before a run starts); None when it cannot be read from here (a Hub id
+    that is neither cached nor reachable). Raises FileNotFoundError like `check_source`."""
+    from transformers import AutoConfig
+
+    check_source(source)
+    src = str(source)
+    try:
+        if src.lower() == "smollm2" or src.lower().endswith(".gguf"):
+            gguf = smollm2_gguf_path() if src.lower() == "smollm2" else Path(src).expanduser().resolve()
+            target = _converted_dir(gguf)
+            if (target / "config.json").is_file():
+                return AutoConfig.from_pretrained(str(target))
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(str(Path(src).expanduser()) if Path(src).expanduser().is_dir() else src)
+    except FileNotFoundError:
+        raise
+    except Exception:  # noqa: BLE001 - offline / unknown Hub id: checked when the model loads
+        return None
+
+
 def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa"):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
@@ -187,10 +231,10 @@ def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype =
     elif src.lower() == "gemma3":
         model, tokenizer = _load_gguf(gemma3_gguf_path(), torch_dtype, attn_implementation)
     elif src.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+        check_source(src)
         model, tokenizer = _load_gguf(path.resolve(), torch_dtype, attn_implementation)
-    elif path.is_dir():
+    elif path.is_dir() or _looks_like_path(src):
+        check_source(src)
         model, tokenizer = _from_pretrained(str(path), torch_dtype, attn_implementation)
     else:
         try:

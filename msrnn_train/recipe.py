@@ -148,7 +148,10 @@ class TrainingConfig:
     logging_steps: int = 1
     save_steps: int = 20
     save_total_limit: int | None = 2
-    resume_from_checkpoint: bool | str | None = None  # true: the last checkpoint in output_dir; or a path
+    resume_from_checkpoint: bool | str | None = None  # true: the last complete checkpoint in output_dir; or a path
+    # a run owns its output_dir: one holding another run (a different recipe) is refused unless this is
+    # true; its adapter is then replaced only when the new run succeeds
+    overwrite_output_dir: bool = False
     dataloader_num_workers: int = 0
 
 
@@ -276,6 +279,9 @@ class Recipe:
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
                 raise RecipeError(f"budget.hybrid: {b.hybrid!r} keeps some layers unbounded and bounds the others to "
                                   f"one integer budget.budget (got policy={b.policy!r}, budget={b.budget!r})")
+        if b.policy != "full" and isinstance(b.budget, dict) and "default" not in b.budget:
+            warnings.warn(f"budget.budget: the map {b.budget} has no 'default', so every layer it does not name "
+                          "is unbounded (full state); add e.g. default: 64 to bound them", RecipeWarning, stacklevel=2)
         ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
         if ks and min(ks) >= d.seq_len:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
@@ -374,9 +380,20 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a text (UTF-8 YAML) file; is it a recipe?") from None
+        except OSError as err:
+            raise RecipeError(f"{path}: cannot read the recipe ({err.strerror or err})") from None
+        if "\x00" in text:
+            raise RecipeError(f"{path}: a binary file, not a YAML recipe")
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+            raise RecipeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        if raw is None or raw == {}:
+            raise RecipeError(f"{path}: the recipe is empty; start from a shipped one (recipes/tiny.yaml, "
+                              "recipes/smollm2_gutenberg.yaml), or give no recipe path to run the embedded default")
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     if overrides:

@@ -181,7 +181,25 @@ class BudgetSpec:
         path = Path(directory)
         if path.is_dir():
             path = path / SPEC_FILENAME
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise BudgetError(f"{path}: not a readable budget file ({type(err).__name__}: {err})") from None
+        if not isinstance(raw, dict):
+            raise BudgetError(f"{path}: a budget file is a JSON object like {{\"policy\": \"tova\", \"budget\": 64}}, "
+                              f"got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except (BudgetError, TypeError) as err:
+            raise BudgetError(f"{path}: {err}") from None
+
+
+def budget_key(budget) -> str:
+    """A hashable, order-independent name of a budget (an int, a per-layer list or a map), for
+    matching evaluation records: `(record["policy"], budget_key(record["budget"]))`."""
+    if isinstance(budget, dict):
+        budget = {str(k): v for k, v in budget.items()}
+    return json.dumps(budget, sort_keys=True)
 
 
 def _as_k(value) -> int | None:

@@ -32,7 +32,9 @@ if __name__ == "__main__" and not __package__:  # run as a script path (accelera
 import contextlib
 import json
 import math
+import re
 import resource
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +50,7 @@ from msrnn_train import BudgetSpec, apply_budget, full_state, get_budget
 from msrnn_train.losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
 from msrnn_train.recipe import RECIPE_FILENAME, Recipe, RecipeError, RecipeWarning, load_recipe
 from msrnn_train.soft import budget_at, set_soft_temperature, tau_at
+from msrnn_train.spec import BudgetError, budget_key
 
 USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
 
@@ -59,6 +62,7 @@ USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--sect
 EVAL_FILENAME = "eval_results.json"
 _EVAL_BEFORE = "eval_before.json"
 _WANDB_ID = "wandb_run_id.txt"
+_REPLACED = ".replaced-run"  # another run's checkpoints, set aside by training.overwrite_output_dir
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",  # known Hub ids of embedded sources
            "gemma3": "google/gemma-3-270m"}
 
@@ -78,28 +82,68 @@ def main(argv: list[str] | None = None) -> int:
     argv = _drop_local_rank(argv)  # the rank comes from the LOCAL_RANK environment variable
     recipe_path = argv.pop(0) if argv and not argv[0].startswith("--") else None
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RecipeWarning)
+        with _warnings_to_log():
             recipe = load_recipe(recipe_path, argv)
-        for w in caught:
-            if issubclass(w.category, RecipeWarning):
-                log(f"warning: {w.message}")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if not validate_only:
-            check_runtime(recipe)
-    except RecipeError as err:
-        print(f"recipe error: {err}", file=sys.stderr)
+            if validate_only:
+                check_model(recipe)  # the model's config, no weights: budget list length, map keys
+                print(recipe.to_yaml(), end="")
+                return 0
+            result = train(recipe)
+    except RecipeError as err:  # before any weights load where the information allows it
+        _error(f"recipe error: {err}")
         return 2
-    if validate_only:
-        print(recipe.to_yaml(), end="")
-        return 0
-    try:
-        result = train(recipe)
-    except RecipeError as err:  # found once the model or data is known (e.g. lora.target_modules)
-        print(f"recipe error: {err}", file=sys.stderr)
-        return 2
+    except TrainingFailed as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(file=sys.stderr)  # off the progress bar's line
+        _error(f"training failed: {err}")
+        return 1
     return 3 if result.get("push_error") else 0
+
+
+def _error(message: str) -> None:
+    """One line on stderr, from the main process only (every rank of a launch stops the same way)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(" ".join(message.split()), file=sys.stderr, flush=True)
+
+
+class TrainingFailed(RuntimeError):
+    """The run went wrong (a non-finite loss or gradient, a diverged loss); nothing was saved."""
+
+
+@contextlib.contextmanager
+def _warnings_to_log():
+    """Recipe and data warnings go to the run's log as one line each, as they happen."""
+    from msrnn_train.data import DataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RecipeWarning)
+        warnings.simplefilter("always", DataWarning)
+        show = warnings.showwarning
+
+        def _show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, (RecipeWarning, DataWarning)):
+                log(f"warning: {message}")
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = _show
+        yield
+
+
+def check_model(recipe: Recipe):
+    """The model source exists and the budget fits its config (layer count for a per-layer list or
+    map, head grouping), read from the config alone; returns the config (None for a Hub id that
+    cannot be read from here: then the check runs once the model is loaded)."""
+    try:
+        config = model_config(recipe.model.source)
+    except FileNotFoundError as err:
+        raise RecipeError(f"model.source: {err}") from None
+    if config is not None:
+        try:
+            recipe.budget_spec().validate_for(config)
+        except BudgetError as err:
+            raise RecipeError(f"budget.{err} (model.source {recipe.model.source})") from None
+    return config
 
 
 def check_runtime(recipe: Recipe) -> None:
@@ -122,6 +166,29 @@ def check_runtime(recipe: Recipe) -> None:
         raise RecipeError(f"training.resume_from_checkpoint: no checkpoint folder at {resume}")
     if recipe.training.bf16 and not torch.cuda.is_available() and recipe.model.dtype == "float16":
         raise RecipeError("training.bf16 with model.dtype float16: use model.dtype bfloat16 or float32")
+    _check_writable_dir("training.output_dir", Path(recipe.training.output_dir))
+    src = str(recipe.data.source)
+    if not src.startswith("gutenberg") and _looks_like_path(src) and not Path(src).expanduser().exists():
+        raise RecipeError(f"data.source: no such file or folder: {src}")
+
+
+def _looks_like_path(src: str) -> bool:
+    from msrnn_train.data import _looks_like_path as looks
+
+    return looks(src)
+
+
+def _check_writable_dir(key: str, path: Path) -> None:
+    """`path` is (or can be made) a folder this process can write into."""
+    path = path.expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == path else f"is inside {probe}, which is a file"
+        raise RecipeError(f"{key}: {path} {what}; give a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RecipeError(f"{key}: {probe} is not writable by this user; give a writable folder")
 
 
 # ============================================================================ the run
@@ -130,9 +197,14 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     # ---------------------------------------------------------------- 1. setup
     t_cfg = recipe.training
     out = Path(t_cfg.output_dir)
-    resume = _resolve_resume(t_cfg.resume_from_checkpoint, out)
+    check_runtime(recipe)
+    check_model(recipe)
+    texts = _training_texts(recipe)  # read and split before any weights load: bad data stops here
+    resume = _resolve_resume(recipe, out)
+    replaced = _claim_output_dir(recipe, out, resume)  # a folder holding another run is refused
     spec = recipe.budget_spec()
     args = _training_arguments(recipe)
+    args.distributed_state.wait_for_everyone()  # every rank decided on the same files before any are written
     set_seed(t_cfg.seed)
     is_main = args.process_index == 0
     # ZeRO-3 shards the weights: every forward pass is a collective (all ranks evaluate, rank 0
@@ -141,14 +213,24 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     evaluates = is_main or zero3
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        recipe.save(out)
+        _set_aside(out, replaced)
+        if not (out / "adapter_config.json").exists():  # marks the folder as this run's; an adapter
+            recipe.save(out)  # already there keeps its own recipe until this run's adapter replaces it
     use_wandb = setup_wandb(recipe, out, resuming=resume is not None) if is_main else _wandb_wanted(recipe)
     args.report_to = ["wandb"] if use_wandb else []
 
     # ---------------------------------------------------------------- 2. model
-    model, tokenizer = load_base_model(recipe.model.source, recipe.model.dtype,
-                                       attn_implementation=recipe.model.attn_implementation)
-    spec.validate_for(model.config)
+    try:
+        model, tokenizer = load_base_model(recipe.model.source, recipe.model.dtype,
+                                           attn_implementation=recipe.model.attn_implementation)
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, RecipeError):
+            raise
+        raise RecipeError(f"model.source: {recipe.model.source!r} could not be loaded: {err}") from None
+    try:
+        spec.validate_for(model.config)
+    except BudgetError as err:
+        raise RecipeError(f"budget.{err}") from None
     model.config.use_cache = False
     model = add_lora(model, recipe)
     if recipe.budget.hybrid is not None:  # which layers stay unbounded (auto:N probes the model)
@@ -161,7 +243,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 
     # ---------------------------------------------------------------- 3. data
-    train_windows, eval_windows = build_windows(recipe, tokenizer)
+    train_windows, eval_windows = build_windows(recipe, tokenizer, texts)
     log(f"data: {len(train_windows)} training windows, {len(eval_windows)} held-out windows of "
         f"{recipe.data.seq_len} tokens")
     if len(train_windows) == 0:
@@ -192,6 +274,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     t0 = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.perf_counter() - t0
+    check_loss_curve(trainer.state.log_history, recipe, model.config.vocab_size)  # a diverged run is not saved
     set_soft_temperature(model, None)
     apply_budget(trainer.accelerator.unwrap_model(model), spec)  # the exact, full-K process from here on
 
@@ -202,6 +285,8 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
                "before": before, "after": [], "model": model, "tokenizer": tokenizer}
     trainer.accelerator.wait_for_everyone()
     save_outputs(trainer, tokenizer, recipe, spec, out)  # every rank: ZeRO-3 gathers the LoRA weights collectively
+    if is_main and replaced is not None:
+        shutil.rmtree(out / _REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
 
     # ---------------------------------------------------------------- 6. evaluate
     if len(eval_windows) and evaluates:
@@ -272,14 +357,34 @@ def random_model(name: str = "tiny-llama"):
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tokenizer.name_or_path = f"random:{name}"
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = random_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     model.config._attn_implementation_internal = "sdpa"
     return model, tokenizer
+
+
+def random_config(name: str = "tiny-llama"):
+    """The config of `random_model(name)` (2 layers, GQA 4/2, a 259-token byte vocabulary)."""
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig
+
+    if name != "tiny-llama":
+        raise RecipeError(f"model.source: unknown random model 'random:{name}'; allowed: random:tiny-llama")
+    return LlamaConfig(vocab_size=3 + len(pre_tokenizers.ByteLevel.alphabet()), hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+
+
+def model_config(source):
+    """A model source's transformers config without its weights (None: cannot be read from here)."""
+    if str(source).startswith("random:"):
+        return random_config(str(source).partition(":")[2])
+    from msrnn_train.models import load_config
+
+    return load_config(source)
 
 
 def add_lora(model, recipe: Recipe):
@@ -311,14 +416,26 @@ def base_model_id(source: str) -> str | None:
 
 
 # ============================================================================ data
-def build_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train windows, held-out windows), LongTensor[N, seq_len] each; the split is by document."""
+def _training_texts(recipe: Recipe) -> tuple[dict, dict]:
+    """(training documents, held-out documents) of `data.source`; RecipeError when there is no text."""
     from msrnn_train import data
 
     d = recipe.data
-    texts = data.load_texts(d.source)
-    train_texts, held_texts = split_documents(texts, d.source, d.heldout, d.split_seed,
-                                              need_heldout=recipe.eval.max_windows > 0)
+    try:
+        texts = data.load_texts(d.source)
+    except (OSError, data.DataError) as err:
+        raise RecipeError(f"data.source: {err}") from None
+    return split_documents(texts, d.source, d.heldout, d.split_seed, need_heldout=recipe.eval.max_windows > 0)
+
+
+def build_windows(recipe: Recipe, tokenizer, texts: tuple[dict, dict] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train windows, held-out windows), LongTensor[N, seq_len] each; the split is by document.
+    `texts`: the (training, held-out) documents when already read (`_training_texts`)."""
+    from msrnn_train import data
+
+    d = recipe.data
+    train_texts, held_texts = texts if texts is not None else _training_texts(recipe)
     train_ids = data.tokenize_documents(train_texts, tokenizer, cache=d.cache_tokens)
     train = data.make_windows(train_ids, d.seq_len, max_windows=d.max_train_windows, stride=d.stride)
     held = torch.empty(0, d.seq_len, dtype=torch.long)
@@ -429,6 +546,65 @@ class SaveSpecCallback(TrainerCallback):
                 self.recipe.save(ckpt)
 
 
+class FiniteGuard(TrainerCallback):
+    """Stops the run with TrainingFailed on a non-finite loss, gradient or weight, before the
+    optimizer step (loss, gradients) or before anything is saved (weights). Every rank sees the
+    same verdict (the flags are summed over ranks), so all stop together."""
+
+    def __init__(self, trainer: "BoundedTrainer"):
+        self.trainer = trainer
+
+    def _stop_if(self, bad: list[str], state, what: str) -> None:
+        t = self.trainer
+        flag = torch.tensor([float(bool(bad))], device=t.args.device)
+        if t.args.world_size > 1:
+            flag = t.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return
+        c = t.args
+        raise TrainingFailed(
+            f"{what} at step {state.global_step + 1}: {'; '.join(bad) or 'on another rank'}. Nothing was saved from "
+            f"this step on (the output folder keeps what it had). Lower training.learning_rate (now "
+            f"{c.learning_rate:g}) or clip the gradients with training.max_grad_norm > 0 (now {c.max_grad_norm:g})")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        t = self.trainer
+        loss, t._step_loss = t._step_loss, 0.0
+        bad = [] if math.isfinite(float(loss)) else [f"the loss is {float(loss)}"]
+        grads = [n for n, p in _unwrap(t.model).named_parameters()
+                 if p.requires_grad and p.grad is not None and not torch.isfinite(p.grad).all()]
+        if grads:
+            bad.append(f"non-finite gradients in {len(grads)} tensors (e.g. {grads[0]})")
+        self._stop_if(bad, state, "the loss or its gradients stopped being finite")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        params = [n for n, p in _unwrap(self.trainer.model).named_parameters()
+                  if p.requires_grad and p.numel() and not torch.isfinite(p.detach()).all()]
+        bad = [f"non-finite weights after the update in {len(params)} tensors (e.g. {params[0]})"] if params else []
+        self._stop_if(bad, state, "the weights stopped being finite")
+
+
+def check_loss_curve(log_history: list[dict], recipe: Recipe, vocab_size: int | None = None) -> None:
+    """A run whose loss ends far above where it started diverged, and one whose LM loss ends at
+    log(vocabulary) collapsed to uniform output (both after a too-large learning rate, say):
+    TrainingFailed, so that it is not saved."""
+    losses = [h["loss"] for h in log_history if "loss" in h and "step" in h]
+    lm = [h["lm_loss"] for h in log_history if "lm_loss" in h and "step" in h]
+    if len(losses) < 2:
+        return
+    first, last = losses[0], sum(losses[-3:]) / len(losses[-3:])
+    uniform = math.log(vocab_size) if vocab_size else None
+    collapsed = uniform is not None and len(lm) >= 2 and lm[0] < uniform - 0.5 and \
+        sum(lm[-3:]) / len(lm[-3:]) > uniform - 0.05
+    if not math.isfinite(last) or last > 1.5 * first + 1.0 or collapsed:
+        what = (f"the LM loss ended at {sum(lm[-3:]) / len(lm[-3:]):.3f} = log(vocabulary size {vocab_size}): the "
+                f"model collapsed to uniform output" if collapsed else
+                f"the training loss rose from {first:.3f} (first step) to {last:.3f} (last steps): the run diverged")
+        raise TrainingFailed(
+            f"{what}, so its adapter was not saved. Lower training.learning_rate (now {recipe.training.learning_rate:g}) or "
+            f"set training.max_grad_norm > 0 (now {recipe.training.max_grad_norm:g})")
+
+
 class BoundedTrainer(Trainer):
     """Trainer whose loss is `lm_weight * CE(bounded student) + full_lm_weight * CE(full-state pass,
     adapter on) + kl_weight * KL(full-state teacher || student)`. The teacher is the same weights
@@ -444,6 +620,13 @@ class BoundedTrainer(Trainer):
         self._parts_n = 0
         self._tokens_since_log = 0
         self._last_log_time = None
+        self._step_loss = 0.0  # summed over the micro-batches of one optimizer step (NaN stays NaN)
+        self.add_callback(FiniteGuard(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = self._step_loss + loss.detach().float().sum()  # read once per optimizer step
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -541,6 +724,7 @@ def _training_arguments(recipe: Recipe) -> TrainingArguments:
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (FiniteGuard then stops the run)
         deepspeed=recipe.deepspeed, run_name=recipe.wandb.name,
         # use_cpu would make transformers build a plain CPU state and skip DeepSpeed's own
         # distributed init (zero.Init would then see world size 1); DeepSpeed on a CPU runs on
@@ -550,19 +734,155 @@ def _training_arguments(recipe: Recipe) -> TrainingArguments:
     )
 
 
-def _resolve_resume(value, out: Path) -> Path | None:
+# ============================================================================ the output folder
+# Recipe keys a resumed (or re-run) run may change: they do not change what the adapter learns.
+_FREE_KEYS = ("training.max_steps", "training.output_dir", "training.resume_from_checkpoint",
+              "training.overwrite_output_dir", "training.save_steps", "training.save_total_limit",
+              "training.logging_steps", "training.dataloader_num_workers", "data.cache_tokens", "eval", "wandb", "hub")
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "budget.budget":  # a budget map is one value
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_differences(saved: dict, current: Recipe) -> list[str]:
+    """'key: saved -> current' for every recipe key that differs and matters to the adapter."""
+    a, b = _flat(saved), _flat(current.to_dict())
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in _FREE_KEYS):
+            continue
+        va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
+        if isinstance(va, dict) or isinstance(vb, dict):  # budget maps: YAML may key layers by int or str
+            va, vb = (budget_key(v) if isinstance(v, dict) else v for v in (va, vb))
+        if va != vb:
+            diffs.append(f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
+    return diffs
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders of `out`, newest (highest N) first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (None: complete). The Trainer writes the weights, the
+    optimizer, the RNG state and trainer_state.json; this run's callback then adds msrnn_budget.json
+    and recipe.yaml, so those two mark a checkpoint whose writing finished."""
+    from msrnn_train.spec import SPEC_FILENAME
+
+    for name in ("trainer_state.json", SPEC_FILENAME, RECIPE_FILENAME):
+        if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
+            return f"no {name}"
+    if not any((ckpt / w).is_file() and (ckpt / w).stat().st_size > 0
+               for w in ("adapter_model.safetensors", "adapter_model.bin")):
+        return "no adapter weights"
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "an unreadable trainer_state.json"
+    return None
+
+
+def _saved_recipe(folder: Path) -> dict | None:
+    import yaml
+
+    try:
+        raw = yaml.safe_load((folder / RECIPE_FILENAME).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _resolve_resume(recipe: Recipe, out: Path) -> Path | None:
+    """The checkpoint to resume from: the newest complete one (a half-written last checkpoint is
+    skipped, with a message), after checking it was written by this recipe."""
+    value = recipe.training.resume_from_checkpoint
     if value in (None, False):
         return None
     if value is True or value in ("latest", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            log(f"training.resume_from_checkpoint: no checkpoint in {out} yet; starting from step 0")
+        ckpt = None
+        for candidate in _checkpoints(out):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                ckpt = candidate
+                break
+            log(f"training.resume_from_checkpoint: skipping {candidate.name}: incomplete ({problem}; "
+                "half-written when the run stopped?)")
+        if ckpt is None:
+            log(f"training.resume_from_checkpoint: no complete checkpoint in {out} yet; starting from step 0")
             return None
-        log(f"resuming from {last}")
-        return Path(last)
-    return Path(value)
+    else:
+        ckpt = Path(value)
+        problem = checkpoint_problem(ckpt)
+        if problem is not None:
+            raise RecipeError(f"training.resume_from_checkpoint: {ckpt} is not a complete checkpoint of this "
+                              f"project ({problem}); give another checkpoint folder or true (the newest complete)")
+    diffs = recipe_differences(_saved_recipe(ckpt) or {}, recipe)
+    from msrnn_train.spec import BudgetSpec
+
+    try:
+        saved_spec = BudgetSpec.load(ckpt).to_dict()
+    except BudgetError as err:
+        raise RecipeError(f"training.resume_from_checkpoint: {err}") from None
+    for key, value in recipe.budget_spec().to_dict().items():
+        if budget_key(saved_spec.get(key)) != budget_key(value) and not any(d.startswith(f"budget.{key}:")
+                                                                             for d in diffs):
+            diffs.append(f"budget.{key}: {saved_spec.get(key)!r} -> {value!r} (msrnn_budget.json)")
+    if diffs:
+        raise RecipeError(f"training.resume_from_checkpoint: {ckpt} was written by a different recipe; "
+                          f"{'; '.join(diffs)}. Resume with the recipe it was written with, or start afresh in "
+                          "another training.output_dir (or with training.overwrite_output_dir: true)")
+    log(f"resuming from {ckpt}")
+    return ckpt
+
+
+def _claim_output_dir(recipe: Recipe, out: Path, resume: Path | None) -> list[Path] | None:
+    """Refuse an output folder that holds another run, unless training.overwrite_output_dir; then
+    returns that run's checkpoints (set aside in out/.replaced-run, so the Trainer's rotation never
+    deletes them and a resume never picks them up; removed once this run's adapter is saved).
+    None: nothing is replaced."""
+    if resume is not None or not out.is_dir():
+        return None
+    ckpts = _checkpoints(out)
+    if not ckpts and not any((out / n).exists() for n in ("adapter_config.json", RECIPE_FILENAME)):
+        return None
+    saved = _saved_recipe(out) or next((r for c in ckpts if (r := _saved_recipe(c)) is not None), None)
+    if saved is None:
+        diffs = ["no recipe.yaml says what run it is"]
+    else:
+        diffs = recipe_differences(saved, recipe)
+    if not diffs:
+        return None  # the same recipe run again: its files are replaced as it goes
+    if not recipe.training.overwrite_output_dir:
+        raise RecipeError(
+            f"training.output_dir: {out} already holds another run ({'; '.join(diffs)}). Choose another "
+            "output_dir, resume that run with its own recipe (training.resume_from_checkpoint: true), or set "
+            "training.overwrite_output_dir: true to replace it (its adapter stays until this run succeeds)")
+    log(f"training.overwrite_output_dir: replacing the run in {out} ({'; '.join(diffs)}); its adapter stays until "
+        f"this run's adapter is saved, its checkpoints wait in {out / _REPLACED} until then")
+    return ckpts
+
+
+def _set_aside(out: Path, ckpts: list[Path] | None) -> None:
+    if not ckpts:
+        return
+    aside = out / _REPLACED
+    aside.mkdir(exist_ok=True)  # an earlier failed attempt may have set checkpoints aside already
+    for c in ckpts:
+        target = aside / c.name
+        os.replace(c, target if not target.exists() else aside / f"{c.name}.{time.time_ns()}")
 
 
 def _zero3_enabled(recipe: Recipe) -> bool:
@@ -663,40 +983,61 @@ def _periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: lis
     cb = BoundedEvalCallback(eval_windows, recipe.eval.policies, recipe.eval.budgets, recipe.eval.every_n_steps,
                              recipe.eval.batch_size, tokenizer=tokenizer, sinks=recipe.budget.sinks)
     spec = recipe.budget_spec()
-    have = {(r["policy"], str(r["budget"])) for r in before}  # str: a hybrid's list budget
-    wanted = (("full", "None"), (spec.policy, str(spec.budget)))
-    if all(w in have for w in wanted):  # the base model is measured already
-        cb.base_records = [{**r, "adapted": False} for r in before if (r["policy"], str(r["budget"])) in wanted]
+    have = {_record_key(r) for r in before}
+    wanted = {("full", budget_key(None)), (spec.policy, budget_key(spec.budget))}
+    if wanted <= have:  # the base model is measured already
+        cb.base_records = [{**r, "adapted": False} for r in before if _record_key(r) in wanted]
     return cb
 
 
 def _print_records(title: str, records: list[dict], before: list[dict] | None = None) -> None:
-    base = {(r["policy"], str(r["budget"])): r["ppl"] for r in before or []}  # str: a hybrid's list budget
+    base = {_record_key(r): r["ppl"] for r in before or []}
     lines = [title]
     for r in records:
-        key = (r["policy"], str(r["budget"]))
+        key = _record_key(r)
         was = f"  (before {base[key]:.3f})" if key in base else ""
         lines.append(f"  {r['policy']:>9} K={str(r['budget']):>5}: ppl {r['ppl']:.3f}{was}")
     log("\n".join(lines))
+
+
+def _record_key(record: dict) -> tuple[str, str]:
+    """(policy, budget) of an evaluation record, hashable for per-layer lists and maps too."""
+    return record["policy"], budget_key(record["budget"])
 
 
 # ============================================================================ save
 def save_outputs(trainer: Trainer, tokenizer, recipe: Recipe, spec: BudgetSpec, out: Path) -> None:
     """Adapter (peft), tokenizer, msrnn_budget.json and recipe.yaml in one folder. Call it on every
     rank: under DeepSpeed ZeRO-3 `save_model` gathers the sharded LoRA weights (a collective);
-    only rank 0 writes."""
-    trainer.save_model(str(out))
+    only rank 0 writes. Everything is written to a temporary folder first and moved into `out` only
+    once complete (and finite), so a run that fails while saving never replaces a good adapter."""
+    tmp = out / ".saving"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
     if not trainer.is_world_process_zero():
         return
-    tokenizer.save_pretrained(str(out))
-    spec.save(out)
-    recipe.save(out)
+    from safetensors.torch import load_file
+
+    weights = tmp / "adapter_model.safetensors"
+    if weights.is_file():
+        bad = [k for k, v in load_file(str(weights)).items() if not torch.isfinite(v).all()]
+        if bad:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingFailed(f"the adapter holds non-finite weights ({bad[0]}, {len(bad)} tensors); not saved")
+    tokenizer.save_pretrained(str(tmp))
+    spec.save(tmp)
+    recipe.save(tmp)
     base_id = base_model_id(recipe.model.source)
-    cfg_path = out / "adapter_config.json"
+    cfg_path = tmp / "adapter_config.json"
     if base_id and cfg_path.is_file():  # a portable name rather than a local cache path
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_id
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in sorted(tmp.iterdir()):  # each file replaced whole (os.replace), once all are written
+        os.replace(f, out / f.name)
+    tmp.rmdir()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -764,7 +1105,8 @@ def setup_wandb(recipe: Recipe, out: Path, resuming: bool = False) -> bool:
         log(f"W&B could not start ({type(err).__name__}: {err}); continuing without it")
         return False
     id_file.write_text(run.id + "\n")
-    wandb.save(str(out / RECIPE_FILENAME), base_path=str(out), policy="now")
+    files = Path(run.dir)  # the run's own copy: out/recipe.yaml is written with the adapter
+    wandb.save(str(recipe.save(files)), base_path=str(files), policy="now")
     run_dir = Path(run.dir).parent
     if no_key:
         log(f"W&B: no API key found (WANDB_API_KEY or `wandb login`), so the run is logged OFFLINE in {run_dir}. "
@@ -779,10 +1121,10 @@ def finish_wandb(summary: dict) -> None:
 
     if wandb.run is None:
         return
-    before = {(r["policy"], str(r["budget"])): r["ppl"] for r in summary["before"]}
+    before = {_record_key(r): r["ppl"] for r in summary["before"]}
     table = wandb.Table(columns=["policy", "budget", "ppl_before", "ppl_after"])
     for r in summary["after"]:
-        key = (r["policy"], str(r["budget"]))
+        key = _record_key(r)
         table.add_data(r["policy"], str(r["budget"]), before.get(key), r["ppl"])
         wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl"] = r["ppl"]
         if key in before:

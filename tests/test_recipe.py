@@ -149,7 +149,7 @@ def test_overrides_are_dotted_and_yaml_typed(tmp_path):
 
 
 def test_override_errors_are_clear(tmp_path):
-    path = write(tmp_path, {})
+    path = write(tmp_path, {"training": {"max_steps": 5}})  # an empty recipe is refused (test_bad_inputs)
     with pytest.raises(RecipeError, match=r"training.max_stesp: unknown key. Did you mean 'training.max_steps'"):
         load_recipe(path, ["--training.max_stesp", "3"])
     with pytest.raises(RecipeError, match=r"--training.max_steps: needs a value"):
