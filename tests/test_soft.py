@@ -250,3 +250,41 @@ def test_scans_emit_the_same_soft_rows():
         v = a.soft.runner >= 0
         e_run = a.evict.gather(2, a.soft.runner.clamp_min(0))
         assert (e_run[v] > a.evict[v]).all()
+
+
+@pytest.mark.parametrize("policy", ["tova", "tova_head"])
+def test_model_soft_step_sparse_equals_dense(policy):
+    """A training forward/backward in soft mode: the sparse keep-logits (the default) give the
+    dense reference's loss and gradients; the sparse one really runs (the scan emitted SoftRows)."""
+    from msrnn_train.apply import get_controller, record_schedules
+
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    res = {}
+    for path in ("dense", "sparse"):
+        model = tiny_model("llama").train()
+        apply_budget(model, BudgetSpec(policy=policy, budget=6))
+        set_soft_temperature(model, 0.3)
+        get_controller(model).soft_path = path
+        with record_schedules(model) as rec:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                         use_cache=False).loss
+        loss.backward()
+        assert all((s.soft is not None) == (path == "sparse") for v in rec.values() for s in v)
+        res[path] = loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert abs(res["dense"][0] - res["sparse"][0]) < 1e-5
+    for a, b in zip(res["dense"][1], res["sparse"][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_soft_path_env(monkeypatch):
+    from msrnn_train.apply import BudgetError, get_controller
+
+    monkeypatch.setenv("MSRNN_SOFT", "dense")
+    model = tiny_model("llama")
+    apply_budget(model, BudgetSpec(policy="tova", budget=4))
+    assert get_controller(model).soft_path == "dense"
+    monkeypatch.setenv("MSRNN_SOFT", "fast")
+    with pytest.raises(BudgetError, match="MSRNN_SOFT"):
+        apply_budget(tiny_model("llama"), BudgetSpec(policy="tova", budget=4))
