@@ -91,14 +91,14 @@ class Schedule:
 
         Padding query rows see their own key, so attention over them stays finite.
         """
-        T = self.arrive.numel() - (self.arrive < 0).sum().item()
         S = self.arrive.numel()
+        # the number of queries: from query_valid when given (no host sync), else from arrive
+        T = query_valid.shape[1] if query_valid is not None else S - int((self.arrive < 0).sum())
         t = torch.arange(T, device=self.evict.device).view(1, 1, T, 1)
         vis = (self.arrive.view(1, 1, 1, S) <= t) & (t <= self.evict.unsqueeze(2))
-        if query_valid is not None and not bool(query_valid.all()):
+        if query_valid is not None:
             P = S - T
-            diag = torch.zeros(T, S, dtype=torch.bool, device=vis.device)
-            diag[torch.arange(T), P + torch.arange(T)] = True
+            diag = torch.arange(S, device=vis.device).view(1, S) == (P + torch.arange(T, device=vis.device)).view(T, 1)
             vis = vis | (diag & ~query_valid.view(-1, 1, T, 1))
         return vis
 

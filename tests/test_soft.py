@@ -288,3 +288,22 @@ def test_soft_path_env(monkeypatch):
     monkeypatch.setenv("MSRNN_SOFT", "fast")
     with pytest.raises(BudgetError, match="MSRNN_SOFT"):
         apply_budget(tiny_model("llama"), BudgetSpec(policy="tova", budget=4))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_flex_block_mask_built_once_per_schedule(soft, monkeypatch):
+    """The block mask is cached with the schedule: a second call on the same schedule (gradient
+    checkpointing's recompute) reuses it, with the same output."""
+    import msrnn_train.flex as flex
+
+    q, k, v, valid, sched, groups = _case(T=40, K=6, name="tova_head" if soft else "tova")
+    keep = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, 0.3) if soft else None
+    built = []
+    real_build = flex.schedule_block_mask
+    monkeypatch.setattr(flex, "schedule_block_mask", lambda *a, **kw: built.append(1) or real_build(*a, **kw))
+    first = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
+    again = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
+    assert len(built) == 1 and torch.equal(first, again)
+    dense = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups, soft_keep=keep)
+    real = valid.view(valid.shape[0], valid.shape[1], 1, 1).expand_as(dense)
+    assert (dense - again)[real].abs().max() < 1e-5

@@ -75,9 +75,9 @@ if HAVE_TRITON:
                             z = tl.sum(e, 1)
                             z = tl.where(hm, z, 1.0)
                             score += tl.sum(e / z[:, None], 0)
-                            if EMIT:  # soft mode: each head's log normaliser over C_t
+                            if EMIT:  # soft mode (TOVA, so here `need`): each head's log normaliser over C_t
                                 tl.store(lse_ptr + (b * Hq + h0 + hc + hidx).to(tl.int64) * T + t, m + tl.log(z),
-                                         mask=hm & need)
+                                         mask=hm)
                         score = score / nh
                         if CODE == 2:
                             acc = acc + tl.where(held, score, 0.0)
