@@ -46,6 +46,15 @@ def _backend_from_env() -> str:
     return value
 
 
+def _soft_path_from_env() -> str:
+    from .soft import soft_path_from_env
+
+    try:
+        return soft_path_from_env()
+    except ValueError as err:
+        raise BudgetError(str(err)) from None
+
+
 @dataclass
 class Controller:
     """Model-level state of a budgeted model."""
@@ -58,6 +67,8 @@ class Controller:
     # "auto" (flex on CUDA, dense elsewhere), "dense", "flex"; $MSRNN_ATTN sets the default
     backend: str = field(default_factory=lambda: _backend_from_env())
     soft_temperature: float | None = None  # set while training in soft mode
+    # soft keep-logits: "sparse" (from the scan's outputs, where it applies) or "dense" (the reference); $MSRNN_SOFT
+    soft_path: str = field(default_factory=lambda: _soft_path_from_env())
     recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
     scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)
     hooks: list = field(default_factory=list)

@@ -15,8 +15,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, default_scan, rolling_schedule,
-                       unbounded_schedule)
+from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, default_scan, emits_soft_rows,
+                       rolling_schedule, unbounded_schedule)
 
 ATTN_NAME = "msrnn"
 
@@ -81,6 +81,11 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
     new_pos = torch.arange(past, past + T, device=query.device)
     new_order = first_order.view(B, 1) + new_valid.long().cumsum(-1) - 1
 
+    # soft mode (training): keep-logits for the keys the policy dropped; the sparse path needs the
+    # scan's SoftRows (TOVA under teacher forcing), the dense reference only the schedule
+    soft = (ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores
+            and cache_layer is None)
+    sparse = soft and ctrl.soft_path == "sparse" and emits_soft_rows(layer.policy, layer.budget)
     sched = ctrl.stored_schedule(layer.layer_idx, cache_layer is None, T)
     if sched is None:
         with torch.no_grad():
@@ -95,17 +100,20 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
                 logits = LogitRows(query.detach(), key.detach(), scaling)
                 scan_fn = layer.scan_fn or default_scan(query.device)
                 sched = scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
-                                init=init, window=window, groups=layer.groups)
+                                init=init, window=window, groups=layer.groups,
+                                **({"soft_rows": True} if sparse else {}))
         ctrl.store_schedule(layer.layer_idx, cache_layer is None, sched)
     if ctrl.recording is not None:
         ctrl.recording.setdefault(layer.layer_idx, []).append(sched)
 
     keep = None  # soft mode: per-key keep-logits after eviction
-    if ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores \
-            and cache_layer is None:
-        from .soft import soft_keep_logits
+    if soft:
+        from .soft import soft_keep_logits, soft_keep_sparse
 
-        keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
+        if sparse and sched.soft is not None:
+            keep = soft_keep_sparse(query, key, scaling, sched, layer.groups, ctrl.soft_temperature, layer.budget)
+        else:
+            keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
     out = masked_attention(query, key, value, sched, new_valid, scaling, dropout, layer.groups, soft_keep=keep,
                            backend=ctrl.backend)

@@ -55,8 +55,14 @@ def flex_masked_attention(query, key, value, sched: Schedule, new_valid, scaling
             after = (q_idx > e) & (e >= 0)  # evicted earlier (padding keys have e = -1)
             return score + torch.where(after, soft_keep[b, g, kv_idx], 0.0)
 
-    block_mask = schedule_block_mask(sched, new_valid, mask_mod, kept=None if soft_keep is None else kept,
-                                     block=block, heads=Hq)
+    # built once per schedule: gradient checkpointing's recompute of the layer finds the stored
+    # schedule (apply.Controller) and with it this mask (its mask_mod reads the same schedule)
+    cache_key = ("block_mask", soft_keep is not None, block, Hq)
+    block_mask = sched.cache.get(cache_key)
+    if block_mask is None:
+        block_mask = schedule_block_mask(sched, new_valid, mask_mod, kept=None if soft_keep is None else kept,
+                                         block=block, heads=Hq)
+        sched.cache[cache_key] = block_mask
     fn = _compiled_flex() if query.is_cuda else flex_attention
     out = fn(query, key, value, block_mask=block_mask, score_mod=score_mod, scale=scaling,
              enable_gqa=query.shape[1] != key.shape[1])
@@ -98,11 +104,13 @@ def schedule_block_mask(sched: Schedule, new_valid, mask_mod, kept=None, block: 
     q1 = (q0 + block).clamp(max=T) - 1  # last query of the block
     some = (amin.unsqueeze(2) <= q1) & (emax.unsqueeze(2) >= q0)  # (B, G, nq, nk)
     full = (amax.unsqueeze(2) <= q0) & (emin.unsqueeze(2) >= q1)
-    # a padding query sees its own key (mask_mod's diagonal rule): keep that block
-    pad_q = (~new_valid).nonzero()
-    if pad_q.numel():
-        b_idx, t_idx = pad_q[:, 0], pad_q[:, 1]
-        some[b_idx, :, t_idx // block, (t_idx + P) // block] = True
+    # a padding query sees its own key (mask_mod's diagonal rule): keep that block. A masked
+    # scatter, not .nonzero(): no host sync
+    t_idx = torch.arange(T, device=dev)
+    diag_block = (t_idx // block) * nk + (t_idx + P) // block  # (T,) flat (query block, key block)
+    pads = torch.zeros(B, nq * nk, dtype=torch.int32, device=dev).scatter_add_(
+        1, diag_block.expand(B, T), (~new_valid).to(torch.int32))
+    some = some | (pads > 0).view(B, 1, nq, nk)
     partial = some & ~full
 
     def as_kv(m):

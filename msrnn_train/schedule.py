@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,22 +83,45 @@ class Schedule:
     evict: torch.Tensor
     arrive: torch.Tensor
     final: Slots
+    soft: "SoftRows | None" = None  # what soft mode needs, when the scan was asked for it (TOVA)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # e.g. flex block masks
 
     def visible(self, query_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Dense (B, G, T, S) bool mask: query t sees key j. CPU / reference path only.
 
         Padding query rows see their own key, so attention over them stays finite.
         """
-        T = self.arrive.numel() - (self.arrive < 0).sum().item()
         S = self.arrive.numel()
+        # the number of queries: from query_valid when given (no host sync), else from arrive
+        T = query_valid.shape[1] if query_valid is not None else S - int((self.arrive < 0).sum())
         t = torch.arange(T, device=self.evict.device).view(1, 1, T, 1)
         vis = (self.arrive.view(1, 1, 1, S) <= t) & (t <= self.evict.unsqueeze(2))
-        if query_valid is not None and not bool(query_valid.all()):
+        if query_valid is not None:
             P = S - T
-            diag = torch.zeros(T, S, dtype=torch.bool, device=vis.device)
-            diag[torch.arange(T), P + torch.arange(T)] = True
+            diag = torch.arange(S, device=vis.device).view(1, S) == (P + torch.arange(T, device=vis.device)).view(T, 1)
             vis = vis | (diag & ~query_valid.view(-1, 1, T, 1))
         return vis
+
+
+@dataclass
+class SoftRows:
+    """Per policy eviction, what soft mode (soft.py) needs besides the schedule, emitted by the
+    scan when asked (`soft_rows=True`, TOVA policies):
+
+    runner – (B, G, S) for each key the policy dropped, the key it would have dropped next (the
+             runner-up at that step: lowest score among the rest, ties toward the oldest); -1 for
+             keys not dropped by the policy (held, padding, expired from the sliding window)
+    lse    – (B, Hq, T) fp32 per query head, log of the softmax normaliser of query t over C_t
+             (its held set), at the steps with a policy eviction (0 elsewhere)
+    """
+
+    runner: torch.Tensor
+    lse: torch.Tensor
+
+
+def emits_soft_rows(policy: Policy | None, budget: int | None) -> bool:
+    """Whether the scan can emit `SoftRows` for a policy (the score-based TOVA policies)."""
+    return policy is not None and budget is not None and policy.name in ("tova", "tova_head")
 
 
 def scan(
@@ -111,6 +134,7 @@ def scan(
     init: Slots | None = None,
     window: int | None = None,
     groups: int = 1,
+    soft_rows: bool = False,
 ) -> Schedule:
     """Run the bounded process for T new tokens, starting from the held slots `init`.
 
@@ -121,6 +145,7 @@ def scan(
     new_pos       – (T,) column index of each query/new key (the model's sliding window uses it)
     init          – slots held before this call; key index s < P refers to slot s of init
     groups        – 1 for layer-wise policies, the number of key/value heads for head-wise ones
+    soft_rows     – also emit `SoftRows` (TOVA policies; ignored for the others)
     """
     B, T = new_valid.shape
     device = new_valid.device
@@ -141,23 +166,29 @@ def scan(
     needs_scores = policy is not None and policy.needs_scores and not unbounded
     accumulates = needs_scores and policy.accumulates
     new_pos = new_pos.to(device)
+    emit = None
+    if soft_rows and emits_soft_rows(policy, budget):
+        emit = SoftRows(runner=torch.full((B, groups, S + 1), -1, dtype=torch.long, device=device),
+                        lse=torch.zeros(B, logits.q.shape[1], T, dtype=torch.float32, device=device))
 
     with _few_threads(device):
         _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-                   unbounded, needs_scores, accumulates, window)
+                   unbounded, needs_scores, accumulates, window, emit)
 
     evict = evict[:, :, :S]
     arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device),
                         torch.arange(T, device=device)])
-    return Schedule(evict=evict, arrive=arrive, final=slots)
+    if emit is not None:
+        emit = SoftRows(runner=emit.runner[:, :, :S].contiguous(), lse=emit.lse)
+    return Schedule(evict=evict, arrive=arrive, final=slots, soft=emit)
 
 
 def _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-               unbounded, needs_scores, accumulates, window):
+               unbounded, needs_scores, accumulates, window, emit=None):
     for t in range(T):
         if bool(new_valid[:, t].any()):
             _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-                  unbounded, needs_scores, accumulates)
+                  unbounded, needs_scores, accumulates, emit)
         # the model's own sliding window: a key at column p is seen by queries up to p + W - 1,
         # so it leaves at the end of step p + W - 1 (for every sequence, padding or not)
         if window is not None:
@@ -184,7 +215,7 @@ def _few_threads(device):
 
 
 def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-          unbounded, needs_scores, accumulates):
+          unbounded, needs_scores, accumulates, emit=None):
     """One step of the process for query/key t (rows whose token t is padding do nothing)."""
     B = new_valid.shape[0]
     valid = new_valid[:, t].view(B, 1)  # (B, 1), broadcast over groups
@@ -201,9 +232,9 @@ def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos
     if not (accumulates or bool(need.any())):
         return
     # query t's probabilities over C_t, then the policy's choice
-    score = None
+    score = lse = None
     if needs_scores:
-        score = _scores(logits.row(t), slots.src, held, groups)
+        score, lse = _scores(logits.row(t), slots.src, held, groups, with_lse=True)
         if accumulates:
             slots.acc.copy_(slots.acc + torch.where(held & valid.unsqueeze(-1), score, 0.0))
         if not bool(need.any()):
@@ -211,6 +242,14 @@ def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos
     victim = pick_victim(policy, held, slots.order, score, slots.acc)  # (B, G)
     vsrc = slots.src.gather(2, victim.unsqueeze(-1)).squeeze(-1)
     evict.scatter_(2, torch.where(need, vsrc, S).unsqueeze(-1), t)
+    if emit is not None:  # the runner-up: the policy's choice among the rest of C_t
+        rest = held.scatter(2, victim.unsqueeze(-1), False)
+        runner = slots.src.gather(2, pick_victim(policy, rest, slots.order, score, slots.acc).unsqueeze(-1))
+        emit.runner.scatter_(2, torch.where(need, vsrc, S).unsqueeze(-1), runner)
+        emit.runner[:, :, S] = -1
+        Hq = lse.shape[1]
+        need_h = need.repeat_interleave(Hq // groups, dim=1) if groups > 1 else need.expand(B, Hq)
+        emit.lse[:, :, t] = torch.where(need_h, lse, emit.lse[:, :, t])
     slots.src.scatter_(2, victim.unsqueeze(-1), torch.where(need, -1, vsrc).unsqueeze(-1))
 
 
@@ -262,9 +301,10 @@ def _put(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, value) -> None
     t.scatter_(2, idx, torch.where(valid.unsqueeze(-1), value.expand_as(current) if value.dim() else value, current))
 
 
-def _scores(row: torch.Tensor, src: torch.Tensor, held: torch.Tensor, groups: int) -> torch.Tensor:
+def _scores(row: torch.Tensor, src: torch.Tensor, held: torch.Tensor, groups: int, with_lse: bool = False):
     """Current query's attention probabilities over the held slots, averaged over the query
-    heads of each group. row: (B, Hq, S) fp32 logits; returns (B, G, C)."""
+    heads of each group. row: (B, Hq, S) fp32 logits; returns (B, G, C) (and with `with_lse`
+    each query head's log normaliser over the held slots, (B, Hq))."""
     B, Hq, S = row.shape
     C = src.shape[-1]
     idx = src.clamp(min=0)
@@ -272,17 +312,19 @@ def _scores(row: torch.Tensor, src: torch.Tensor, held: torch.Tensor, groups: in
     lg = row.view(B, groups, per_group, S).gather(3, idx.unsqueeze(2).expand(B, groups, per_group, C))
     lg = lg.masked_fill(~held.unsqueeze(2), -torch.inf)
     p = torch.softmax(lg, dim=-1).nan_to_num(0.0)
+    if with_lse:
+        return p.mean(2), torch.logsumexp(lg, dim=-1).reshape(B, Hq)
     return p.mean(2)
 
 
 class LogitRows:
     """q_t . k_j * scale in fp32, computed block by block of queries so that the whole
-    T x S matrix never has to exist at once. Keys are repeated to the query heads (GQA)."""
+    T x S matrix never has to exist at once. GQA: the query heads of a key/value head are a
+    view (B, Hkv, Hq/Hkv, ...) against that head's keys, never a copy of the keys per query head."""
 
     def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, block: int = 256):
         self.q = query  # (B, Hq, T, D)
-        groups = query.shape[1] // key.shape[1]
-        self.k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, Hq, S, D)
+        self.k = key  # (B, Hkv, S, D)
         self.scale = scale
         self.block = block
         self._start = None
@@ -294,10 +336,13 @@ class LogitRows:
         if self._start != start:
             self._start = start
             q = self.q[:, :, start:start + self.block].float()
-            reach = self.k.shape[2] - self.q.shape[2] + start + q.shape[2]
-            k = self.k[:, :, :reach].float()
+            B, Hq, rows, D = q.shape
+            Hkv = self.k.shape[1]
+            reach = self.k.shape[2] - self.q.shape[2] + start + rows
+            k = self.k[:, :, :reach].float().unsqueeze(2)  # (B, Hkv, 1, reach, D)
             with torch.autocast(q.device.type, enabled=False):  # fp32 scores under bf16 training, as at inference
-                self._rows = (torch.matmul(q, k.transpose(-1, -2)) * self.scale).contiguous()
+                rows_ = torch.matmul(q.view(B, Hkv, Hq // Hkv, rows, D), k.transpose(-1, -2)) * self.scale
+            self._rows = rows_.view(B, Hq, rows, reach)
         return self._rows
 
     def row(self, t: int) -> torch.Tensor:

@@ -657,9 +657,11 @@ class BoundedTrainer(Trainer):
             n = int(input_ids.numel())
             self.tokens_seen += n
             self._tokens_since_log += n
-            self._parts["lm_loss"] += lm.detach().float().item()
-            self._parts["kl_loss"] += 0.0 if kl is None else kl.detach().float().item()
-            self._parts["full_lm_loss"] += 0.0 if full_lm is None else full_lm.detach().float().item()
+            self._parts["lm_loss"] += lm.detach().float()  # device tensors: no host sync per step
+            if kl is not None:
+                self._parts["kl_loss"] += kl.detach().float()
+            if full_lm is not None:
+                self._parts["full_lm_loss"] += full_lm.detach().float()
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -671,8 +673,11 @@ class BoundedTrainer(Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._parts_n:
-            parts = torch.tensor([self._parts["lm_loss"], self._parts["kl_loss"], self._parts["full_lm_loss"],
-                                  float(self._parts_n)], device=self.args.device)
+            dev = self.args.device
+            parts = torch.stack([torch.as_tensor(self._parts["lm_loss"], dtype=torch.float32).to(dev),
+                                 torch.as_tensor(self._parts["kl_loss"], dtype=torch.float32).to(dev),
+                                 torch.as_tensor(self._parts["full_lm_loss"], dtype=torch.float32).to(dev),
+                                 torch.tensor(float(self._parts_n), device=dev)])
             if self.args.world_size > 1:
                 parts = self.accelerator.reduce(parts, reduction="sum")
             logs["lm_loss"] = parts[0].item() / parts[3].item()

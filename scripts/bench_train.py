@@ -2,12 +2,17 @@
 
     python scripts/bench_train.py                       # SmolLM2-135M shape, T=2048, K=256 (CUDA)
     python scripts/bench_train.py --shape mistral-7b    # 32 layers, hidden 4096, 32/8 heads, T=4096, K=512
+    python scripts/bench_train.py --shape tiny --out /tmp/bench_tiny.json   # a CPU smoke run
 
 Random-init weights built from a config (nothing downloaded), LoRA r=16 on all projections,
 gradient checkpointing, bf16. Modes: (a) plain LoRA step with SDPA causal attention, (b) the same
-under hard TOVA-K simulation, (c) under soft-TOVA. Median step time after warm-up, tokens/s,
-peak memory, ratios against (a) of this run, and the eviction scan's share (timed in a
-separate instrumented step). Writes results/bench_train.json and .md.
+under hard TOVA-K simulation, (c) under soft-TOVA. Every mode uses the default recipe's loss
+terms, as the trainer does: CE plus, when kl_weight > 0, the KL to the full-state teacher (a
+second forward with the adapter disabled) -- the honest baseline -- and again without the KL
+(the "KL-free" ratios). Median step time after warm-up, tokens/s, peak memory, ratios against
+(a) of this run, and the eviction scan's share (timed in a separate instrumented step), at the
+batch size B (default 8: the scan runs a batch's sequences in one launch) and at B = 1 (`b1`).
+Writes results/bench_train.json and .md (the .md holds the time split).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, T=2048, K=256, B=2),
+                    num_key_value_heads=3, vocab_size=49152, T=2048, K=256, B=8),
     "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32000, T=4096, K=512, B=1),
+                       num_key_value_heads=8, vocab_size=32000, T=4096, K=512, B=8),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, T=128, K=16, B=2),
 }
@@ -47,95 +52,167 @@ def build(shape, device):
     return add_lora(model, load_recipe(None)).train()  # the default recipe's LoRA: r=16 on all projections
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_train.json"))
-    args = ap.parse_args(argv)
-
+def run_batch(model, shape, B, device, args, loss_cfg):
+    """Every mode at batch size B: {mode: {step_s, tokens_per_s, peak_gib[, scan_*]}}."""
     from msrnn_train import BudgetSpec, apply_budget, remove_budget
     from msrnn_train.apply import get_controller
+    from msrnn_train.losses import causal_lm_loss, distillation_kl
+    from msrnn_train.schedule import default_scan
     from msrnn_train.soft import set_soft_temperature
+    from msrnn_train.train import full_state_logits
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = SHAPES[args.shape]
-    T, K, B = s["T"], s["K"], s["B"]
-    model = build(args.shape, device)
+    s = SHAPES[shape]
+    T, K = s["T"], s["K"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, s["vocab_size"], (B, T), device=device)
+    ids = torch.randint(0, s["vocab_size"], (B, T), device=device, generator=torch.Generator(device).manual_seed(B))
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    def step(kl: bool):  # the trainer's loss (train.BoundedTrainer.compute_loss)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = loss_cfg.lm_weight * causal_lm_loss(logits, ids)
+        if kl:
+            teacher = full_state_logits(model, ids)
+            loss = loss + loss_cfg.kl_weight * distillation_kl(logits, teacher, ids, loss_cfg.kl_temperature)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    kl_modes = [True] + ([False] if loss_cfg.kl_weight > 0 and not args.no_kl_free else [])
+    if loss_cfg.kl_weight == 0:
+        kl_modes = [False]
     results = {}
-    for mode in ("plain", "hard", "soft"):
-        remove_budget(model)
-        if mode != "plain":
-            apply_budget(model, BudgetSpec(policy="tova", budget=K))
-            set_soft_temperature(model, 0.5 if mode == "soft" else None)
-        for _ in range(args.warmup):
-            step()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        r = {"step_s": statistics.median(times), "tokens_per_s": B * T / statistics.median(times), "peak_gib": peak}
-        if mode != "plain":  # the scan's share, in one instrumented step
-            from msrnn_train.schedule import default_scan
-
-            ctrl = get_controller(model)
-            fast, spent = default_scan(device), []
-
-            def timed_scan(*a, **kw):
+    for kl in kl_modes:
+        for mode in ("plain", "hard", "soft"):
+            name = mode if kl == kl_modes[0] else f"{mode}_no_kl"
+            remove_budget(model)
+            if mode != "plain":
+                apply_budget(model, BudgetSpec(policy="tova", budget=K))
+                set_soft_temperature(model, 0.5 if mode == "soft" else None)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            for _ in range(args.warmup):
+                step(kl)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.steps):
                 sync()
-                t = time.perf_counter()
-                out = fast(*a, **kw)
+                t0 = time.perf_counter()
+                step(kl)
                 sync()
-                spent.append(time.perf_counter() - t)
-                return out
+                times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            med = statistics.median(times)
+            r = {"step_s": med, "tokens_per_s": B * T / med, "peak_gib": peak}
+            if mode != "plain" and kl == kl_modes[0]:  # the scan's share, in one instrumented step
+                ctrl = get_controller(model)
+                spent = []
 
-            for layer in ctrl.layers:
-                layer.scan_fn = timed_scan
-            step()
-            for layer in ctrl.layers:
-                layer.scan_fn = None
-            r["scan_ms_per_layer"] = 1e3 * statistics.median(spent)
-            r["scan_s_per_step"] = sum(spent)
-        results[mode] = r
-        print(f"{mode:6s} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {peak:6.2f} GiB"
-              + (f"  scan {r['scan_ms_per_layer']:.2f} ms/layer ({r['scan_s_per_step'] * 1e3:.0f} ms/step)"
-                 if "scan_ms_per_layer" in r else ""), flush=True)
+                def timed_scan(*a, **kw):
+                    sync()
+                    t = time.perf_counter()
+                    out = default_scan(device)(*a, **kw)
+                    sync()
+                    spent.append(time.perf_counter() - t)
+                    return out
+
+                for layer in ctrl.layers:
+                    layer.scan_fn = timed_scan
+                step(kl)
+                for layer in ctrl.layers:
+                    layer.scan_fn = None
+                r["scan_ms_per_layer_batch"] = 1e3 * statistics.median(spent)  # one launch: all B sequences
+                r["scan_ms_per_layer"] = r["scan_ms_per_layer_batch"] / B  # per sequence
+                r["scan_s_per_step"] = sum(spent)
+            results[name] = r
+            print(f"B={B} {name:13s} step {r['step_s'] * 1e3:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
+                  f"peak {peak:6.2f} GiB" + (f"  scan {r['scan_ms_per_layer_batch']:.2f} ms/layer/launch "
+                                             f"({r['scan_s_per_step'] * 1e3:.0f} ms/step)"
+                                             if "scan_ms_per_layer" in r else ""), flush=True)
+    remove_budget(model)
+    del opt
+    return results
+
+
+def figures(results, B, shape, dev_name):
+    """The issue's keys for one batch size."""
     p = results["plain"]
-    dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    doc = {"device": dev_name, "torch": torch.__version__, "shape": {"name": args.shape, **s},
-           "lora_r": 16, "gradient_checkpointing": True, "dtype": "bfloat16", "modes": results,
+
+    def mem(mode):
+        return results[mode]["peak_gib"] / p["peak_gib"] if p["peak_gib"] == p["peak_gib"] else None
+
+    out = {"batch_size": B, "shape": shape, "device": dev_name,
            "step_time_ratio_hard": results["hard"]["step_s"] / p["step_s"],
            "step_time_ratio_soft": results["soft"]["step_s"] / p["step_s"],
-           "peak_memory_ratio": results["hard"]["peak_gib"] / p["peak_gib"] if p["peak_gib"] == p["peak_gib"] else None,
-           "peak_memory_ratio_soft": results["soft"]["peak_gib"] / p["peak_gib"] if p["peak_gib"] == p["peak_gib"] else None,
-           "scan_ms_per_layer": results["hard"]["scan_ms_per_layer"]}
-    lines = [f"Training step, {args.shape} shape (random init), B={B}, T={T}, TOVA K={K}, LoRA r=16, grad ckpt, "
-             f"bf16, {dev_name}; median of {args.steps} after {args.warmup} warm-up", "",
-             "| mode | step ms | tokens/s | peak GiB | ratio vs plain | scan ms/layer |", "|---|---|---|---|---|---|"]
-    for mode, r in results.items():
-        lines.append(f"| {mode} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
-                     f"{r['step_s'] / p['step_s']:.2f} | {r.get('scan_ms_per_layer', float('nan')):.2f} |")
+           "peak_memory_ratio": mem("hard"), "peak_memory_ratio_soft": mem("soft"),
+           "scan_ms_per_layer": results["hard"]["scan_ms_per_layer"],
+           "scan_ms_per_layer_batch": results["hard"]["scan_ms_per_layer_batch"], "modes": results}
+    if "plain_no_kl" in results:
+        q = results["plain_no_kl"]
+        out["step_time_ratio_hard_no_kl"] = results["hard_no_kl"]["step_s"] / q["step_s"]
+        out["step_time_ratio_soft_no_kl"] = results["soft_no_kl"]["step_s"] / q["step_s"]
+    return out
+
+
+def table(fig, layers, steps, warmup):
+    r = fig["modes"]
+    p = r["plain"]
+    B, sh = fig["batch_size"], fig["shape"]
+    lines = [f"### B = {B}: {sh['name']} shape (random init), T={sh['T']}, TOVA K={sh['K']}, LoRA r=16, grad ckpt, "
+             f"bf16, {fig['device']}; median of {steps} after {warmup} warm-up", "",
+             "| mode | step ms | tokens/s | peak GiB | ratio vs plain | scan ms/layer/sequence |", "|---|---|---|---|---|---|"]
+    for mode, x in r.items():
+        base = r["plain_no_kl"] if mode.endswith("_no_kl") else p
+        lines.append(f"| {mode} | {x['step_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | {x['peak_gib']:.2f} | "
+                     f"{x['step_s'] / base['step_s']:.2f} | {x.get('scan_ms_per_layer', float('nan')):.2f} |")
+    hard, soft = r["hard"], r["soft"]
+    scan_ms = hard["scan_s_per_step"] * 1e3
+    lines += ["", "Time split of the hard step (ms):", "", "| part | ms per step |", "|---|---|",
+              f"| plain step (same loss terms) | {p['step_s'] * 1e3:.1f} |",
+              f"| eviction scan: {layers} layers x {hard['scan_ms_per_layer_batch']:.2f} ms per launch "
+              f"({B} sequences) | {scan_ms:.1f} |",
+              f"| other hard-mode overhead | {(hard['step_s'] - p['step_s']) * 1e3 - scan_ms:.1f} |",
+              f"| soft mode over hard | {(soft['step_s'] - hard['step_s']) * 1e3:.1f} |", ""]
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=None, help="batch size of the main figures (default: the shape's, 8)")
+    ap.add_argument("--no-b1", action="store_true", help="skip the B = 1 figures")
+    ap.add_argument("--no-kl-free", action="store_true", help="skip the KL-free modes")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench_train.json"))
+    args = ap.parse_args(argv)
+
+    from msrnn_train.recipe import load_recipe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    s = SHAPES[args.shape]
+    B = args.batch or s["B"]
+    loss_cfg = load_recipe(None).loss  # the default recipe's loss terms (CE + KL to the full-state teacher)
+    model = build(args.shape, device)
+    shape = {"name": args.shape, **{k: v for k, v in s.items() if k != "B"}}
+    doc = {"torch": torch.__version__, "lora_r": 16, "gradient_checkpointing": True, "dtype": "bfloat16",
+           "loss": {"lm_weight": loss_cfg.lm_weight, "kl_weight": loss_cfg.kl_weight,
+                    "kl_temperature": loss_cfg.kl_temperature}}
+    doc.update(figures(run_batch(model, args.shape, B, device, args, loss_cfg), B, shape, dev_name))
+    lines = table(doc, s["num_hidden_layers"], args.steps, args.warmup)
+    if not args.no_b1 and B != 1:
+        doc["b1"] = figures(run_batch(model, args.shape, 1, device, args, loss_cfg), 1, shape, dev_name)
+        lines += table(doc["b1"], s["num_hidden_layers"], args.steps, args.warmup)
     print("\n".join(lines))
+    keys = ("step_time_ratio_hard", "step_time_ratio_soft", "peak_memory_ratio", "peak_memory_ratio_soft",
+            "scan_ms_per_layer", "step_time_ratio_hard_no_kl", "step_time_ratio_soft_no_kl")
+    for fig in [doc] + ([doc["b1"]] if "b1" in doc else []):
+        print(f"B={fig['batch_size']}: " + ", ".join(f"{k}={fig[k]:.3f}" if isinstance(fig.get(k), float)
+                                                     else f"{k}={fig.get(k)}" for k in keys))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

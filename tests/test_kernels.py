@@ -38,6 +38,23 @@ def test_cpu_fast_scan_equals_torch_scan(name, budget, window):
     for field in ("order", "pos"):
         assert torch.equal(getattr(a.final, field)[held], getattr(b.final, field)[held])
     assert torch.allclose(a.final.acc[held], b.final.acc[held], atol=1e-5)
+    if name in ("tova", "tova_head"):  # soft mode's outputs: same schedule, same SoftRows
+        a2 = scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups, soft_rows=True)
+        b2 = fast_scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups,
+                       soft_rows=True)
+        _same_schedule(a, a2)
+        _same_soft_rows(a2, b2)
+
+
+def _same_soft_rows(a, b):
+    assert torch.equal(a.soft.runner.cpu(), b.soft.runner.cpu())
+    assert torch.allclose(a.soft.lse.cpu(), b.soft.lse.cpu(), atol=1e-5)
+    # a runner-up exactly for the policy's victims: evicted at that step, by the policy
+    victims = a.soft.runner.cpu() >= 0
+    evict = a.evict.cpu()
+    assert (evict[victims] >= 0).all() and (evict[victims] < a.arrive.numel()).all()
+    # the runner-up stays at least to the end of that step (the sliding window may drop it then)
+    assert (evict.gather(2, a.soft.runner.cpu().clamp_min(0))[victims] >= evict[victims]).all()
 
 
 @pytest.mark.parametrize("name", ["h2o", "tova", "tova_head"])
@@ -148,6 +165,13 @@ def test_triton_scan_equals_torch_scan(triton_backend, name, budget, window, sha
     b = triton_scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window,
                     groups=groups)
     _same_schedule(a, b)
+    if name in ("tova", "tova_head"):  # soft mode's outputs
+        a2 = scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window, groups=groups,
+                  soft_rows=True)
+        b2 = triton_scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window,
+                         groups=groups, soft_rows=True)
+        _same_schedule(a, b2)
+        _same_soft_rows(a2, b2)
 
 
 @pytest.mark.parametrize("name", ["h2o", "tova", "tova_head"])
@@ -191,6 +215,11 @@ def test_triton_scan_large_random_inputs_cuda(name):
     a = scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups)
     b = triton_scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups)
     _same_schedule(a, b)
+    if name != "h2o":
+        a2 = scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups, soft_rows=True)
+        b2 = triton_scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups, soft_rows=True)
+        _same_schedule(a, b2)
+        _same_soft_rows(a2, b2)
 
 
 def test_default_scan_choice(monkeypatch):

@@ -183,3 +183,127 @@ def test_flex_with_small_blocks_equals_dense(soft):
     flex = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
     real = valid.view(valid.shape[0], valid.shape[1], 1, 1).expand_as(dense)
     assert (dense - flex)[real].abs().max() < 1e-5
+
+
+def _sparse_case(seed, name, B=3, Hq=6, Hkv=2, T=70, D=8, K=9, dtype=torch.float64, scan_fn=None):
+    """Random inputs with scattered and left padding, the schedule with the scan's SoftRows."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g, dtype=dtype) * 1.5
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype) * 1.5
+    valid = torch.rand(B, T, generator=g) > 0.15
+    valid[0] = True
+    valid[1, :9] = False
+    policy = make_policy(name, K)
+    groups = Hkv if policy.head_wise else 1
+    sched = (scan_fn or scan)(policy, K, LogitRows(q, k, D ** -0.5, block=16), valid, valid.long().cumsum(-1) - 1,
+                              torch.arange(T), groups=groups, soft_rows=True)
+    return q, k, valid, sched, groups
+
+
+@pytest.mark.parametrize("name,shape", [("tova", {}), ("tova_head", {}), ("tova", {"Hq": 4, "Hkv": 4}),
+                                        ("tova_head", {"Hq": 8, "Hkv": 4, "K": 20})])
+@pytest.mark.parametrize("tau", [1.0, 0.05])
+def test_sparse_keep_logits_equal_dense_values_and_gradients(name, shape, tau):
+    """soft_keep_sparse (scan outputs + gathered products, O(T H d)) against the dense reference:
+    the same keys get a keep-logit, the same values, the same gradients in query and key."""
+    from msrnn_train.soft import soft_keep_sparse
+
+    K = shape.pop("K", 9)
+    q, k, valid, sched, groups = _sparse_case(7 + len(shape), name, K=K, **shape)
+    # the scan's normalisers are fp32: check them against fp64 ones, then use those (the rest is fp64)
+    vis = sched.visible(valid).repeat_interleave(q.shape[1] // groups, dim=1)
+    kh = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    lse64 = torch.logsumexp((q @ kh.transpose(-1, -2) * 8 ** -0.5).masked_fill(~vis, -torch.inf), dim=-1)
+    rows = sched.soft.lse != 0
+    assert rows.sum() > 30 and torch.allclose(sched.soft.lse[rows].double(), lse64[rows], atol=1e-5)
+    sched.soft.lse = torch.where(rows, lse64, 0.0)
+    wts = torch.randn(sched.evict.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for path in ("dense", "sparse"):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        if path == "dense":
+            keep = soft_keep_logits(qq, kk, 8 ** -0.5, sched, valid, groups, tau)
+        else:
+            keep = soft_keep_sparse(qq, kk, 8 ** -0.5, sched, groups, tau, budget=K, block=16)
+        (torch.where(torch.isfinite(keep), keep, 0.0) * wts).sum().backward()
+        out[path] = keep.detach(), qq.grad, kk.grad
+    (kd, gqd, gkd), (ks, gqs, gks) = out["dense"], out["sparse"]
+    assert torch.equal(torch.isfinite(kd), torch.isfinite(ks))
+    assert int(torch.isfinite(ks).sum()) > 30  # many evictions are checked
+    fin = torch.isfinite(kd)
+    assert torch.allclose(ks[fin], kd[fin], rtol=1e-10, atol=1e-10)
+    assert gqd.abs().max() > 1e-2
+    assert torch.allclose(gqs, gqd, rtol=1e-9, atol=1e-10) and torch.allclose(gks, gkd, rtol=1e-9, atol=1e-10)
+
+
+def test_scans_emit_the_same_soft_rows():
+    """Torch scan and the numba scan emit the same runner-ups and normalisers."""
+    from msrnn_train.kernels.cpu_scan import fast_scan
+
+    for name in ("tova", "tova_head"):
+        _, _, _, a, _ = _sparse_case(5, name, dtype=torch.float32)
+        _, _, _, b, _ = _sparse_case(5, name, dtype=torch.float32, scan_fn=fast_scan)
+        assert torch.equal(a.evict, b.evict) and torch.equal(a.soft.runner, b.soft.runner)
+        assert (a.soft.runner >= 0).sum() > 30
+        assert torch.allclose(a.soft.lse, b.soft.lse, atol=1e-5)
+        # every policy victim has a runner-up evicted later or still held, never before it
+        v = a.soft.runner >= 0
+        e_run = a.evict.gather(2, a.soft.runner.clamp_min(0))
+        assert (e_run[v] > a.evict[v]).all()
+
+
+@pytest.mark.parametrize("policy", ["tova", "tova_head"])
+def test_model_soft_step_sparse_equals_dense(policy):
+    """A training forward/backward in soft mode: the sparse keep-logits (the default) give the
+    dense reference's loss and gradients; the sparse one really runs (the scan emitted SoftRows)."""
+    from msrnn_train.apply import get_controller, record_schedules
+
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    res = {}
+    for path in ("dense", "sparse"):
+        model = tiny_model("llama").train()
+        apply_budget(model, BudgetSpec(policy=policy, budget=6))
+        set_soft_temperature(model, 0.3)
+        get_controller(model).soft_path = path
+        with record_schedules(model) as rec:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                         use_cache=False).loss
+        loss.backward()
+        assert all((s.soft is not None) == (path == "sparse") for v in rec.values() for s in v)
+        res[path] = loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert abs(res["dense"][0] - res["sparse"][0]) < 1e-5
+    for a, b in zip(res["dense"][1], res["sparse"][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_soft_path_env(monkeypatch):
+    from msrnn_train.apply import BudgetError, get_controller
+
+    monkeypatch.setenv("MSRNN_SOFT", "dense")
+    model = tiny_model("llama")
+    apply_budget(model, BudgetSpec(policy="tova", budget=4))
+    assert get_controller(model).soft_path == "dense"
+    monkeypatch.setenv("MSRNN_SOFT", "fast")
+    with pytest.raises(BudgetError, match="MSRNN_SOFT"):
+        apply_budget(tiny_model("llama"), BudgetSpec(policy="tova", budget=4))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_flex_block_mask_built_once_per_schedule(soft, monkeypatch):
+    """The block mask is cached with the schedule: a second call on the same schedule (gradient
+    checkpointing's recompute) reuses it, with the same output."""
+    import msrnn_train.flex as flex
+
+    q, k, v, valid, sched, groups = _case(T=40, K=6, name="tova_head" if soft else "tova")
+    keep = soft_keep_logits(q, k, 8 ** -0.5, sched, valid, groups, 0.3) if soft else None
+    built = []
+    real_build = flex.schedule_block_mask
+    monkeypatch.setattr(flex, "schedule_block_mask", lambda *a, **kw: built.append(1) or real_build(*a, **kw))
+    first = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
+    again = flex_masked_attention(q, k, v, sched, valid, 8 ** -0.5, groups, soft_keep=keep, block=16)
+    assert len(built) == 1 and torch.equal(first, again)
+    dense = dense_masked_attention(q, k, v, sched, valid, 8 ** -0.5, 0.0, groups, soft_keep=keep)
+    real = valid.view(valid.shape[0], valid.shape[1], 1, 1).expand_as(dense)
+    assert (dense - again)[real].abs().max() < 1e-5

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import Schedule, Slots
+import torch
+
+from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
 from . import H2O, SINKS, TOVA, policy_code, start_state
 
 try:
@@ -23,7 +25,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; the torch scan 
 
 
 def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evict,
-           code, budget, n_sinks, recent, window, P, S, per_group, groups):  # pragma: no cover - compiled
+           code, budget, n_sinks, recent, window, P, S, per_group, groups,
+           emit, runner, lse):  # pragma: no cover - compiled
     B, G, C = src.shape
     Hq = logits.shape[1]
     score = np.zeros(C, dtype=np.float64)
@@ -61,6 +64,8 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                                 for c in range(C):
                                     if src[b, g, c] >= 0:
                                         z += np.exp(np.float64(logits[b, h, t - t0, src[b, g, c]]) - m)
+                                if emit and need:
+                                    lse[b, h, t] = np.float32(m + np.log(z))
                                 for c in range(C):
                                     if src[b, g, c] >= 0:
                                         score[c] += np.exp(np.float64(logits[b, h, t - t0, src[b, g, c]]) - m) / z / nh
@@ -72,6 +77,9 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                             best = -1
                             best_p = np.inf
                             best_o = 0
+                            second = -1  # the runner-up (soft mode)
+                            second_p = np.inf
+                            second_o = 0
                             for c in range(C):
                                 if src[b, g, c] < 0:
                                     continue
@@ -89,8 +97,13 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                                 else:
                                     p = np.float32(o)
                                 if best < 0 or p < best_p or (p == best_p and o < best_o):
+                                    second, second_p, second_o = best, best_p, best_o
                                     best, best_p, best_o = c, p, o
+                                elif second < 0 or p < second_p or (p == second_p and o < second_o):
+                                    second, second_p, second_o = c, p, o
                             evict[b, g, src[b, g, best]] = t
+                            if emit:
+                                runner[b, g, src[b, g, best]] = src[b, g, second] if second >= 0 else -1
                             src[b, g, best] = -1
                 if window > 0:
                     for c in range(C):
@@ -104,7 +117,7 @@ if HAVE_NUMBA:
 
 
 def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
-              window: int | None = None, groups: int = 1) -> Schedule:
+              window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
     """Drop-in for `schedule.scan` on the CPU (same arguments, same result)."""
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
@@ -117,11 +130,15 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     code, n_sinks = policy_code(policy, budget)
     per_group = logits.q.shape[1] // groups
     empty = np.zeros((B, logits.q.shape[1], 1, 1), dtype=np.float32)
+    emit = bool(soft_rows and emits_soft_rows(policy, budget))
+    runner = torch.full((B, groups, P + T) if emit else (1, 1, 1), -1, dtype=torch.long)
+    lse = torch.zeros((B, logits.q.shape[1], T) if emit else (1, 1, 1), dtype=torch.float32)
     for t0 in range(0, T, logits.block):
         t1 = min(T, t0 + logits.block)
         rows = logits.block_rows(t0).numpy() if code >= H2O else empty
         _steps(rows, t0, t1, valid_np, order_np, pos_np, src, order, pos, acc, evict_np, code, budget,
-               n_sinks, policy.recent, window or 0, P, P + T, per_group, groups)
+               n_sinks, policy.recent, window or 0, P, P + T, per_group, groups, emit, runner.numpy(), lse.numpy())
     dev = new_valid.device
     final = Slots(*(x.to(dev) for x in (slots.src, slots.order, slots.pos, slots.acc)))
-    return Schedule(evict=evict.to(dev), arrive=arrive.to(dev), final=final)
+    soft = SoftRows(runner=runner.to(dev), lse=lse.to(dev)) if emit else None
+    return Schedule(evict=evict.to(dev), arrive=arrive.to(dev), final=final, soft=soft)

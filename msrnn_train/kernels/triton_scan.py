@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import Schedule, Slots
+from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
 from . import CODES, H2O, policy_code, start_state
 
 try:
@@ -29,9 +29,9 @@ if HAVE_TRITON:
     @triton.jit
     def _scan_block(rows_ptr, s_rb, s_rh, s_rt,
                     valid_ptr, onew_ptr, pnew_ptr,
-                    src_ptr, order_ptr, pos_ptr, acc_ptr, evict_ptr,
-                    t0, t1, T, C, S, P, budget, n_sinks, recent, window, hstride, nh, G,
-                    CODE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    src_ptr, order_ptr, pos_ptr, acc_ptr, evict_ptr, runner_ptr, lse_ptr,
+                    t0, t1, T, C, S, P, budget, n_sinks, recent, window, hstride, nh, G, Hq,
+                    CODE: tl.constexpr, HAS_WINDOW: tl.constexpr, EMIT: tl.constexpr,
                     BC: tl.constexpr, HC: tl.constexpr):
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -75,6 +75,9 @@ if HAVE_TRITON:
                             z = tl.sum(e, 1)
                             z = tl.where(hm, z, 1.0)
                             score += tl.sum(e / z[:, None], 0)
+                            if EMIT:  # soft mode (TOVA, so here `need`): each head's log normaliser over C_t
+                                tl.store(lse_ptr + (b * Hq + h0 + hc + hidx).to(tl.int64) * T + t, m + tl.log(z),
+                                         mask=hm)
                         score = score / nh
                         if CODE == 2:
                             acc = acc + tl.where(held, score, 0.0)
@@ -98,6 +101,15 @@ if HAVE_TRITON:
                     victim = tl.min(tl.where(tied & (order == oldest), idx, BC), 0)
                     vsrc = tl.sum(tl.where(idx == victim, src, 0), 0)
                     tl.store(evict_ptr + ebase + vsrc, tt)
+                    if EMIT:  # the runner-up: the same choice among the rest of C_t
+                        prio2 = tl.where(idx == victim, float("inf"), prio)
+                        elig2 = elig & (idx != victim)
+                        low2 = tl.min(prio2, 0)
+                        tied2 = elig2 & (prio2 == low2)
+                        oldest2 = tl.min(tl.where(tied2, order, 9223372036854775807), 0)
+                        second = tl.min(tl.where(tied2 & (order == oldest2), idx, BC), 0)
+                        rsrc = tl.sum(tl.where(idx == second, src, 0), 0)
+                        tl.store(runner_ptr + ebase + vsrc, tl.where(second < BC, rsrc, -1).to(tl.int64))
                     src = tl.where(idx == victim, -1, src)
             if HAS_WINDOW:
                 # the model's own sliding window: a key at column p leaves at the end of step p + W - 1
@@ -116,13 +128,14 @@ def supported(policy, budget) -> bool:
 
 
 def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
-                window: int | None = None, groups: int = 1) -> Schedule:
+                window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
     """Drop-in for `schedule.scan` (same arguments, same result) on CUDA tensors, or on CPU
     tensors under TRITON_INTERPRET=1. Unbounded layers go to `schedule.scan`."""
     if not supported(policy, budget):
         from ..schedule import scan
 
-        return scan(policy, budget, logits, new_valid, new_order, new_pos, init=init, window=window, groups=groups)
+        return scan(policy, budget, logits, new_valid, new_order, new_pos, init=init, window=window, groups=groups,
+                    soft_rows=soft_rows)
     dev = new_valid.device
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
@@ -141,12 +154,15 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
     HC = max(1, min(triton.next_power_of_2(nh), 4096 // BC))
     dummy = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
     num_warps = 4 if BC * HC <= 2048 else 8
+    emit = bool(soft_rows and emits_soft_rows(policy, budget))
+    runner = torch.full((B, groups, S) if emit else (1,), -1, dtype=torch.long, device=dev)
+    lse = torch.zeros((B, Hq, T) if emit else (1,), dtype=torch.float32, device=dev)
     for t0 in range(0, T, logits.block):
         t1 = min(T, t0 + logits.block)
         rows = logits.block_rows(t0) if code >= H2O else dummy
         _scan_block[(B, groups)](
             rows, rows.stride(0), rows.stride(1), rows.stride(2),
-            valid, onew, pnew, slots.src, slots.order, slots.pos, slots.acc, evict,
-            t0, t1, T, C, S, P, budget, n_sinks, policy.recent, window or 0, hstride, nh, groups,
-            CODE=code, HAS_WINDOW=window is not None, BC=BC, HC=HC, num_warps=num_warps)
-    return Schedule(evict=evict, arrive=arrive, final=slots)
+            valid, onew, pnew, slots.src, slots.order, slots.pos, slots.acc, evict, runner, lse,
+            t0, t1, T, C, S, P, budget, n_sinks, policy.recent, window or 0, hstride, nh, groups, Hq,
+            CODE=code, HAS_WINDOW=window is not None, EMIT=emit, BC=BC, HC=HC, num_warps=num_warps)
+    return Schedule(evict=evict, arrive=arrive, final=slots, soft=SoftRows(runner, lse) if emit else None)
