@@ -75,23 +75,34 @@ def test_distillation_kl_is_the_kl_divergence():
     assert s.grad.abs().sum() > 0
 
 
+def adapted_tiny(budget: int = 8, scale: float = 0.5, seed: int = 0):
+    """The tiny random Llama with a LoRA adapter that is not the identity (as after training),
+    under TOVA-`budget`; seeded, so two calls build the same model."""
+    from msrnn_train.recipe import Recipe
+    from msrnn_train.train import add_lora, random_model
+
+    recipe = Recipe()
+    recipe.lora.r = 4
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
+    model = add_lora(random_model()[0], recipe)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    apply_budget(model, BudgetSpec("tova", budget))
+    return model
+
+
 def test_teacher_is_the_full_state_base_model():
     """Adapter disabled and no budget: exactly the base model, with no second copy of the weights."""
-    from msrnn_train.recipe import Recipe
-    from msrnn_train.train import add_lora, full_state_logits, random_model
+    from msrnn_train.train import full_state_logits, random_model
 
     base, _ = random_model()
     ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = base(input_ids=ids, use_cache=False).logits
-    recipe = Recipe()
-    recipe.lora.r = 4
-    model = add_lora(random_model()[0], recipe)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a trained adapter changes the student
-    apply_budget(model, BudgetSpec("tova", 8))
+    model = adapted_tiny()  # a trained adapter changes the student
     with torch.no_grad():
         student = model(input_ids=ids, use_cache=False).logits
     teacher = full_state_logits(model, ids)
@@ -105,18 +116,11 @@ def test_teacher_is_the_full_state_base_model():
 def test_self_teacher_is_the_adapted_model_with_the_full_state():
     """loss.teacher: self - the adapter on, no budget: what the current model predicts with every state."""
     from msrnn_train.apply import full_state
-    from msrnn_train.recipe import Recipe
-    from msrnn_train.train import add_lora, full_state_logits, random_model
+    from msrnn_train.train import full_state_logits
 
     ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(2))
-    recipe = Recipe()
-    recipe.lora.r = 4
-    model = add_lora(random_model()[0], recipe)
+    model = adapted_tiny()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-        apply_budget(model, BudgetSpec("tova", 8))
         student = model(input_ids=ids, use_cache=False).logits
         with full_state(model):
             expected = model(input_ids=ids, use_cache=False).logits
@@ -131,19 +135,9 @@ def test_self_teacher_is_the_adapted_model_with_the_full_state():
 def _two_pass_grads(checkpointing: str | None):
     """LoRA gradients of one step with a bounded pass and a full-state pass (loss.full_lm_weight)."""
     from msrnn_train.apply import checkpoint_context_fn, full_state
-    from msrnn_train.recipe import Recipe
-    from msrnn_train.train import add_lora, enable_checkpointing, random_model
+    from msrnn_train.train import enable_checkpointing
 
-    recipe = Recipe()
-    recipe.lora.r = 4
-    torch.manual_seed(0)  # peft draws lora_A from the global generator
-    model = add_lora(random_model()[0], recipe)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    apply_budget(model, BudgetSpec("tova", 6))
+    model = adapted_tiny(budget=6, scale=0.3)
     if checkpointing is not None:
         kwargs = {"use_reentrant": False}
         if checkpointing == "context":
