@@ -39,6 +39,28 @@ def _full(records: list[dict] | None) -> float | None:
     return full[0] if full else None
 
 
+def _accuracy_axis(ax, budgets: list[int], title: str) -> None:
+    """One retrieval panel: budgets on the x axis, accuracy in percent, title, grid, legend."""
+    if budgets:
+        _budget_axis(ax, budgets)
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _save(fig, path, suptitle: str | None = None) -> Path:
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _budget_axis(ax, budgets: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(budgets))
@@ -95,12 +117,7 @@ def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | N
     ax.set_title(title or "Perplexity vs budget")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
@@ -129,22 +146,9 @@ def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
             ax.plot(xs, ys, style, marker="^" if full_layers else POLICY_MARKERS.get(policy, "o"),
                     ms=max(4, 10 - 1.5 * i), alpha=0.85, lw=2, label=label,
                     color=_color(policy, 0) if not full_layers else f"C{(i + 4) % 10}")
-        if budgets:
-            _budget_axis(ax, budgets)
-        ax.set_ylim(-3, 103)
-        ax.set_ylabel("accuracy (%)")
         dist = [r["distance_tokens"] for r in recs]
-        ax.set_title(f"{task} (answer ≈{sum(dist) / len(dist):.0f} tokens back)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _accuracy_axis(ax, budgets, f"{task} (answer ≈{sum(dist) / len(dist):.0f} tokens back)")
+    return _save(fig, path, suptitle=title)
 
 
 def _config_label(r: dict) -> str:
@@ -185,19 +189,6 @@ def plot_recall_vs_budget(records: list[dict], path, title: str | None = None) -
             err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"]) for r in pts]]
             ax.errorbar(xs, ys, yerr=err, fmt="-o" if not pts[0].get("augmented") else "--s", ms=5, lw=1.8,
                         capsize=3, label=label, color=f"C{i % 10}")
-        if budgets:
-            _budget_axis(ax, budgets)
-        ax.set_ylim(-3, 103)
-        ax.set_ylabel("accuracy (%)")
         tokens = sum(r["tokens"] for r in recs) / len(recs)
-        ax.set_title(f"{task} (prompts ≈{tokens:.0f} tokens)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _accuracy_axis(ax, budgets, f"{task} (prompts ≈{tokens:.0f} tokens)")
+    return _save(fig, path, suptitle=title)
