@@ -134,16 +134,14 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
     mask = see.unsqueeze(2)  # (B, G, 1, C)
     if G > 1:
         mask = mask.repeat_interleave(Hq // G, dim=1)
-    k, v = key, value
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    # GQA without copying the keys per query head
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
     with torch.no_grad():
         row = None
-        if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan
+        if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan (query heads as a view per key head)
             with torch.autocast(query.device.type, enabled=False):
-                row = torch.matmul(query.detach().float(), k.detach().float().transpose(-1, -2)).squeeze(2) * scaling
+                qg = query.detach().float().view(B, Hkv, Hq // Hkv, D)
+                row = torch.matmul(qg, key.detach().float().transpose(-1, -2)).view(B, Hq, -1) * scaling
         acc = torch.where(on, 0.0, cache_layer.acc)
         order = torch.where(on, cache_layer.n_real.view(B, 1, 1), cache_layer.order)
         pos = torch.where(on, cache_layer.seen, cache_layer.pos)

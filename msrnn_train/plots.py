@@ -158,8 +158,12 @@ def _config_label(r: dict) -> str:
     if r.get("augmented"):
         parts.append("+ retrieval")
     if r.get("trained"):
-        parts.append("(trained)")
+        parts.append(_trained_tag(r).strip())
     return " ".join(parts)
+
+
+def _trained_tag(r: dict) -> str:
+    return "" if not r.get("trained") else f" (trained{', ' + r['arm'] if r.get('arm') else ''})"
 
 
 def plot_recall_vs_budget(records: list[dict], path, title: str | None = None) -> Path:
@@ -176,7 +180,7 @@ def plot_recall_vs_budget(records: list[dict], path, title: str | None = None) -
             if r["budget"] is None:
                 lo, hi = r["ci95"]
                 style = dict(color="gray" if r.get("trained") else "black", ls=":" if r.get("trained") else "--")
-                ax.axhline(100 * r["accuracy"], lw=1.5, label=f"full state{' (trained)' if r.get('trained') else ''}"
+                ax.axhline(100 * r["accuracy"], lw=1.5, label=f"full state{_trained_tag(r)}"
                                                               f" {100 * r['accuracy']:.0f}%", **style)
                 ax.axhspan(100 * lo, 100 * hi, color=style["color"], alpha=0.08)
                 continue

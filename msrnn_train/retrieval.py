@@ -500,7 +500,7 @@ def grid_table(records: list[dict]) -> str:
         cfg = ("full state" if r["budget"] is None else f"{r['policy']}-{r['budget']}",
                "all" if r["budget"] is None else (r["hybrid"] if r["hybrid"] != "none" else "0")
                + ("" if r["budget"] is None or r["hybrid"] == "none" else f" {r['full_layers']}"),
-               "trained" if r["trained"] else "base", "yes" if r["augmented"] else "no")
+               (f"trained ({r['arm']})" if r.get("arm") else "trained") if r["trained"] else "base", "yes" if r["augmented"] else "no")
         rows.setdefault(cfg, {})[r["task"]] = r
     lines = ["| state | full layers | model | augmented | " + " | ".join(tasks) + " |",
              "|" + " --- |" * (4 + len(tasks))]

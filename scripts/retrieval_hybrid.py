@@ -1,0 +1,181 @@
+"""In-context retrieval under a finite state, on the real model (issue 16): untrained and
+trained, all-bounded TOVA-K vs one full layer vs retrieval augmentation, against full state.
+
+    python scripts/retrieval_hybrid.py --work-dir runs/retrieval --out results/retrieval_hybrid
+
+1. The untrained grid (SmolLM2-135M): MQAR at about T = 512 tokens, K = 32 = T/16, full state,
+   all-bounded TOVA-K without / with retrieval augmentation (BM25, at most K re-inserted tokens),
+   and TOVA-K with one full layer chosen by ``auto:1``, ``middle`` and ``random:1``.
+2. Two LoRA adapters trained under the budget (recipes/smollm2_retrieval.yaml: half the rows
+   generated MQAR prompts, the other half Gutenberg windows): all bounded, and the hybrid
+   ``budget.hybrid: auto:1``. The training prompts use seeds far from the evaluation's.
+3. The trained grid: each adapter's own full state and its own spec (the bounded one also with
+   augmentation).
+4. Held-out perplexity (the four held-out books, T = 512) of full state, all-bounded TOVA-K and
+   the hybrid, untrained and trained. Augmentation only edits prompts that end in a question, so
+   on plain text it is the all-bounded model.
+
+Every stage is cached in --work-dir (a finished cell is never recomputed), so an interrupted run
+resumes; the JSON/MD/plot are rewritten from the cache at the end. ``--base-json`` reuses the
+records of an earlier ``python -m msrnn_train.evaluate --retrieval ... --json`` run for stage 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2_retrieval.yaml"
+ARMS = {"bounded": [], "hybrid": ["--budget.hybrid", "auto:1"]}
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _suite_records(obj) -> list[dict] | None:
+    if obj is None:
+        return None
+    if isinstance(obj, list):
+        return obj
+    if obj.get("complete") is False:
+        return None
+    return obj.get("retrieval_suite") or obj.get("records")
+
+
+def train_arm(arm: str, out: Path, steps: int) -> Path:
+    if (out / "adapter_config.json").is_file() and (out / "msrnn_budget.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "msrnn_train.train", str(RECIPE), "--training.output_dir", str(out),
+           "--training.max_steps", str(steps), "--training.overwrite_output_dir", "true", *ARMS[arm]]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def full_layers_of(model) -> list[int]:
+    from msrnn_train.apply import get_budget
+
+    spec = get_budget(model)
+    if spec is None or isinstance(spec.budget, int):
+        return []
+    return [i for i, b in enumerate(spec.budget) if b is None]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="runs/retrieval")
+    ap.add_argument("--out", default="results/retrieval_hybrid")
+    ap.add_argument("--base-json", default=None, help="records of the untrained grid from an evaluate --retrieval run")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--n", type=int, default=100, help="instances per cell")
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=32)
+    ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--skip-ppl", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from msrnn_train.data import DEFAULT_HELDOUT, gutenberg_books, make_windows, split_books, tokenize_documents
+    from msrnn_train.evaluate import evaluate_specs
+    from msrnn_train.hub import load_bounded
+    from msrnn_train.models import load_model
+    from msrnn_train.retrieval import grid_table, hybrid_spec, probe_instances, retrieval_grid
+    from msrnn_train.retrieval_tasks import make_task
+    from msrnn_train.spec import BudgetSpec
+
+    torch.manual_seed(0)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    K, started = args.budget, time.perf_counter()
+
+    # 1. the untrained grid
+    base_path = work / "grid_base.json"
+    base = _suite_records(_load(base_path))
+    if base is None and args.base_json:
+        base = _suite_records(_load(Path(args.base_json)))
+        if base is not None:
+            _save(base_path, base)
+    model, tok = load_model("smollm2", dtype="float32", device="cpu")
+    tasks = {"mqar": make_task("mqar", args.n, args.length, seed=0, tokenizer=tok)}
+    if base is None:
+        probe = probe_instances(tok, tasks=("mqar",), length=min(256, args.length))
+        base = retrieval_grid(model, tok, tasks, [K], ("none", "auto:1", "middle", "random:1"), "tova",
+                              (False, True), trained=False, adapter_on=True, batch_size=args.batch_size,
+                              probe=probe, augment_hybrids=False)
+        _save(base_path, base)
+    n_layers = model.config.num_hidden_layers
+
+    # 2.-3. the trained adapters and their grid
+    trained = []
+    adapters = {}
+    for arm in ARMS:
+        adapters[arm] = train_arm(arm, work / arm, args.steps)
+        path = work / f"grid_{arm}.json"
+        recs = _load(path)
+        if recs is None:
+            amodel, atok = load_bounded(adapters[arm])
+            layers = full_layers_of(amodel)
+            recs = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, layers)) if layers else "none",),
+                                  "tova", (False, True) if not layers else (False,), trained=True,
+                                  adapter_on=True, batch_size=args.batch_size)
+            for r in recs:
+                r["arm"] = arm
+            _save(path, recs)
+            del amodel
+        trained += recs
+
+    # 4. held-out perplexity
+    ppl_path = work / "ppl.json"
+    ppl = _load(ppl_path) or []
+    if not args.skip_ppl and not ppl:
+        texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
+        windows = make_windows(tokenize_documents(texts, tok), args.length, args.ppl_windows)
+        hybrid_layers = sorted({x for r in trained for x in r["full_layers"]
+                                if r.get("arm") == "hybrid" and r["budget"] is not None})
+        specs = [BudgetSpec(policy="full"), BudgetSpec(policy="tova", budget=K),
+                 hybrid_spec("tova", K, n_layers, hybrid_layers)]
+        names = ["full state", f"TOVA-{K}", f"TOVA-{K} + full layer {'+'.join(map(str, hybrid_layers))}"]
+        for arm, m in [("untrained", model)] + [(a, None) for a in ARMS]:
+            mm = m if m is not None else load_bounded(adapters[arm])[0]
+            for name, rec in zip(names, evaluate_specs(mm, windows, specs, 1, desc=f"ppl {arm}")):
+                ppl.append({"model": arm, "state": name, "ppl": rec["ppl"], "tokens": rec["tokens"]})
+        _save(ppl_path, ppl)
+
+    records = base + trained
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(out.with_suffix(".json"), {
+        "model": "smollm2", "retrieval_length": args.length, "budget": K, "n": args.n, "train_steps": args.steps,
+        "recipe": str(RECIPE.relative_to(ROOT)), "command": "python " + " ".join([Path(__file__).name] + (argv or sys.argv[1:])),
+        "records": records, "perplexity": ppl,
+    })
+    table = grid_table(records)
+    lines = [table, "", "| model | state | held-out ppl (T = %d) |" % args.length, "|---|---|---|"]
+    lines += [f"| {p['model']} | {p['state']} | {p['ppl']:.2f} |" for p in ppl]
+    out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+    from msrnn_train.plots import plot_recall_vs_budget
+
+    plot_recall_vs_budget(records, out.with_suffix(".png"),
+                          title=f"SmolLM2-135M: MQAR at ≈{args.length} tokens, K = {K} (untrained and trained)")
+    print("\n".join(lines))
+    print(f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.table.md')}, {out.with_suffix('.png')} "
+          f"({(time.perf_counter() - started) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
