@@ -83,7 +83,7 @@ class Schedule:
     evict: torch.Tensor
     arrive: torch.Tensor
     final: Slots
-    soft: "SoftRows | None" = None  # what soft mode needs, when the scan was asked for it (TOVA)
+    soft: "SoftRows | None" = None  # what soft mode needs, when the scan was asked for it (relaxable policies)
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # e.g. flex block masks
 
     def visible(self, query_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Schedule:
 @dataclass
 class SoftRows:
     """Per policy eviction, what soft mode (soft.py) needs besides the schedule, emitted by the
-    scan when asked (`soft_rows=True`, TOVA policies):
+    scan when asked (`soft_rows=True`, relaxable policies: `Policy.relaxable`, TOVA):
 
     runner – (B, G, S) for each key the policy dropped, the key it would have dropped next (the
              runner-up at that step: lowest score among the rest, ties toward the oldest); -1 for
@@ -145,7 +145,7 @@ def scan(
     new_pos       – (T,) column index of each query/new key (the model's sliding window uses it)
     init          – slots held before this call; key index s < P refers to slot s of init
     groups        – 1 for layer-wise policies, the number of key/value heads for head-wise ones
-    soft_rows     – also emit `SoftRows` (TOVA policies; ignored for the others)
+    soft_rows     – also emit `SoftRows` (relaxable policies; ignored for the others)
     """
     B, T = new_valid.shape
     device = new_valid.device

@@ -56,7 +56,7 @@ class Policy:
     needs_scores: ClassVar[bool] = False  # needs the current query's attention probabilities
     accumulates: ClassVar[bool] = False  # keeps the accumulated attention mass of every member (h2o)
     head_wise: ClassVar[bool] = False  # each key/value head keeps its own set
-    relaxable: ClassVar[bool] = False  # soft mode may relax it: the victim is the least attended member
+    relaxable: ClassVar[bool] = False  # soft mode may relax it: the victim is the least attended (needs_scores)
     kernel_code: ClassVar[int | None] = None  # its rule in the fast scans; None: the torch scan runs it
     spec_params: ClassVar[dict[str, str]] = {}  # BudgetSpec key -> its own field (e.g. sinks -> n_sinks)
 
