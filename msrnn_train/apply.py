@@ -240,13 +240,12 @@ def record_schedules(model):
 
 
 def set_layer_budget(model, budget: int) -> None:
-    """Change K of every bounded layer in place (the training-time budget ramp)."""
+    """Change K of every bounded layer in place (the training-time budget ramp; a policy's
+    parameters that default from K follow it)."""
     ctrl = get_controller(model)
     for lb in ctrl.layers:
         if lb.policy is not None:
             lb.budget = lb.policy.budget = int(budget)
-            if ctrl.spec.recent is None:
-                lb.policy.recent = int(budget) // 2
 
 
 def make_cache(model, prefill_chunk: int | None = None, decode_buffer: bool = True):

@@ -81,9 +81,9 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
     new_pos = torch.arange(past, past + T, device=query.device)
     new_order = first_order.view(B, 1) + new_valid.long().cumsum(-1) - 1
 
-    # soft mode (training): keep-logits for the keys the policy dropped; the sparse path needs the
-    # scan's SoftRows (TOVA under teacher forcing), the dense reference only the schedule
-    soft = (ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.needs_scores
+    # soft mode (training, relaxable policies): keep-logits for the keys the policy dropped; the
+    # sparse path needs the scan's SoftRows (under teacher forcing), the dense reference only the schedule
+    soft = (ctrl.soft_temperature is not None and layer.policy is not None and layer.policy.relaxable
             and cache_layer is None)
     sparse = soft and ctrl.soft_path == "sparse" and emits_soft_rows(layer.policy, layer.budget)
     sched = ctrl.stored_schedule(layer.layer_idx, cache_layer is None, T)
@@ -93,7 +93,7 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
                 sched = unbounded_schedule(new_valid, new_pos, init, window, layer.groups)
                 if cache_layer is not None:
                     sched.final = _unbounded_final(init, sched, new_order, new_pos, new_valid, layer.groups)
-            elif cache_layer is None and window is None and layer.policy.name in ("window", "sinks"):
+            elif cache_layer is None and window is None and layer.policy.rolling_sinks() is not None:
                 sched = rolling_schedule(layer.policy, layer.budget, new_valid, new_order, layer.groups)
             else:
                 ctrl.scans += 1

@@ -54,7 +54,7 @@ def _snapshot(model) -> dict | None:
         return None
     return {"ctrl": ctrl, "spec": ctrl.spec, "soft": ctrl.soft_temperature, "backend": ctrl.backend,
             "enabled": ctrl.enabled,
-            "layers": [(lb.budget, None if lb.policy is None else lb.policy.recent) for lb in ctrl.layers]}
+            "layers": [lb.budget for lb in ctrl.layers]}
 
 
 def _restore(model, snap: dict | None) -> None:
@@ -68,10 +68,9 @@ def _restore(model, snap: dict | None) -> None:
     apply_budget(model, snap["spec"])
     ctrl = get_controller(model)
     ctrl.soft_temperature, ctrl.backend, ctrl.enabled = snap["soft"], snap["backend"], snap["enabled"]
-    for lb, (budget, recent) in zip(ctrl.layers, snap["layers"]):
+    for lb, budget in zip(ctrl.layers, snap["layers"]):
         if lb.policy is not None:
-            lb.budget = lb.policy.budget = budget
-            lb.policy.recent = recent
+            lb.budget = lb.policy.budget = budget  # a policy's parameters that default from K follow it
 
 
 def hard(spec: BudgetSpec) -> BudgetSpec:

@@ -44,7 +44,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BUDGET_MODES = ("hard", "soft")
 TEACHERS = ("base", "self")
-SOFT_POLICIES = ("tova", "tova_head")  # soft-TOVA relaxes the current-query score rule
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -252,9 +251,10 @@ class Recipe:
         except BudgetError as err:
             raise RecipeError(f"budget.{err}") from None
         _one_of("budget.mode", b.mode, BUDGET_MODES)
-        if b.mode == "soft" and b.policy not in SOFT_POLICIES:
+        relaxable = [name for name, cls in POLICIES.items() if cls.relaxable]  # soft-TOVA's score rule
+        if b.mode == "soft" and b.policy not in relaxable:
             raise RecipeError(
-                f"budget.mode: 'soft' relaxes TOVA's evictions and needs policy {' or '.join(SOFT_POLICIES)}; "
+                f"budget.mode: 'soft' relaxes TOVA's evictions and needs policy {' or '.join(relaxable)}; "
                 f"policy {b.policy!r} has no relaxation: use mode: hard")
         if b.train_budgets is not None:
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):

@@ -83,7 +83,7 @@ class Schedule:
     evict: torch.Tensor
     arrive: torch.Tensor
     final: Slots
-    soft: "SoftRows | None" = None  # what soft mode needs, when the scan was asked for it (TOVA)
+    soft: "SoftRows | None" = None  # what soft mode needs, when the scan was asked for it (relaxable policies)
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # e.g. flex block masks
 
     def visible(self, query_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Schedule:
 @dataclass
 class SoftRows:
     """Per policy eviction, what soft mode (soft.py) needs besides the schedule, emitted by the
-    scan when asked (`soft_rows=True`, TOVA policies):
+    scan when asked (`soft_rows=True`, relaxable policies: `Policy.relaxable`, TOVA):
 
     runner – (B, G, S) for each key the policy dropped, the key it would have dropped next (the
              runner-up at that step: lowest score among the rest, ties toward the oldest); -1 for
@@ -120,8 +120,8 @@ class SoftRows:
 
 
 def emits_soft_rows(policy: Policy | None, budget: int | None) -> bool:
-    """Whether the scan can emit `SoftRows` for a policy (the score-based TOVA policies)."""
-    return policy is not None and budget is not None and policy.name in ("tova", "tova_head")
+    """Whether the scan emits `SoftRows` for a policy: the relaxable ones (`Policy.relaxable`)."""
+    return policy is not None and budget is not None and policy.relaxable
 
 
 def scan(
@@ -145,7 +145,7 @@ def scan(
     new_pos       – (T,) column index of each query/new key (the model's sliding window uses it)
     init          – slots held before this call; key index s < P refers to slot s of init
     groups        – 1 for layer-wise policies, the number of key/value heads for head-wise ones
-    soft_rows     – also emit `SoftRows` (TOVA policies; ignored for the others)
+    soft_rows     – also emit `SoftRows` (relaxable policies; ignored for the others)
     """
     B, T = new_valid.shape
     device = new_valid.device
@@ -373,13 +373,13 @@ def unbounded_schedule(new_valid, new_pos, init: Slots | None, window: int | Non
 
 def rolling_schedule(policy: Policy, budget: int, new_valid: torch.Tensor, new_order: torch.Tensor,
                      groups: int = 1) -> Schedule:
-    """Closed form of `window` and `sinks` under teacher forcing from an empty state (no model
-    sliding window): a rolling key leaves when the real token `span` places after it arrives,
-    span = K for window, K - min(i, K - 1) for sinks (whose first min(i, K - 1) tokens stay).
-    Equal to `scan` (tested); O(T) tensor ops instead of T steps."""
+    """Closed form of a rolling policy (one whose `rolling_sinks()` is i, not None: window, i = 0;
+    sinks, i = min(n_sinks, K - 1)) under teacher forcing from an empty state (no model sliding
+    window): its first i tokens stay, every other key leaves when the real token `span` = K - i
+    places after it arrives. Equal to `scan` (tested); O(T) tensor ops instead of T steps."""
     B, T = new_valid.shape
     device = new_valid.device
-    n_sinks = min(policy.sinks, budget - 1) if policy.name == "sinks" else 0
+    n_sinks = policy.rolling_sinks()
     span = budget - n_sinks
     col_of_order = torch.full((B, T + 1), NEVER, dtype=torch.long, device=device)
     cols = torch.arange(T, device=device).expand(B, T)
@@ -475,22 +475,20 @@ def _reference_step(policy, budget, t, held, heads, per_kv, query, key, scale, o
             acc[j] += scores[j]
     if policy is None or budget is None or len(C) <= budget:
         return C
-    victim = _reference_victim(policy, budget, C, order, scores, acc)
+    victim = _reference_victim(policy, C, order, scores, acc)
     evict[victim] = t
     return [j for j in C if j != victim]
 
 
-def _reference_victim(policy, budget, C, order, scores, acc) -> int:
-    name = policy.name
+def _reference_victim(policy, C, order, scores, acc) -> int:
+    """The policy's own rule (`eligible`, `priority`) asked about C_t alone, in double precision:
+    the lowest priority among the eligible members, ties toward the oldest."""
     by_age = sorted(C, key=lambda j: order[j])
-    if name == "window":
-        return by_age[0]
-    if name == "sinks":
-        n_sinks = min(policy.sinks, budget - 1)
-        return [j for j in by_age if order[j] >= n_sinks][0]
-    if name in ("tova", "tova_head"):
-        return min(by_age, key=lambda j: scores[j])  # min() keeps the first (oldest) of ties
-    if name == "h2o":
-        safe = set(by_age[len(by_age) - policy.recent:]) if policy.recent else set()
-        return min([j for j in by_age if j not in safe], key=lambda j: acc[j])
-    raise ValueError(name)
+
+    def members(values: dict, dtype) -> torch.Tensor:  # (1, 1, |C_t|): one sequence, one group
+        return torch.tensor([values[j] for j in by_age], dtype=dtype).view(1, 1, -1)
+
+    o = members(order, torch.long)
+    ok = policy.eligible(torch.ones_like(o, dtype=torch.bool), o).flatten().tolist()
+    prio = policy.priority(members(scores, torch.float64), members(acc, torch.float64), o).flatten().tolist()
+    return min((p, age, j) for age, (j, p, e) in enumerate(zip(by_age, prio, ok)) if e)[2]

@@ -14,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+def bounded_policies(where=lambda cls: True) -> list[str]:
+    """The registered bounded policies (every one but full) whose class passes `where`: the shared
+    tests are parametrised over the registry (kvpress's default_presses), so a new policy file is
+    tested by all of them."""
+    from msrnn_train.policies import POLICIES
+
+    return [name for name, cls in POLICIES.items() if name != "full" and where(cls)]
+
+
 def tiny_config(arch: str = "llama", **overrides):
     """A tiny random decoder config with grouped-query attention (4 query heads, 2 KV heads)."""
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config

@@ -5,14 +5,14 @@ random-input tests are in test_kernels.py; the interpreter runs them on the CPU)
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_model
+from conftest import bounded_policies, padded_batch, tiny_model
 from msrnn_train import BudgetSpec, apply_budget
 from msrnn_train.apply import get_controller
 from msrnn_train.fidelity import compare, position_ids_for
 from msrnn_train.soft import set_soft_temperature
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-POLICIES = ["window", "sinks", "h2o", "tova", "tova_head"]
+POLICIES = bounded_policies()
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -32,7 +32,7 @@ def test_simulation_equals_bounded_decoding_on_cuda(arch, policy):
     assert max(result["state_sizes"]) <= 6
 
 
-@pytest.mark.parametrize("policy", ["tova", "h2o", "tova_head"])
+@pytest.mark.parametrize("policy", bounded_policies(lambda cls: cls.needs_scores))
 @pytest.mark.parametrize("soft", [False, True])
 def test_gpu_path_equals_cpu_path(policy, soft):
     """Loss and gradients of a training forward: CUDA (Triton scan + flex) vs the CPU (numba

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_config, tiny_model
+from conftest import bounded_policies, padded_batch, tiny_config, tiny_model
 from msrnn_train import BudgetError, BudgetSpec, apply_budget, make_cache, remove_budget
 from msrnn_train.fidelity import compare, decode_token_by_token, position_ids_for, teacher_forced
 
-POLICIES = ["window", "sinks", "h2o", "tova", "tova_head"]
+POLICIES = bounded_policies()
 ARCHS = ["llama", "mistral", "qwen2", "gemma3"]  # mistral, gemma3: the model's own sliding window too
 T = 20
 BUDGETS = [1, 3, 8, 64]  # 1, small, medium, larger than the sequence

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from conftest import bounded_policies
 from msrnn_train.kernels.cpu_scan import fast_scan
 from msrnn_train.policies import make_policy
 from msrnn_train.schedule import LogitRows, Slots, scan
 
-POLICIES = ["window", "sinks", "h2o", "tova", "tova_head"]
+POLICIES = bounded_policies()
+SCORED = bounded_policies(lambda cls: cls.needs_scores)  # those whose choice reads attention scores
 
 
 def _inputs(seed, B=3, Hq=6, Hkv=2, T=70, D=8, P=0):
@@ -38,7 +40,7 @@ def test_cpu_fast_scan_equals_torch_scan(name, budget, window):
     for field in ("order", "pos"):
         assert torch.equal(getattr(a.final, field)[held], getattr(b.final, field)[held])
     assert torch.allclose(a.final.acc[held], b.final.acc[held], atol=1e-5)
-    if name in ("tova", "tova_head"):  # soft mode's outputs: same schedule, same SoftRows
+    if policy.relaxable:  # soft mode's outputs: same schedule, same SoftRows
         a2 = scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups, soft_rows=True)
         b2 = fast_scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups,
                        soft_rows=True)
@@ -57,7 +59,7 @@ def _same_soft_rows(a, b):
     assert (evict.gather(2, a.soft.runner.cpu().clamp_min(0))[victims] >= evict[victims]).all()
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "tova_head"])
+@pytest.mark.parametrize("name", SCORED)
 def test_cpu_fast_scan_continues_from_held_slots(name):
     budget, P = 6, 6
     q, k, valid, order = _inputs(seed=5, P=P, T=20)
@@ -131,7 +133,7 @@ def test_triton_kernel_under_interpreter():
                           capture_output=True, text=True, env=env, timeout=1800)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    n = len(TRITON_CASES) + 3
+    n = len(TRITON_CASES) + len(SCORED)
     assert f"{n} passed" in proc.stdout, tail
 
 
@@ -165,7 +167,7 @@ def test_triton_scan_equals_torch_scan(triton_backend, name, budget, window, sha
     b = triton_scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window,
                     groups=groups)
     _same_schedule(a, b)
-    if name in ("tova", "tova_head"):  # soft mode's outputs
+    if policy.relaxable:  # soft mode's outputs
         a2 = scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window, groups=groups,
                   soft_rows=True)
         b2 = triton_scan(policy, budget, LogitRows(q, k, 0.3, block=16), valid, order, pos, window=window,
@@ -174,7 +176,7 @@ def test_triton_scan_equals_torch_scan(triton_backend, name, budget, window, sha
         _same_soft_rows(a2, b2)
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "tova_head"])
+@pytest.mark.parametrize("name", SCORED)
 def test_triton_scan_continues_from_held_slots(triton_backend, name):
     triton_scan, device = triton_backend
     budget, P, T = 6, 6, 20
@@ -196,7 +198,7 @@ def test_triton_scan_continues_from_held_slots(triton_backend, name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["tova", "tova_head", "h2o"])
+@pytest.mark.parametrize("name", SCORED)
 def test_triton_scan_large_random_inputs_cuda(name):
     """Realistic sizes on the GPU: T = 1024, K = 128, 32 query / 8 KV heads, d = 64, batch 2,
     left padding; bf16 queries/keys as in training (scores are fp32 either way)."""
@@ -215,7 +217,7 @@ def test_triton_scan_large_random_inputs_cuda(name):
     a = scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups)
     b = triton_scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups)
     _same_schedule(a, b)
-    if name != "h2o":
+    if policy.relaxable:
         a2 = scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups, soft_rows=True)
         b2 = triton_scan(policy, K, LogitRows(q, k, D ** -0.5), valid, order, pos, groups=groups, soft_rows=True)
         _same_schedule(a, b2)

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from ..policies.base import KERNEL_H2O, KERNEL_SINKS, KERNEL_TOVA, KERNEL_WINDOW
 from ..schedule import NEVER, Slots
 
-# policy codes shared by the kernels
-WINDOW, SINKS, H2O, TOVA = 0, 1, 2, 3
-CODES = {"window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA}
+# The rules the kernels have compiled in (a policy names its own: `Policy.kernel_code`, with its
+# integer parameters `Policy.kernel_args()` = (number of sinks, recent window)):
+#   WINDOW  lowest order first              SINKS  the same, never the first n_sinks tokens
+#   H2O     lowest accumulated mass first,  TOVA   lowest score (current query) first
+#           never the `recent` newest
+WINDOW, SINKS, H2O, TOVA = KERNEL_WINDOW, KERNEL_SINKS, KERNEL_H2O, KERNEL_TOVA
 
 
-def policy_code(policy, budget: int) -> tuple[int, int]:
-    """(code, number of sinks) of a policy."""
-    code = CODES[policy.name]
-    return code, (min(policy.sinks, budget - 1) if code == SINKS else 0)
+def has_kernel(policy, budget) -> bool:
+    """Whether a fast scan runs this layer (a bounded policy whose rule the kernels know); the
+    others go to `schedule.scan`."""
+    return policy is not None and budget is not None and policy.kernel_code is not None
 
 
 def start_state(budget: int, init: Slots | None, new_valid: torch.Tensor, groups: int, device):

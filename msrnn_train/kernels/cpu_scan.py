@@ -13,8 +13,8 @@ import numpy as np
 
 import torch
 
-from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
-from . import H2O, SINKS, TOVA, policy_code, start_state
+from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows, scan
+from . import H2O, SINKS, TOVA, has_kernel, start_state
 
 try:
     import numba
@@ -118,7 +118,11 @@ if HAVE_NUMBA:
 
 def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
               window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
-    """Drop-in for `schedule.scan` on the CPU (same arguments, same result)."""
+    """Drop-in for `schedule.scan` on the CPU (same arguments, same result). A policy without a
+    kernel code (and an unbounded layer) goes to `schedule.scan`."""
+    if not has_kernel(policy, budget):
+        return scan(policy, budget, logits, new_valid, new_order, new_pos, init=init, window=window, groups=groups,
+                    soft_rows=soft_rows)
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
     slots, evict, arrive = start_state(budget, init, new_valid, groups, "cpu")
@@ -127,7 +131,8 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     valid_np = new_valid.cpu().numpy()
     order_np = new_order.cpu().numpy().astype(np.int64)
     pos_np = new_pos.cpu().numpy().astype(np.int64)
-    code, n_sinks = policy_code(policy, budget)
+    code = policy.kernel_code
+    n_sinks, recent = policy.kernel_args()
     per_group = logits.q.shape[1] // groups
     empty = np.zeros((B, logits.q.shape[1], 1, 1), dtype=np.float32)
     emit = bool(soft_rows and emits_soft_rows(policy, budget))
@@ -135,9 +140,9 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     lse = torch.zeros((B, logits.q.shape[1], T) if emit else (1, 1, 1), dtype=torch.float32)
     for t0 in range(0, T, logits.block):
         t1 = min(T, t0 + logits.block)
-        rows = logits.block_rows(t0).numpy() if code >= H2O else empty
+        rows = logits.block_rows(t0).numpy() if policy.needs_scores else empty
         _steps(rows, t0, t1, valid_np, order_np, pos_np, src, order, pos, acc, evict_np, code, budget,
-               n_sinks, policy.recent, window or 0, P, P + T, per_group, groups, emit, runner.numpy(), lse.numpy())
+               n_sinks, recent, window or 0, P, P + T, per_group, groups, emit, runner.numpy(), lse.numpy())
     dev = new_valid.device
     final = Slots(*(x.to(dev) for x in (slots.src, slots.order, slots.pos, slots.acc)))
     soft = SoftRows(runner=runner.to(dev), lse=lse.to(dev)) if emit else None

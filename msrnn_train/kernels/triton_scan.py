@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
-from . import CODES, H2O, policy_code, start_state
+from . import H2O, SINKS, TOVA, has_kernel, start_state
 
 try:
     import triton
@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - CPU-only installs: schedule.scan is us
     HAVE_TRITON = False
 
 if HAVE_TRITON:
+    # the kernels' rule numbers (kernels/__init__.py), as compile-time constants of the program
+    _SINKS, _H2O, _TOVA = tl.constexpr(SINKS), tl.constexpr(H2O), tl.constexpr(TOVA)
 
     @triton.jit
     def _scan_block(rows_ptr, s_rb, s_rh, s_rt,
@@ -61,8 +63,8 @@ if HAVE_TRITON:
                 held = (src >= 0) & cm
                 need = tl.sum(held.to(tl.int32), 0) > budget
                 score = tl.zeros([BC], dtype=tl.float32)
-                if CODE >= 2:  # h2o, tova: query t's probabilities over C_t, mean over its heads
-                    if need | (CODE == 2):
+                if CODE >= _H2O:  # h2o, tova: query t's probabilities over C_t, mean over its heads
+                    if need | (CODE == _H2O):
                         col = tl.where(held, src, 0)
                         for hc in range(0, nh, HC):
                             hm = (hc + hidx) < nh
@@ -79,18 +81,18 @@ if HAVE_TRITON:
                                 tl.store(lse_ptr + (b * Hq + h0 + hc + hidx).to(tl.int64) * T + t, m + tl.log(z),
                                          mask=hm)
                         score = score / nh
-                        if CODE == 2:
+                        if CODE == _H2O:
                             acc = acc + tl.where(held, score, 0.0)
                 if need:
                     elig = held
-                    if CODE == 1:
+                    if CODE == _SINKS:
                         elig = elig & (order >= n_sinks)
-                    if CODE == 2:
+                    if CODE == _H2O:
                         # the r most recent real tokens are always held
                         elig = elig & (order <= onew - recent)
-                    if CODE == 3:
+                    if CODE == _TOVA:
                         prio = score
-                    elif CODE == 2:
+                    elif CODE == _H2O:
                         prio = acc
                     else:
                         prio = order.to(tl.float32)
@@ -124,13 +126,14 @@ if HAVE_TRITON:
 
 
 def supported(policy, budget) -> bool:
-    return HAVE_TRITON and policy is not None and budget is not None and policy.name in CODES
+    return HAVE_TRITON and has_kernel(policy, budget)
 
 
 def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
                 window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
     """Drop-in for `schedule.scan` (same arguments, same result) on CUDA tensors, or on CPU
-    tensors under TRITON_INTERPRET=1. Unbounded layers go to `schedule.scan`."""
+    tensors under TRITON_INTERPRET=1. Unbounded layers and policies without a kernel code go to
+    `schedule.scan`."""
     if not supported(policy, budget):
         from ..schedule import scan
 
@@ -145,7 +148,8 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
     valid = new_valid.to(torch.int8).contiguous()
     onew = new_order.to(dev, torch.long).contiguous()
     pnew = new_pos.to(dev, torch.long).contiguous()
-    code, n_sinks = policy_code(policy, budget)
+    code = policy.kernel_code
+    n_sinks, recent = policy.kernel_args()
     Hq = logits.q.shape[1]
     per_group = Hq // groups
     nh = per_group if groups > 1 else Hq
@@ -159,10 +163,10 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
     lse = torch.zeros((B, Hq, T) if emit else (1,), dtype=torch.float32, device=dev)
     for t0 in range(0, T, logits.block):
         t1 = min(T, t0 + logits.block)
-        rows = logits.block_rows(t0) if code >= H2O else dummy
+        rows = logits.block_rows(t0) if policy.needs_scores else dummy
         _scan_block[(B, groups)](
             rows, rows.stride(0), rows.stride(1), rows.stride(2),
             valid, onew, pnew, slots.src, slots.order, slots.pos, slots.acc, evict, runner, lse,
-            t0, t1, T, C, S, P, budget, n_sinks, policy.recent, window or 0, hstride, nh, groups, Hq,
+            t0, t1, T, C, S, P, budget, n_sinks, recent, window or 0, hstride, nh, groups, Hq,
             CODE=code, HAS_WINDOW=window is not None, EMIT=emit, BC=BC, HC=HC, num_warps=num_warps)
     return Schedule(evict=evict, arrive=arrive, final=slots, soft=SoftRows(runner, lse) if emit else None)

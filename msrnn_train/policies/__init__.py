@@ -1,26 +1,19 @@
-"""Eviction policies: each file holds one selection rule; the step process lives in schedule.py."""
+"""Eviction policies: each file holds one policy's whole rule (base.py says what that is); the
+step process that asks them lives once, in schedule.py. A new policy is one file plus one
+import line here (the order of the imports is the order of POLICIES)."""
 
-from .base import Policy
-from .h2o import H2O
+from .base import POLICIES, Policy, register
+from .full import Full
+from .window import Window
 from .sinks import Sinks
+from .h2o import H2O
 from .tova import TOVA
 from .tova_head import TOVAHead
-from .window import Window
-
-
-class Full(Policy):
-    """full: never drops (K = infinity): the ordinary Transformer."""
-
-    name = "full"
-
-
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Window, Sinks, H2O, TOVA, TOVAHead)
-}
 
 
 def make_policy(name: str, budget: int, sinks: int = 4, recent: int | None = None) -> Policy:
-    return POLICIES[name](budget, sinks=sinks, recent=recent)
+    """The policy `name` for K = budget; BudgetSpec's sinks/recent go to the policies that have them."""
+    return POLICIES[name].from_spec(budget, sinks=sinks, recent=recent)
 
 
-__all__ = ["POLICIES", "Policy", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead"]
+__all__ = ["POLICIES", "Policy", "register", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead"]
