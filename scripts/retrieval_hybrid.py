@@ -9,8 +9,8 @@ trained, all-bounded TOVA-K vs one full layer vs retrieval augmentation, against
 2. Two LoRA adapters trained under the budget (recipes/smollm2_retrieval.yaml: half the rows
    generated MQAR prompts, the other half Gutenberg windows): all bounded, and the hybrid
    ``budget.hybrid: auto:1``. The training prompts use seeds far from the evaluation's.
-3. The trained grid: each adapter's own full state and its own spec (the bounded one also with
-   augmentation).
+3. The trained grid: each adapter under its own spec (the bounded one also with augmentation),
+   and the hybrid adapter's own full state.
 4. Held-out perplexity (the four held-out books, T = 512) of full state, all-bounded TOVA-K and
    the hybrid, untrained and trained. Augmentation only edits prompts that end in a question, so
    on plain text it is the all-bounded model.
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             layers = full_layers_of(amodel)
             recs = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, layers)) if layers else "none",),
                                   "tova", (False, True) if not layers else (False,), trained=True,
-                                  adapter_on=True, batch_size=args.batch_size)
+                                  adapter_on=True, batch_size=args.batch_size, full_state=bool(layers))
             for r in recs:
                 r["arm"] = arm
             _save(path, recs)
