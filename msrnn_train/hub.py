@@ -53,8 +53,8 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .apply import apply_budget
-    from .train import load_base_model
+    from .controller import apply_budget
+    from .models import load_base_model
 
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from .errors import RecipeError, RecipeWarning
 from .policies import POLICIES
 from .spec import BudgetError, BudgetSpec
 
@@ -46,14 +47,6 @@ BUDGET_MODES = ("hard", "soft")
 TEACHERS = ("base", "self")
 SOFT_POLICIES = ("tova", "tova_head")  # soft-TOVA relaxes the current-query score rule
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the (dotted) key and what is allowed."""
-
-
-class RecipeWarning(UserWarning):
-    """A recipe that runs but probably not as intended (e.g. a budget that never evicts)."""
 
 
 # ----------------------------------------------------------------------------- sections
