@@ -240,7 +240,7 @@ def check_args(args) -> BudgetSpec | None:
     _writable_file("--json", args.json)
     _writable_file("--plot", args.plot)
     if "ppl" in tasks:
-        ks = budgets or ([k for k in spec._all_ints()] if spec is not None else DEFAULT_BUDGETS)
+        ks = budgets or (spec.bounded_budgets() if spec is not None else DEFAULT_BUDGETS)
         big = [k for k in ks if k >= args.seq_len]
         if big:
             _warn(f"--budgets: K={big} >= --seq-len {args.seq_len}: no state is ever evicted in a window, so those "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .controller import budget_scope
-from .spec import BudgetSpec
+from .spec import BudgetSpec, budget_label
 
 DEFAULT_POLICIES = ["full", "tova", "sinks", "window", "h2o"]
 DEFAULT_BUDGETS = [64, 128, 256]
@@ -96,12 +96,12 @@ def evaluate_specs(model, windows: torch.Tensor, specs: list[BudgetSpec], batch_
     records = []
     with tqdm(total=len(specs) * windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
         for spec in specs:
-            bar.set_postfix_str(spec.describe())
+            bar.set_postfix_str(spec.label)
             start = time.perf_counter()
             with budget_scope(model, spec, adapter_on):
                 rec = _record(spec, _as_result(*_nll_sum(model, windows, batch_size, bar)), adapted)
             rec_time = time.perf_counter() - start
-            bar.write(f"  {spec.describe():>16}{' (adapted)' if adapted else '':10}  ppl {rec['ppl']:10.3f}"
+            bar.write(f"  {spec.label:>16}{' (adapted)' if adapted else '':10}  ppl {rec['ppl']:10.3f}"
                       f"   ({rec_time:.1f} s)")
             records.append(rec)
     return records
@@ -158,25 +158,13 @@ def comparison_markdown(rows: list[dict], name: str = "adapter", baseline: str =
     for r in rows:
         bb = r.get("budget_benefit")
         bb = "" if bb is None else "n/a" if math.isnan(bb) else f"{100 * bb:.0f}%"
-        lines.append(f"| {r['policy']} | {budget_name(r['budget'])} | {r['ppl_baseline']:.3f} | {r['ppl']:.3f} | "
+        lines.append(f"| {r['policy']} | {budget_label(r['budget'])} | {r['ppl_baseline']:.3f} | {r['ppl']:.3f} | "
                      f"{r['diff']:+.3f} | {bb} |")
     return "\n".join(lines)
 
 
-def budget_name(budget) -> str:
-    if isinstance(budget, (list, tuple)):
-        return "hybrid"
-    if isinstance(budget, dict):
-        return "per_layer"
-    return str(budget)
-
-
-def _budget_key(budget) -> str:
-    if budget is None:
-        return "full"
-    if isinstance(budget, int):
-        return f"K={budget}"
-    return "hybrid"
+def _column(budget) -> str:
+    return "full" if budget is None else f"K={budget_label(budget)}"
 
 
 def markdown_table(records: list[dict], full_ppl: float | None = None) -> str:
@@ -192,7 +180,7 @@ def markdown_table(records: list[dict], full_ppl: float | None = None) -> str:
         label = r["policy"] + (" (adapted)" if r.get("adapted") else "")
         delta = "" if full_ppl is None or (r["policy"] == "full" and not r.get("adapted")) \
             else f" ({r['ppl'] - full_ppl:+.2f})"
-        rows.setdefault(label, {})[_budget_key(r["budget"])] = f"{r['ppl']:.2f}{delta}"
+        rows.setdefault(label, {})[_column(r["budget"])] = f"{r['ppl']:.2f}{delta}"
     lines = ["| policy | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for label, cells in rows.items():
         lines.append(f"| {label} | " + " | ".join(cells.get(c, "") for c in cols) + " |")

@@ -89,7 +89,7 @@ def long_generation(model, tokenizer, prompts: list[str], specs: list[BudgetSpec
     total = len(specs) * len(prompts)
     with tqdm(total=total, desc="generation", unit="gen", disable=not progress) as bar:
         for spec in specs:
-            label = spec.describe()
+            label = spec.label
             bar.set_postfix_str(label)
             gens = []
             with budget_scope(model, spec, adapter_on):

@@ -135,7 +135,7 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
         meta["base_model"] = base_model
     meta["library_name"] = "peft"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = CARD_TAGS + [spec.policy, f"budget-{spec.describe()}"]
+    meta["tags"] = CARD_TAGS + [spec.policy, f"budget-{spec.label}"]
     if data_source and "/" in str(data_source) and not Path(str(data_source)).exists():
         meta["datasets"] = [str(data_source).split(":")[0]]
     meta["msrnn"] = {
@@ -151,7 +151,7 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
             "dataset": {"name": f"{data_source} (held-out documents)", "type": str(data_source)},
             "metrics": metrics}]}]
 
-    k_text = spec.describe() if not isinstance(spec.budget, int) else f"K = {spec.budget}"
+    k_text = spec.label if not isinstance(spec.budget, int) else f"K = {spec.budget}"
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, width=100).rstrip(), "---", "",
         f"# {name}", "",

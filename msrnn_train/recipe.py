@@ -275,7 +275,7 @@ class Recipe:
         if b.policy != "full" and isinstance(b.budget, dict) and "default" not in b.budget:
             warnings.warn(f"budget.budget: the map {b.budget} has no 'default', so every layer it does not name "
                           "is unbounded (full state); add e.g. default: 64 to bound them", RecipeWarning, stacklevel=2)
-        ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
+        ks = self.budget_spec().bounded_budgets()
         if ks and min(ks) >= d.seq_len:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
                           f"so the bound has no effect; use K < seq_len (e.g. {max(1, d.seq_len // 8)} = T/8)",
@@ -544,16 +544,6 @@ def _one_of(key: str, value, allowed) -> None:
 def _at_least(key: str, value, low: int) -> None:
     if value is not None and value < low:
         raise RecipeError(f"{key}: must be >= {low}, got {value}")
-
-
-def _budget_values(budget) -> list:
-    if isinstance(budget, dict):
-        values = budget.values()
-    elif isinstance(budget, (list, tuple)):
-        values = budget
-    else:
-        values = [budget]
-    return [None if v in (None, "full", "inf") else v for v in values]
 
 
 def _transformers_choices() -> tuple[tuple, tuple]:

@@ -238,18 +238,6 @@ def _layer_index(x, n_layers: int) -> int:
     return i
 
 
-def spec_label(spec: BudgetSpec) -> str:
-    """``full``, ``tova-128``, or ``tova-128+full[15]`` for a hybrid."""
-    if spec.policy == "full":
-        return "full"
-    b = spec.budget
-    if isinstance(b, (list, tuple)):
-        full = [i for i, k in enumerate(b) if k is None or k in ("full", "inf")]
-        ks = sorted({int(k) for k in b if k is not None and k not in ("full", "inf")})
-        return f"{spec.policy}-{'/'.join(map(str, ks))}+full{full}"
-    return spec.describe()
-
-
 def evaluate_retrieval(model, tokenizer, tasks: dict[str, list[Instance]], specs: list[BudgetSpec],
                        batch_size: int = 8, chat: bool = False, progress: bool = True,
                        adapter_on: bool = True) -> list[dict]:
@@ -261,7 +249,7 @@ def evaluate_retrieval(model, tokenizer, tasks: dict[str, list[Instance]], specs
     for spec in specs:
         with budget_scope(model, spec, adapter_on):
             for task, instances in tasks.items():
-                label = spec_label(spec)
+                label = spec.label
                 res = accuracy(model, tokenizer, instances, batch_size, chat, desc=f"{task} {label}",
                                progress=progress)
                 b = spec.budget if spec.policy != "full" else None
@@ -446,7 +434,7 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                         augmented_cache[key] = [augment_instance(i, augment_tokens or k, count) for i in instances]
                     instances = augmented_cache[key]
                     hit = sum(i.meta["hit"] for i in instances) / max(len(instances), 1)
-                label = spec_label(spec) + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
+                label = spec.label + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
                     + (" +retrieval" if aug else "")
                 res = accuracy(model, tokenizer, instances, batch_size, desc=f"{task} {label}", progress=progress)
                 rec = {"task": task, "policy": spec.policy, "budget": k, "hybrid": h if spec.policy != "full" else "none",

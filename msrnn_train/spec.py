@@ -88,14 +88,17 @@ class BudgetSpec:
         else:
             _check_k(b, "budget", allow_none=False)
         if self.recent is not None:
-            for i, k in enumerate(self._all_ints()):
+            for i, k in enumerate(self.bounded_budgets()):
                 if self.recent > k:
                     raise BudgetError(
                         f"recent: h2o's recent window r={self.recent} exceeds the budget K={k}; allowed 0 <= r <= K"
                     )
         return self
 
-    def _all_ints(self) -> list[int]:
+    def bounded_budgets(self) -> list[int]:
+        """Every K the budget names, in order ([] for the full state); unbounded layers left out."""
+        if self.policy == "full":
+            return []
         b = self.budget
         values = b.values() if isinstance(b, dict) else (b if isinstance(b, (list, tuple)) else [b])
         return [_as_k(v) for v in values if _as_k(v) is not None]
@@ -144,16 +147,17 @@ class BudgetSpec:
             return _as_k(b[layer_idx])
         return _as_k(b)
 
-    def recent_for(self, k: int) -> int:
-        return k // 2 if self.recent is None else self.recent
+    def per_layer(self, n_layers: int) -> list[int | None]:
+        """The normal form of the budget: K of each of `n_layers` layers (None: unbounded)."""
+        return [self.layer_budget(i) for i in range(n_layers)]
 
-    def describe(self) -> str:
+    @property
+    def label(self) -> str:
+        """A short name: ``full``, ``tova-128``, ``tova-64/128`` (per-layer K), ``tova-128+full[15]``
+        (a hybrid: the listed layers unbounded). The one name tables, logs and cards use."""
         if self.policy == "full":
             return "full"
-        b = self.budget
-        if isinstance(b, (list, tuple, dict)):
-            return f"{self.policy}-hybrid"
-        return f"{self.policy}-{b}"
+        return f"{self.policy}-{budget_label(self.budget)}"
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -192,6 +196,22 @@ class BudgetSpec:
             return cls.from_dict(raw)
         except (BudgetError, TypeError) as err:
             raise BudgetError(f"{path}: {err}") from None
+
+
+def budget_label(budget) -> str:
+    """The budget part of `BudgetSpec.label`: ``full`` (None), ``128``, ``64/128``, ``128+full[15]``."""
+    if budget is None or budget in ("full", "inf"):
+        return "full"
+    if not isinstance(budget, (list, tuple, dict)):
+        return str(budget)
+    items = budget.items() if isinstance(budget, dict) else enumerate(budget)
+    ks = sorted({_as_k(k) for _, k in items if _as_k(k) is not None})
+    items = budget.items() if isinstance(budget, dict) else enumerate(budget)
+    full = sorted(int(i) for i, k in items if _as_k(k) is None and str(i) != "default")
+    text = "/".join(map(str, ks)) or "full"
+    if isinstance(budget, dict) and _as_k(budget.get("default")) is None:
+        return f"{text}+full[rest]" if ks else "full"
+    return f"{text}+full{full}" if full and ks else text
 
 
 def budget_key(budget) -> str:

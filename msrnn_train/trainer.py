@@ -26,12 +26,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .controller import (apply_budget, checkpoint_context_fn, full_state, get_budget, hard, set_layer_budget,
                          set_soft_temperature)
-from .evaluate import budget_name, evaluate_specs, full_ppl_of, grid_specs, markdown_table
+from .evaluate import evaluate_specs, full_ppl_of, grid_specs, markdown_table
 from .losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
 from .models import base_model_id
 from .recipe import Recipe
 from .soft import budget_at, tau_at
-from .spec import BudgetSpec, budget_key
+from .spec import BudgetSpec, budget_key, budget_label
 
 
 class TrainingFailed(RuntimeError):
@@ -496,11 +496,11 @@ class BoundedEvalCallback(TrainerCallback):
         out = {}
         base_full = full_ppl_of(records)
         for r in records:
-            name = "full" if r["policy"] == "full" else f"{r['policy']}_{budget_name(r['budget'])}"
+            name = "full" if r["policy"] == "full" else _metric_name(r["policy"], r["budget"])
             out[f"{self.prefix}/{'' if r.get('adapted') else 'base_'}{name}_ppl"] = r["ppl"]
         train = self._train_spec(model) if model is not None else None
         if train is not None and base_full is not None:
-            name = f"{train.policy}_{budget_name(train.budget)}"
+            name = _metric_name(train.policy, train.budget)
             base_b, now = out.get(f"{self.prefix}/base_{name}_ppl"), out.get(f"{self.prefix}/{name}_ppl")
             if base_b is not None and now is not None and base_b - base_full > 1e-9:
                 out[f"{self.prefix}/recovered"] = (base_b - now) / (base_b - base_full)
@@ -528,3 +528,8 @@ class BoundedEvalCallback(TrainerCallback):
         rows = [[step, r["policy"], json.dumps(r["budget"]), bool(r.get("adapted")), r["ppl"], r["nll"],
                  r["tokens"], r["ppl"] - base_full if base_full is not None else None] for r in records]
         wandb.log({f"{self.prefix}/table": wandb.Table(columns=columns, data=rows)})
+
+
+def _metric_name(policy: str, budget) -> str:
+    """`tova_64`, `tova_64+full[15]`: the budget's label, without the "/" that W&B reads as a section."""
+    return f"{policy}_{budget_label(budget).replace('/', '-')}"
