@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -278,20 +279,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# recipe.training keys the run handles itself (train.py); every other one is the TrainingArguments
+# field of the same name, passed through as it is
+RUN_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "gradient_checkpointing")
+
+
 def training_arguments(recipe: Recipe) -> TrainingArguments:
+    """The TrainingArguments of a recipe: its `training` section, plus what every bounded run sets."""
     t = recipe.training
+    same = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in RUN_KEYS}
     # transformers >= 5.x calls it activation checkpointing; the recipe keeps the familiar name
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     checkpointing = {ckpt: t.gradient_checkpointing,
                      f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None}
     return TrainingArguments(
-        output_dir=t.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm, optim=t.optim, seed=t.seed, data_seed=t.seed, bf16=t.bf16, fp16=t.fp16,
-        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
+        **same, **checkpointing, data_seed=t.seed, logging_first_step=True, save_strategy="steps",
         dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False, report_to=[],
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (FiniteGuard then stops the run)
@@ -300,7 +303,6 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         # distributed init (zero.Init would then see world size 1); DeepSpeed on a CPU runs on
         # its CPU accelerator instead
         use_cpu=not torch.cuda.is_available() and not recipe.deepspeed,
-        **checkpointing,
     )
 
 

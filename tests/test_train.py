@@ -485,3 +485,26 @@ def test_embedded_default_recipe_runs_on_the_real_model(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids, use_cache=False).logits,
                               summary["model"](input_ids=ids, use_cache=False).logits, atol=1e-4)
+
+
+def test_training_arguments_are_the_recipe_training_section():
+    """Every recipe.training key but the run's own is the TrainingArguments field of that name, with
+    the recipe's value: renaming either side breaks this test, not a run."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from msrnn_train.recipe import TrainingConfig
+    from msrnn_train.trainer import RUN_KEYS, training_arguments
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"training.max_steps": 7, "training.learning_rate": 3e-4,
+                                                          "training.warmup_steps": 1, "training.save_total_limit": 1})
+    args = training_arguments(recipe)
+    passed = [f.name for f in dataclasses.fields(TrainingConfig) if f.name not in RUN_KEYS]
+    assert set(passed) <= set(TrainingArguments.__dataclass_fields__)
+    assert all(getattr(args, k) == getattr(recipe.training, k) or k in ("lr_scheduler_type", "optim", "output_dir")
+               for k in passed)
+    assert (args.max_steps, args.learning_rate, args.warmup_steps, args.save_total_limit) == (7, 3e-4, 1, 1)
+    assert str(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type) \
+        == recipe.training.lr_scheduler_type
+    assert args.data_seed == recipe.training.seed and args.remove_unused_columns is False
