@@ -321,15 +321,6 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": self.windows[i], "labels": self.windows[i].clone()}
 
 
-def windows_to_hf_dataset(windows: torch.Tensor):
-    """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns (torch format)."""
-    import datasets
-
-    rows = windows.tolist()
-    ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
-    return ds.with_format("torch")
-
-
 # ----------------------------------------------------------------------------- a recipe's windows
 def training_texts(recipe) -> tuple[dict, dict]:
     """(training documents, held-out documents) of `data.source`; RecipeError when there is no text."""

@@ -16,6 +16,7 @@ from .policies import POLICIES
 
 SPEC_FILENAME = "msrnn_budget.json"
 MODES = ("hard", "soft")
+RETIRED_KEYS = ("temperature",)  # once saved in msrnn_budget.json, never read: ignored when loading
 
 
 class BudgetError(ValueError):
@@ -33,8 +34,7 @@ class BudgetSpec:
     sinks:       number of sink positions kept by `sinks` (window+i).
     recent:      h2o's protected recent window r (default K // 2).
     mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
-                 differentiable relaxation with temperature `temperature`).
-    temperature: soft-TOVA temperature τ.
+                 differentiable relaxation; its temperature is the controller's, set per step).
     prefill_chunk: inference only: a prompt enters a BoundedCache c tokens at a time (generate()
                  feeds c tokens per forward; a longer forward is split per layer), so prefill
                  holds O(K + c) keys per layer and builds O(c (K + c)) masks. Exact: chunked
@@ -46,7 +46,6 @@ class BudgetSpec:
     sinks: int = 4
     recent: int | None = None
     mode: str = "hard"
-    temperature: float = 1.0
     prefill_chunk: int = 128
 
     # ------------------------------------------------------------------ validation
@@ -63,8 +62,6 @@ class BudgetSpec:
             not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0
         ):
             raise BudgetError(f"recent: must be an integer >= 0 or null, got {self.recent!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise BudgetError(f"temperature: must be a number > 0, got {self.temperature!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise BudgetError(f"prefill_chunk: must be an integer >= 1 (tokens per prefill chunk), got {self.prefill_chunk!r}")
         if self.policy == "full":
@@ -169,6 +166,7 @@ class BudgetSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "BudgetSpec":
         known = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}  # budget files saved by older versions
         unknown = set(d) - known
         if unknown:
             raise BudgetError(f"unknown budget key(s) {sorted(unknown)}; allowed: {sorted(known)}")

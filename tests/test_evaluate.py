@@ -94,7 +94,7 @@ def test_bounded_perplexity_equals_token_by_token_decoding_with_bounded_cache():
 
 def test_grid_restores_training_spec_ramp_soft_temperature_and_mode():
     model = tiny_model()
-    spec = BudgetSpec(policy="tova", budget=8, mode="soft", temperature=0.5)
+    spec = BudgetSpec(policy="tova", budget=8, mode="soft")
     apply_budget(model, spec)
     set_layer_budget(model, 12)  # the budget ramp is at 12 now
     set_soft_temperature(model, 0.25)
@@ -311,7 +311,7 @@ def _peft_budgeted_model():
 
     model = tiny_model()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft", temperature=1.0))
+    apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft"))
     set_soft_temperature(model, 0.5)
     return model
 

@@ -223,3 +223,20 @@ def test_a_budget_has_one_normal_form_and_one_label(budget, per_layer, label):
                                                   budget if isinstance(budget, list) else [budget])
                                       if k not in (None, "full")]
     assert BudgetSpec(policy="full").per_layer(3) == [None] * 3 and BudgetSpec(policy="full").label == "full"
+
+
+def test_a_budget_file_of_an_older_version_still_loads(tmp_path):
+    """msrnn_budget.json once carried `temperature` (never read); such a file loads, the key ignored,
+    while a key no version wrote is still refused."""
+    import json
+
+    from msrnn_train import BudgetError, BudgetSpec
+
+    (tmp_path / "msrnn_budget.json").write_text(json.dumps({
+        "policy": "tova", "budget": 64, "sinks": 4, "recent": None, "mode": "hard", "temperature": 1.0,
+        "prefill_chunk": 128}))
+    assert BudgetSpec.load(tmp_path) == BudgetSpec(policy="tova", budget=64)
+    assert "temperature" not in BudgetSpec.load(tmp_path).to_dict()
+    (tmp_path / "msrnn_budget.json").write_text(json.dumps({"policy": "tova", "budget": 64, "temprature": 1.0}))
+    with pytest.raises(BudgetError, match="temprature"):
+        BudgetSpec.load(tmp_path)
