@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .controller import budget_scope
-from .spec import BudgetSpec, budget_label
+from .spec import BudgetSpec, budget_key, budget_label
 
 DEFAULT_POLICIES = ["full", "tova", "sinks", "window", "h2o"]
 DEFAULT_BUDGETS = [64, 128, 256]
@@ -119,6 +119,11 @@ def evaluate_grid(model, windows: torch.Tensor, policies=DEFAULT_POLICIES, budge
 
 
 # ----------------------------------------------------------------------------- reports
+def record_key(record: dict) -> tuple[str, str]:
+    """(policy, budget) of an evaluation record, hashable for per-layer lists and maps too."""
+    return record["policy"], budget_key(record["budget"])
+
+
 def full_ppl_of(records: list[dict]) -> float | None:
     """Perplexity of the full-state base model (the un-adapted one when both are present)."""
     full = [r for r in records if r["policy"] == "full"]

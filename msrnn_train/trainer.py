@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .controller import (apply_budget, checkpoint_context_fn, full_state, get_budget, hard, set_layer_budget,
                          set_soft_temperature)
-from .evaluate import evaluate_specs, full_ppl_of, grid_specs, markdown_table
+from .evaluate import evaluate_specs, record_key, full_ppl_of, grid_specs, markdown_table
 from .losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
 from .models import base_model_id
 from .recipe import Recipe
@@ -343,11 +343,6 @@ def periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: list
     if wanted <= have:  # the base model is measured already
         cb.base_records = [{**r, "adapted": False} for r in before if record_key(r) in wanted]
     return cb
-
-
-def record_key(record: dict) -> tuple[str, str]:
-    """(policy, budget) of an evaluation record, hashable for per-layer lists and maps too."""
-    return record["policy"], budget_key(record["budget"])
 
 
 # ----------------------------------------------------------------------------- save
