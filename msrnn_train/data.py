@@ -185,7 +185,8 @@ def read_text_file(path: Path) -> str | None:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether a data source names a file or folder (rather than "gutenberg" or a Hub dataset id)."""
     suffix = Path(source).suffix.lower()
     return source.startswith((".", "/", "~")) or suffix in (".txt", ".json", ".jsonl", ".parquet")
 
@@ -220,7 +221,7 @@ def load_texts(source: str | os.PathLike) -> dict[str, str]:
         kind = "parquet" if path.suffix.lower() == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         texts = _rows_to_texts(ds, path.stem, str(path))
-    elif _looks_like_path(src):
+    elif looks_like_path(src):
         if path.exists():
             raise DataError(f"{path}: unsupported text source; give a .txt file, a folder of .txt files or a "
                             ".json/.jsonl/.parquet file with a 'text' column")

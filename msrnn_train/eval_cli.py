@@ -213,9 +213,9 @@ def check_args(args) -> BudgetSpec | None:
         except FileNotFoundError as err:
             raise ArgError(f"--model: {err}") from None
     if "ppl" in tasks and args.text != "gutenberg" and not args.text.startswith("gutenberg:"):
-        from .data import _looks_like_path
+        from .data import looks_like_path
 
-        if _looks_like_path(args.text) or Path(args.text).expanduser().exists():
+        if looks_like_path(args.text) or Path(args.text).expanduser().exists():
             from .data import DataError, load_texts
 
             try:  # local text is read now (it is small next to a model): an empty or binary source stops here

@@ -38,24 +38,24 @@ from pathlib import Path
 
 import torch
 
-with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration prints a banner on import;
-    # stdout is kept for `--validate`'s YAML
-    from transformers import Trainer, default_data_collator, set_seed  # noqa: F401 (Trainer: quietly, for trainer.py)
+with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration prints a banner when the
+    # Trainer is first imported (here, quietly, before trainer.py); stdout is kept for `--validate`'s YAML
+    from transformers import Trainer, default_data_collator, set_seed  # noqa: F401
 
 from msrnn_train.controller import apply_budget, set_soft_temperature
-from msrnn_train.data import DataWarning, build_windows, training_texts
-from msrnn_train.hub import HubPushError, model_card, push_adapter
-from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
+from msrnn_train.data import DataWarning, build_windows, looks_like_path, training_texts
 from msrnn_train.errors import log
 from msrnn_train.evaluate import record_key
+from msrnn_train.hub import HubPushError, model_card, push_adapter
+from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
 from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
-from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
 from msrnn_train.retrieval_data import resolve_hybrid, training_dataset
+from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
 from msrnn_train.spec import BudgetError
+from msrnn_train.tracking import finish_wandb, setup_wandb, wandb_wanted
 from msrnn_train.trainer import (BoundedTrainer, BudgetScheduleCallback, CheckpointingCallback, SaveSpecCallback,
                                  TrainingFailed, check_loss_curve, evaluate_grid, peak_memory_mb,
                                  periodic_eval_callback, save_outputs, training_arguments)
-from msrnn_train.tracking import finish_wandb, setup_wandb, wandb_wanted
 
 USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
 
@@ -159,14 +159,8 @@ def check_runtime(recipe: Recipe) -> None:
         raise RecipeError("training.bf16 with model.dtype float16: use model.dtype bfloat16 or float32")
     _check_writable_dir("training.output_dir", Path(recipe.training.output_dir))
     src = str(recipe.data.source)
-    if not src.startswith("gutenberg") and _looks_like_path(src) and not Path(src).expanduser().exists():
+    if not src.startswith("gutenberg") and looks_like_path(src) and not Path(src).expanduser().exists():
         raise RecipeError(f"data.source: no such file or folder: {src}")
-
-
-def _looks_like_path(src: str) -> bool:
-    from msrnn_train.data import _looks_like_path as looks
-
-    return looks(src)
 
 
 def _check_writable_dir(key: str, path: Path) -> None:
