@@ -115,6 +115,7 @@ def test_the_package_has_no_import_circle():
 
 def test_no_library_module_imports_an_entry_point():
     graph = import_graph()
+    assert ENTRY_POINTS <= set(graph), f"entry points that are not modules: {sorted(ENTRY_POINTS - set(graph))}"
     bad = sorted(f"{m} imports {t}" for m, ts in graph.items() for t in ts
                  if t in ENTRY_POINTS and m not in ENTRY_POINTS)
     assert not bad, "; ".join(bad)
