@@ -5,7 +5,7 @@
     model.generate(**inputs, past_key_values=make_cache(model))
 """
 
-from .apply import apply_budget, full_state, get_budget, make_cache, record_schedules, remove_budget
+from .controller import apply_budget, full_state, get_budget, make_cache, record_schedules, remove_budget
 from .cache import BoundedCache
 from .policies import POLICIES
 from .spec import BudgetError, BudgetSpec

@@ -15,8 +15,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, default_scan, emits_soft_rows,
+from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, emits_soft_rows,
                        rolling_schedule, unbounded_schedule)
+from .kernels import default_scan
 
 ATTN_NAME = "msrnn"
 

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-from .retrieval import Instance
+from .retrieval_tasks import Instance
 
 _WORD = re.compile(r"\S+")
 _TERM = re.compile(r"\w+")

@@ -170,22 +170,17 @@ class BoundedCache(Cache):
     """The inference counterpart of the simulation. Build it with `make_cache(model)` (or let
     a budgeted model create it: `generate()` and `model(..., use_cache=True)` do).
 
-    prefill_chunk – tokens per prefill chunk (default: the spec's `prefill_chunk`)
+    budgets       – K per layer (None: an unbounded layer)
+    groups        – head groups per layer (1: layer-wise; the key/value heads: head-wise)
+    prefill_chunk – tokens per prefill chunk (the spec's `prefill_chunk`)
     decode_buffer – decode in the preallocated K + 1 slots (True) or, as a prompt of one token,
                     by concatenating, scanning and compacting (False; kept for the benchmark)
     """
 
-    def __init__(self, model, prefill_chunk: int | None = None, decode_buffer: bool = True):
-        from .apply import get_controller
-
-        ctrl = get_controller(model)
-        if ctrl is None:
-            raise ValueError("BoundedCache needs a model with a budget: call apply_budget(model, spec) first")
-        layers = [BoundedLayer(lb.budget if lb.policy is not None else None, lb.groups, decode_buffer)
-                  for lb in ctrl.layers]
+    def __init__(self, budgets: list[int | None], groups: list[int], prefill_chunk: int, decode_buffer: bool = True):
+        layers = [BoundedLayer(k, g, decode_buffer) for k, g in zip(budgets, groups, strict=True)]
         super().__init__(layers=layers)
-        self.spec = ctrl.spec
-        self.prefill_chunk = int(prefill_chunk or ctrl.spec.prefill_chunk)
+        self.prefill_chunk = int(prefill_chunk)
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk!r}")
 

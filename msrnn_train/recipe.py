@@ -36,10 +36,12 @@ from typing import Any
 
 import yaml
 
+from .errors import RecipeError, RecipeWarning
 from .policies import POLICIES
 from .spec import BudgetError, BudgetSpec
 
 RECIPE_FILENAME = "recipe.yaml"
+
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 BUDGET_MODES = ("hard", "soft")
@@ -47,136 +49,144 @@ TEACHERS = ("base", "self")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the (dotted) key and what is allowed."""
-
-
-class RecipeWarning(UserWarning):
-    """A recipe that runs but probably not as intended (e.g. a budget that never evicts)."""
-
-
 # ----------------------------------------------------------------------------- sections
+def knob(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):  # noqa: A002
+    """A recipe key: its default and its help, in one declaration (TRL's `field(metadata={"help"})`).
+    docs/recipes.md is generated from these (scripts/recipe_reference.py)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    source: str = "smollm2"  # "smollm2" (embedded GGUF), a Hub id, a local dir, a .gguf file, "random:tiny-llama"
-    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # attention of the full-state teacher (and unbounded layers)
+    source: str = knob("smollm2", (
+        '"smollm2" (embedded GGUF), a Hub id, a local dir, a .gguf file, "random:tiny-llama"'))
+    dtype: str = knob("float32", "weights dtype: float32 | bfloat16 | float16")
+    attn_implementation: str = knob("sdpa", "attention of the full-state teacher (and unbounded layers)")
 
 
 @dataclass
 class DataConfig:
-    source: str = "gutenberg"  # "gutenberg", .txt file/dir, .json/.jsonl/.parquet, a Hub dataset id
-    seq_len: int = 512  # training/eval window T; windows never cross a document
-    # held-out documents: a list of names, a count, a fraction of the documents, or null
-    # (gutenberg: data.DEFAULT_HELDOUT; other sources: 10% of the documents, at least one)
-    heldout: list[str] | int | float | None = None
-    split_seed: int = 0  # which documents a count/fraction holds out
-    max_train_windows: int | None = None  # cap on training windows (null: all)
-    stride: int | None = None  # window stride within a document (null: seq_len, no overlap)
-    cache_tokens: bool = True  # cache token ids under models.cache_dir()/tokens
-    # share of the training rows that are generated retrieval prompts of seq_len tokens (0: none)
-    retrieval_fraction: float = 0.0
-    # their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack; also the auto:N probe set
-    retrieval_tasks: list[str] = field(default_factory=lambda: ["mqar", "kv", "needles", "vartrack"])
+    source: str = knob("gutenberg", '"gutenberg", .txt file/dir, .json/.jsonl/.parquet, a Hub dataset id')
+    seq_len: int = knob(512, "training/eval window T; windows never cross a document")
+    heldout: list[str] | int | float | None = knob(None, (
+        "held-out documents: a list of names, a count, a fraction of the documents, or null (gutenberg: "
+        "data.DEFAULT_HELDOUT; other sources: 10% of the documents, at least one)"))
+    split_seed: int = knob(0, "which documents a count/fraction holds out")
+    max_train_windows: int | None = knob(None, "cap on training windows (null: all)")
+    stride: int | None = knob(None, "window stride within a document (null: seq_len, no overlap)")
+    cache_tokens: bool = knob(True, "cache token ids under models.cache_dir()/tokens")
+    retrieval_fraction: float = knob(0.0, (
+        "share of the training rows that are generated retrieval prompts of seq_len tokens (0: none)"))
+    retrieval_tasks: list[str] = knob(factory=lambda: ["mqar", "kv", "needles", "vartrack"], help=(
+        "their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack; also the auto:N probe set"))
 
 
 @dataclass
 class BudgetConfig:
-    policy: str = "tova"  # full | window | sinks | h2o | tova | tova_head
-    budget: Any = 64  # K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded
-    sinks: int = 4  # sinks (window+i) keeps the first i positions
-    recent: int | None = None  # h2o's protected recent window (null: K // 2)
-    # hard: the exact process throughout (the measured default, results/headline_validation.md);
-    # soft: anneal the soft-TOVA relaxation to hard (see `soft`)
-    mode: str = "hard"
-    # multi-budget training: each optimizer step samples K from this list (null: always `budget`),
-    # so one adapter serves a range of budgets; `budget` stays the K saved with the adapter
-    train_budgets: list[int] | None = None
-    # layers kept unbounded (a hybrid): null (none), "auto:N" (the N layers whose heads put most attention on
-    # the answer's source over generated data.retrieval_tasks prompts), "random:N", "first"/"middle"/"last",
-    # or indices joined by "+" ("3+17"); needs one integer budget for the other layers
-    hybrid: str | int | None = None
+    policy: str = knob("tova", "full | window | sinks | h2o | tova | tova_head")
+    budget: Any = knob(64, 'K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded')
+    sinks: int = knob(4, "sinks (window+i) keeps the first i positions")
+    recent: int | None = knob(None, "h2o's protected recent window (null: K // 2)")
+    mode: str = knob("hard", (
+        "hard: the exact process throughout (the measured default, results/headline_validation.md); soft: "
+        "anneal the soft-TOVA relaxation to hard (see `soft`)"))
+    train_budgets: list[int] | None = knob(None, (
+        "multi-budget training: each optimizer step samples K from this list (null: always `budget`), so one "
+        "adapter serves a range of budgets; `budget` stays the K saved with the adapter"))
+    hybrid: str | int | None = knob(None, (
+        'layers kept unbounded (a hybrid): null (none), "auto:N" (the N layers whose heads put most attention'
+        " on the answer's source over generated data.retrieval_tasks prompts), \"random:N\", "
+        '"first"/"middle"/"last", or indices joined by "+" ("3+17"); needs one integer budget for the other '
+        "layers"))
 
 
 @dataclass
 class LoraConfigSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    bias: str = "none"
+    r: int = knob(16, "LoRA rank")
+    alpha: int = knob(32, "LoRA scale numerator (the update is scaled by alpha / r)")
+    dropout: float = knob(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = knob(factory=lambda: list(LORA_TARGETS), help=(
+        "the linear layers to adapt (their names in the model)"))
+    bias: str = knob("none", "none | all | lora_only (peft)")
 
 
 @dataclass
 class LossConfig:
-    lm_weight: float = 1.0  # cross-entropy of the bounded student on the next token
-    kl_weight: float = 1.0  # KL(full-state teacher || bounded student); 0 turns the teacher off
-    kl_temperature: float = 1.0  # softmax temperature of the distillation (the KL is scaled by T^2)
-    # the distillation teacher: base = the adapter off, full state (anchors to the base model);
-    # self = the adapter on, full state, detached (the bounded pass imitates the current full-state model)
-    teacher: str = "self"
-    full_lm_weight: float = 1.0  # cross-entropy of the full-state pass (adapter on), so full-state quality keeps up
-    answer_weight: float = 1.0  # weight of the answer tokens' cross-entropy in retrieval rows (data.retrieval_fraction)
+    lm_weight: float = knob(1.0, "cross-entropy of the bounded student on the next token")
+    kl_weight: float = knob(1.0, "KL(full-state teacher || bounded student); 0 turns the teacher off")
+    kl_temperature: float = knob(1.0, "softmax temperature of the distillation (the KL is scaled by T^2)")
+    teacher: str = knob("self", (
+        "the distillation teacher: base = the adapter off, full state (anchors to the base model); self = the"
+        " adapter on, full state, detached (the bounded pass imitates the current full-state model)"))
+    full_lm_weight: float = knob(1.0, (
+        "cross-entropy of the full-state pass (adapter on), so full-state quality keeps up"))
+    answer_weight: float = knob(1.0, (
+        "weight of the answer tokens' cross-entropy in retrieval rows (data.retrieval_fraction)"))
 
 
 @dataclass
 class SoftConfig:
-    tau_start: float = 1.0  # soft-TOVA temperature at step 0 ...
-    tau_end: float = 0.05  # ... annealed geometrically to this ...
-    hard_fraction: float = 0.25  # ... and the last fraction of the steps runs the exact (hard) process
-    budget_ramp_start: int | None = None  # optional budget ramp: K starts here and falls linearly to budget.budget
-    ramp_fraction: float = 0.5  # over this fraction of the steps
+    tau_start: float = knob(1.0, "soft-TOVA temperature at step 0 ...")
+    tau_end: float = knob(0.05, "... annealed geometrically to this ...")
+    hard_fraction: float = knob(0.25, "... and the last fraction of the steps runs the exact (hard) process")
+    budget_ramp_start: int | None = knob(None, (
+        "optional budget ramp: K starts here and falls linearly to budget.budget"))
+    ramp_fraction: float = knob(0.5, "over this fraction of the steps")
 
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = "outputs/smollm2-tova64"
-    max_steps: int = 40
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 2
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
-    seed: int = 42
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 1
-    save_steps: int = 20
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: bool | str | None = None  # true: the last complete checkpoint in output_dir; or a path
-    # a run owns its output_dir: one holding another run (a different recipe) is refused unless this is
-    # true; its adapter is then replaced only when the new run succeeds
-    overwrite_output_dir: bool = False
-    dataloader_num_workers: int = 0
+    output_dir: str = knob("outputs/smollm2-tova64", (
+        "where checkpoints, the adapter, msrnn_budget.json and recipe.yaml go"))
+    max_steps: int = knob(40, "optimizer steps")
+    per_device_train_batch_size: int = knob(1, "windows per device per micro-batch")
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step")
+    learning_rate: float = knob(1e-3, "peak learning rate of the LoRA weights")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = knob("cosine", "a transformers scheduler name: cosine, linear, constant, ...")
+    warmup_steps: int = knob(2, "linear warm-up steps")
+    max_grad_norm: float = knob(1.0, "gradient clipping (0: none)")
+    optim: str = knob("adamw_torch", "a transformers optimizer name: adamw_torch, adamw_torch_fused, ...")
+    seed: int = knob(42, "seeds the run: weights of random sources, data order, multi-budget sampling")
+    bf16: bool = knob(False, "bfloat16 mixed precision")
+    fp16: bool = knob(False, "float16 mixed precision (GPU)")
+    gradient_checkpointing: bool = knob(False, (
+        "activation checkpointing (non-reentrant: a layer's recompute runs the attention its forward ran)"))
+    logging_steps: int = knob(1, "log the loss parts, tau, K and tokens/s every N steps")
+    save_steps: int = knob(20, "checkpoint every N steps")
+    save_total_limit: int | None = knob(2, "checkpoints kept (null: all)")
+    resume_from_checkpoint: bool | str | None = knob(None, (
+        "true: the last complete checkpoint in output_dir; or a path"))
+    overwrite_output_dir: bool = knob(False, (
+        "a run owns its output_dir: one holding another run (a different recipe) is refused unless this is "
+        "true; its adapter is then replaced only when the new run succeeds"))
+    dataloader_num_workers: int = knob(0, "DataLoader worker processes")
 
 
 @dataclass
 class EvalConfig:
-    every_n_steps: int = 0  # bounded perplexity during training every N steps (0: only before/after)
-    policies: list[str] = field(default_factory=lambda: ["tova", "full"])
-    budgets: list[int] = field(default_factory=lambda: [64])  # K values for every bounded policy
-    max_windows: int = 8  # held-out windows, spread evenly over the held-out documents
-    batch_size: int = 1
-    at_start: bool = True  # also measure the untrained model (the "before" column)
+    every_n_steps: int = knob(0, "bounded perplexity during training every N steps (0: only before/after)")
+    policies: list[str] = knob(factory=lambda: ["tova", "full"], help=(
+        "policies evaluated before and after training (full: once)"))
+    budgets: list[int] = knob(help="K values for every bounded policy", factory=lambda: [64])
+    max_windows: int = knob(8, "held-out windows, spread evenly over the held-out documents")
+    batch_size: int = knob(1, "windows per evaluation forward")
+    at_start: bool = knob(True, 'also measure the untrained model (the "before" column)')
 
 
 @dataclass
 class WandbConfig:
-    project: str | None = "msrnn-train"  # null: no W&B
-    name: str | None = None
-    mode: str = "auto"  # auto: online with an API key, else offline (with a message); online | offline | disabled
-    tags: list[str] = field(default_factory=list)
+    project: str | None = knob("msrnn-train", "null: no W&B")
+    name: str | None = knob(None, "the run's name (null: W&B picks one)")
+    mode: str = knob("auto", "auto: online with an API key, else offline (with a message); online | offline | disabled")
+    tags: list[str] = knob(help="W&B tags", factory=list)
 
 
 @dataclass
 class HubConfig:
-    push_to_hub: bool = False
-    repo_id: str | None = None
-    private: bool = True
+    push_to_hub: bool = knob(False, "push the adapter folder to the Hugging Face Hub after training")
+    repo_id: str | None = knob(None, "the Hub repository (user/name)")
+    private: bool = knob(True, "create the repository private")
 
 
 @dataclass
@@ -191,7 +201,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     hub: HubConfig = field(default_factory=HubConfig)
-    deepspeed: str | None = None  # DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json)
+    deepspeed: str | None = knob(None, "DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json)")
 
     # ------------------------------------------------------------------ views
     def budget_spec(self) -> BudgetSpec:
@@ -282,7 +292,7 @@ class Recipe:
         if b.policy != "full" and isinstance(b.budget, dict) and "default" not in b.budget:
             warnings.warn(f"budget.budget: the map {b.budget} has no 'default', so every layer it does not name "
                           "is unbounded (full state); add e.g. default: 64 to bound them", RecipeWarning, stacklevel=2)
-        ks = [k for k in _budget_values(b.budget) if k is not None] if b.policy != "full" else []
+        ks = self.budget_spec().bounded_budgets()
         if ks and min(ks) >= d.seq_len:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
                           f"so the bound has no effect; use K < seq_len (e.g. {max(1, d.seq_len // 8)} = T/8)",
@@ -551,16 +561,6 @@ def _one_of(key: str, value, allowed) -> None:
 def _at_least(key: str, value, low: int) -> None:
     if value is not None and value < low:
         raise RecipeError(f"{key}: must be >= {low}, got {value}")
-
-
-def _budget_values(budget) -> list:
-    if isinstance(budget, dict):
-        values = budget.values()
-    elif isinstance(budget, (list, tuple)):
-        values = budget
-    else:
-        values = [budget]
-    return [None if v in (None, "full", "inf") else v for v in values]
 
 
 def _transformers_choices() -> tuple[tuple, tuple]:

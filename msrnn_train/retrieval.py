@@ -27,25 +27,14 @@ import math
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .controller import budget_scope, full_state
+from .retrieval_tasks import KEY_WORDS, Instance, make_task, token_counter
 from .spec import BudgetSpec
-
-# Common English nouns: the keys of associative recall (all distinct, lower case).
-KEY_WORDS = (
-    "apple river chair horse cloud stone bread candle garden window mirror button forest "
-    "pencil rabbit engine castle island ladder basket bottle camera carpet cheese coffee "
-    "copper dragon feather finger flower guitar hammer helmet jacket kettle lemon magnet "
-    "marble monkey needle orange pepper pillow planet pocket potato puzzle rocket saddle "
-    "salmon silver spider spoon summer tiger tomato tunnel turtle velvet violin wallet "
-    "wheel winter wizard yellow anchor banana barrel beetle blanket bridge cabbage canyon "
-    "carrot cherry circle cotton desert dinner doctor falcon farmer glove harbor jungle "
-    "lantern meadow mountain napkin ocean parrot pirate rainbow ribbon sailor shadow "
-    "shovel sister soldier temple thunder ticket tower valley wagon whistle"
-).split()
 
 # The passkey-retrieval filler (Mohtashami & Jaggi, 2023), used when no real text is at hand.
 GENERATED_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -53,16 +42,6 @@ GENERATED_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here
 NEEDLE = "The secret number is {number}."
 NEEDLE_QUESTION = "\n\nWhat is the secret number? The secret number is "
 RECALL_HEADER = "Remember the number that goes with each word.\n\n"
-
-
-@dataclass
-class Instance:
-    """One retrieval question: the model sees ``prompt`` and must continue with ``answer``."""
-
-    task: str  # "recall" or "needle"
-    prompt: str
-    answer: str
-    meta: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- generators
@@ -259,31 +238,18 @@ def _layer_index(x, n_layers: int) -> int:
     return i
 
 
-def spec_label(spec: BudgetSpec) -> str:
-    """``full``, ``tova-128``, or ``tova-128+full[15]`` for a hybrid."""
-    if spec.policy == "full":
-        return "full"
-    b = spec.budget
-    if isinstance(b, (list, tuple)):
-        full = [i for i, k in enumerate(b) if k is None or k in ("full", "inf")]
-        ks = sorted({int(k) for k in b if k is not None and k not in ("full", "inf")})
-        return f"{spec.policy}-{'/'.join(map(str, ks))}+full{full}"
-    return spec.describe()
-
-
 def evaluate_retrieval(model, tokenizer, tasks: dict[str, list[Instance]], specs: list[BudgetSpec],
                        batch_size: int = 8, chat: bool = False, progress: bool = True,
                        adapter_on: bool = True) -> list[dict]:
     """Accuracy of every task under every spec: records {"task", "policy", "budget", "label",
     "full_layers", "accuracy", "correct", "n", "tokens", "distance_tokens"}. The model's own
     budget spec (if any) is put back afterwards."""
-    from .evaluate import with_spec
 
     records = []
     for spec in specs:
-        with with_spec(model, spec, adapter_on):
+        with budget_scope(model, spec, adapter_on):
             for task, instances in tasks.items():
-                label = spec_label(spec)
+                label = spec.label
                 res = accuracy(model, tokenizer, instances, batch_size, chat, desc=f"{task} {label}",
                                progress=progress)
                 b = spec.budget if spec.policy != "full" else None
@@ -328,7 +294,6 @@ def source_positions(instance: Instance, tokenizer) -> list[int]:
 @contextlib.contextmanager
 def _eager_attention(model):
     """The full-state model with eager attention, so it can return its attention weights."""
-    from .apply import full_state
 
     config = model.config
     with full_state(model):
@@ -370,7 +335,6 @@ def probe_instances(tokenizer, n: int = 8, length: int = 256, tasks=("mqar", "kv
                     seed: int = 10_000) -> list[Instance]:
     """The probe set of `auto:N`: generated instances of every task, with a seed apart from the
     evaluation's (default 0)."""
-    from .retrieval_tasks import make_task
 
     per = max(1, n // len(tasks))
     return [inst for t in tasks for inst in make_task(t, per, length, seed=seed, tokenizer=tokenizer)]
@@ -446,12 +410,10 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
     ``augment_hybrids=False`` augments only the all-bounded model. ``on_record(records)`` is
     called after every cell (e.g. to save partial results of a long run)."""
     from .augment import augment as augment_instance
-    from .evaluate import with_spec
-    from .retrieval_tasks import token_counter
 
     n_layers = model.config.num_hidden_layers
     count = token_counter(tokenizer)
-    with with_spec(model, None, adapter_on):  # the probe reads the (adapted) full-state model
+    with budget_scope(model, None, adapter_on):  # the probe reads the (adapted) full-state model
         layers = {h: choose_full_layers(h, model, tokenizer, probe, seed) for h in hybrids}
     configs = [(BudgetSpec(policy="full"), "none", False)] if full_state else []
     for k in budgets:
@@ -463,7 +425,7 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
     for spec, h, aug in configs:
         k = None if spec.policy == "full" else (spec.budget if isinstance(spec.budget, int)
                                                 else max(b for b in spec.budget if b is not None))
-        with with_spec(model, spec, adapter_on):
+        with budget_scope(model, spec, adapter_on):
             for task, instances in tasks.items():
                 hit = None
                 if aug:
@@ -472,7 +434,7 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                         augmented_cache[key] = [augment_instance(i, augment_tokens or k, count) for i in instances]
                     instances = augmented_cache[key]
                     hit = sum(i.meta["hit"] for i in instances) / max(len(instances), 1)
-                label = spec_label(spec) + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
+                label = spec.label + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
                     + (" +retrieval" if aug else "")
                 res = accuracy(model, tokenizer, instances, batch_size, desc=f"{task} {label}", progress=progress)
                 rec = {"task": task, "policy": spec.policy, "budget": k, "hybrid": h if spec.policy != "full" else "none",

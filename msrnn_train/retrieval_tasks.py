@@ -37,8 +37,31 @@ import functools
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from .retrieval import KEY_WORDS, Instance
+# Common English nouns: the keys of associative recall (all distinct, lower case).
+KEY_WORDS = (
+    "apple river chair horse cloud stone bread candle garden window mirror button forest "
+    "pencil rabbit engine castle island ladder basket bottle camera carpet cheese coffee "
+    "copper dragon feather finger flower guitar hammer helmet jacket kettle lemon magnet "
+    "marble monkey needle orange pepper pillow planet pocket potato puzzle rocket saddle "
+    "salmon silver spider spoon summer tiger tomato tunnel turtle velvet violin wallet "
+    "wheel winter wizard yellow anchor banana barrel beetle blanket bridge cabbage canyon "
+    "carrot cherry circle cotton desert dinner doctor falcon farmer glove harbor jungle "
+    "lantern meadow mountain napkin ocean parrot pirate rainbow ribbon sailor shadow "
+    "shovel sister soldier temple thunder ticket tower valley wagon whistle"
+).split()
+
+
+@dataclass
+class Instance:
+    """One retrieval question: the model sees ``prompt`` and must continue with ``answer``."""
+
+    task: str  # "recall" or "needle"
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
 
 # More distinct nouns for long MQAR lists (KEY_WORDS holds the first ones).
 _MORE_WORDS = (

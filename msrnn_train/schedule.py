@@ -22,7 +22,6 @@ Query t sees key j iff arrive_j <= t <= e_j.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -391,29 +390,6 @@ def rolling_schedule(policy: Policy, budget: int, new_valid: torch.Tensor, new_o
     evict = torch.where(new_valid, evict, -1)
     return Schedule(evict=evict.unsqueeze(1).expand(B, groups, T).contiguous(),
                     arrive=torch.arange(T, device=device), final=None)
-
-
-def default_scan(device):
-    """The scan implementation for a device: the Triton kernel on CUDA (kernels/triton_scan.py),
-    the numba loop on the CPU (kernels/cpu_scan.py), the torch `scan` where neither is available.
-    ``$MSRNN_SCAN`` = torch | numba | triton forces one (benchmarks, debugging)."""
-    forced = os.environ.get("MSRNN_SCAN", "").strip().lower()
-    if forced not in ("", "torch", "numba", "triton"):
-        raise ValueError(f"MSRNN_SCAN={forced!r}: use one of torch, numba, triton")
-    if forced == "torch":
-        return scan
-    kind = torch.device(device).type
-    if forced == "triton" or (not forced and kind == "cuda"):
-        from .kernels.triton_scan import HAVE_TRITON, triton_scan
-
-        if HAVE_TRITON:
-            return triton_scan
-    if forced == "numba" or (not forced and kind == "cpu"):
-        from .kernels.cpu_scan import HAVE_NUMBA, fast_scan
-
-        if HAVE_NUMBA:
-            return fast_scan
-    return scan
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ Two implementations of the keep-logits, selected by `$MSRNN_SOFT` / `Controller.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -69,17 +68,6 @@ def soft_keep_logits(query, key, scaling, sched: Schedule, new_valid, groups: in
     margin = (torch.log(s_self.clamp_min(1e-30)) - torch.log(runner_up.clamp_min(1e-30))).clamp(max=0.0)
     keep = F.logsigmoid(margin / tau)
     return torch.where(policy_victim, keep, -torch.inf)
-
-
-SOFT_PATHS = ("sparse", "dense")
-
-
-def soft_path_from_env() -> str:
-    """`$MSRNN_SOFT`: sparse (default; the dense reference where sparse does not apply) or dense."""
-    value = os.environ.get("MSRNN_SOFT", "sparse").strip().lower() or "sparse"
-    if value not in SOFT_PATHS:
-        raise ValueError(f"MSRNN_SOFT={value!r}: use one of {', '.join(SOFT_PATHS)}")
-    return value
 
 
 def soft_keep_sparse(query, key, scaling, sched: Schedule, groups: int, tau: float, budget: int,
@@ -184,16 +172,6 @@ def soft_dense_mask(sched: Schedule, new_valid, keep: torch.Tensor) -> torch.Ten
     after = t > sched.evict.unsqueeze(2)
     soft = torch.where(after, keep.unsqueeze(2), -torch.inf)
     return torch.where(vis, torch.zeros((), dtype=keep.dtype, device=keep.device), soft)
-
-
-def set_soft_temperature(model, tau: float | None) -> None:
-    """Switch a budgeted model to soft mode at temperature tau (None: hard, as at inference)."""
-    from .apply import get_controller
-
-    ctrl = get_controller(model)
-    if ctrl is None:
-        raise ValueError("set_soft_temperature: the model has no budget (apply_budget first)")
-    ctrl.soft_temperature = None if tau is None else float(tau)
 
 
 def tau_at(step: int, total: int, start: float, end: float, hard_fraction: float = 0.1) -> float | None:

@@ -16,6 +16,7 @@ from .policies import POLICIES
 
 SPEC_FILENAME = "msrnn_budget.json"
 MODES = ("hard", "soft")
+RETIRED_KEYS = ("temperature",)  # once saved in msrnn_budget.json, never read: ignored when loading
 
 
 class BudgetError(ValueError):
@@ -33,8 +34,7 @@ class BudgetSpec:
     sinks:       number of sink positions kept by `sinks` (window+i).
     recent:      h2o's protected recent window r (default K // 2).
     mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
-                 differentiable relaxation with temperature `temperature`).
-    temperature: soft-TOVA temperature τ.
+                 differentiable relaxation; its temperature is the controller's, set per step).
     prefill_chunk: inference only: a prompt enters a BoundedCache c tokens at a time (generate()
                  feeds c tokens per forward; a longer forward is split per layer), so prefill
                  holds O(K + c) keys per layer and builds O(c (K + c)) masks. Exact: chunked
@@ -46,7 +46,6 @@ class BudgetSpec:
     sinks: int = 4
     recent: int | None = None
     mode: str = "hard"
-    temperature: float = 1.0
     prefill_chunk: int = 128
 
     # ------------------------------------------------------------------ validation
@@ -63,8 +62,6 @@ class BudgetSpec:
             not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0
         ):
             raise BudgetError(f"recent: must be an integer >= 0 or null, got {self.recent!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise BudgetError(f"temperature: must be a number > 0, got {self.temperature!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise BudgetError(f"prefill_chunk: must be an integer >= 1 (tokens per prefill chunk), got {self.prefill_chunk!r}")
         if self.policy == "full":
@@ -88,14 +85,17 @@ class BudgetSpec:
         else:
             _check_k(b, "budget", allow_none=False)
         if self.recent is not None:
-            for i, k in enumerate(self._all_ints()):
+            for i, k in enumerate(self.bounded_budgets()):
                 if self.recent > k:
                     raise BudgetError(
                         f"recent: h2o's recent window r={self.recent} exceeds the budget K={k}; allowed 0 <= r <= K"
                     )
         return self
 
-    def _all_ints(self) -> list[int]:
+    def bounded_budgets(self) -> list[int]:
+        """Every K the budget names, in order ([] for the full state); unbounded layers left out."""
+        if self.policy == "full":
+            return []
         b = self.budget
         values = b.values() if isinstance(b, dict) else (b if isinstance(b, (list, tuple)) else [b])
         return [_as_k(v) for v in values if _as_k(v) is not None]
@@ -144,16 +144,17 @@ class BudgetSpec:
             return _as_k(b[layer_idx])
         return _as_k(b)
 
-    def recent_for(self, k: int) -> int:
-        return k // 2 if self.recent is None else self.recent
+    def per_layer(self, n_layers: int) -> list[int | None]:
+        """The normal form of the budget: K of each of `n_layers` layers (None: unbounded)."""
+        return [self.layer_budget(i) for i in range(n_layers)]
 
-    def describe(self) -> str:
+    @property
+    def label(self) -> str:
+        """A short name: ``full``, ``tova-128``, ``tova-64/128`` (per-layer K), ``tova-128+full[15]``
+        (a hybrid: the listed layers unbounded). The one name tables, logs and cards use."""
         if self.policy == "full":
             return "full"
-        b = self.budget
-        if isinstance(b, (list, tuple, dict)):
-            return f"{self.policy}-hybrid"
-        return f"{self.policy}-{b}"
+        return f"{self.policy}-{budget_label(self.budget)}"
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
@@ -165,6 +166,7 @@ class BudgetSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "BudgetSpec":
         known = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}  # budget files saved by older versions
         unknown = set(d) - known
         if unknown:
             raise BudgetError(f"unknown budget key(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -192,6 +194,22 @@ class BudgetSpec:
             return cls.from_dict(raw)
         except (BudgetError, TypeError) as err:
             raise BudgetError(f"{path}: {err}") from None
+
+
+def budget_label(budget) -> str:
+    """The budget part of `BudgetSpec.label`: ``full`` (None), ``128``, ``64/128``, ``128+full[15]``."""
+    if budget is None or budget in ("full", "inf"):
+        return "full"
+    if not isinstance(budget, (list, tuple, dict)):
+        return str(budget)
+    items = budget.items() if isinstance(budget, dict) else enumerate(budget)
+    ks = sorted({_as_k(k) for _, k in items if _as_k(k) is not None})
+    items = budget.items() if isinstance(budget, dict) else enumerate(budget)
+    full = sorted(int(i) for i, k in items if _as_k(k) is None and str(i) != "default")
+    text = "/".join(map(str, ks)) or "full"
+    if isinstance(budget, dict) and _as_k(budget.get("default")) is None:
+        return f"{text}+full[rest]" if ks else "full"
+    return f"{text}+full{full}" if full and ks else text
 
 
 def budget_key(budget) -> str:

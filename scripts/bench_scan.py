@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from msrnn_train.policies import make_policy
-from msrnn_train.schedule import LogitRows, default_scan, scan
+from msrnn_train.kernels import default_scan
+from msrnn_train.schedule import LogitRows, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 

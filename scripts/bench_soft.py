@@ -26,7 +26,7 @@ import torch
 
 from msrnn_train import BudgetSpec, apply_budget, remove_budget
 from msrnn_train.models import load_model
-from msrnn_train.soft import set_soft_temperature
+from msrnn_train.controller import set_soft_temperature
 
 
 def step_time(model, ids, repeats, warmup=1):
@@ -44,7 +44,8 @@ def step_time(model, ids, repeats, warmup=1):
 def layer_child(cfg: dict) -> dict:
     """Time and peak memory of one path's keep-logits, forward + backward, in this process."""
     from msrnn_train.policies import make_policy
-    from msrnn_train.schedule import LogitRows, default_scan
+    from msrnn_train.kernels import default_scan
+    from msrnn_train.schedule import LogitRows
     from msrnn_train.soft import soft_keep_logits, soft_keep_sparse
 
     torch.set_num_threads(cfg["threads"])

@@ -40,7 +40,7 @@ def build(shape, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from msrnn_train.recipe import load_recipe
-    from msrnn_train.train import add_lora
+    from msrnn_train.models import add_lora
 
     cfg = {k: v for k, v in SHAPES[shape].items() if k not in ("T", "K", "B")}
     config = LlamaConfig(**cfg, max_position_embeddings=8192)
@@ -55,11 +55,11 @@ def build(shape, device):
 def run_batch(model, shape, B, device, args, loss_cfg):
     """Every mode at batch size B: {mode: {step_s, tokens_per_s, peak_gib[, scan_*]}}."""
     from msrnn_train import BudgetSpec, apply_budget, remove_budget
-    from msrnn_train.apply import get_controller
+    from msrnn_train.controller import get_controller
     from msrnn_train.losses import causal_lm_loss, distillation_kl
-    from msrnn_train.schedule import default_scan
-    from msrnn_train.soft import set_soft_temperature
-    from msrnn_train.train import full_state_logits
+    from msrnn_train.kernels import default_scan
+    from msrnn_train.controller import set_soft_temperature
+    from msrnn_train.trainer import full_state_logits
 
     s = SHAPES[shape]
     T, K = s["T"], s["K"]

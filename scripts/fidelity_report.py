@@ -39,7 +39,8 @@ def nll_decoded(model, ids, desc):
 def scan_time(model, ids, policy, budget, layer=0, repeats=3):
     """Wall time of one layer's eviction scan at this length (CPU fast path and torch reference)."""
     from msrnn_train.policies import make_policy
-    from msrnn_train.schedule import LogitRows, default_scan, scan
+    from msrnn_train.kernels import default_scan
+    from msrnn_train.schedule import LogitRows, scan
 
     captured = {}
 

@@ -127,7 +127,7 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args) ->
 
 
 def eval_windows(args, tokenizer) -> torch.Tensor:
-    from msrnn_train.train import build_windows
+    from msrnn_train.data import build_windows
 
     books = VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT
     probe = load_recipe(args.recipe, {"data.seq_len": args.seq_len, "data.heldout": books,

@@ -1,5 +1,5 @@
 """Write docs/recipes.md: every recipe key with its type, default and meaning, read from the
-dataclasses (and their comments) in msrnn_train/recipe.py, so the reference cannot drift.
+dataclasses in msrnn_train/recipe.py (each key's `knob(default, help)`), so the reference cannot drift.
 
     python scripts/recipe_reference.py            # rewrites docs/recipes.md
     python scripts/recipe_reference.py --check    # exit 1 if docs/recipes.md is out of date
@@ -8,8 +8,6 @@ dataclasses (and their comments) in msrnn_train/recipe.py, so the reference cann
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import sys
 from pathlib import Path
 
@@ -19,20 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "recipes.md"
 
 
-def _comments(cls) -> dict[str, str]:
-    src = inspect.getsource(cls)
-    out, pending = {}, []
-    for line in src.splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            pending.append(s.lstrip("# "))
-            continue
-        m = re.match(r"(\w+)\s*:\s*[^=]+?(?:=\s*(.*?))?\s*(?:#\s*(.*))?$", s)
-        if m and not s.startswith(("def ", "class ", "@", "return", '"""')):
-            text = " ".join(pending + ([m.group(3)] if m.group(3) else []))
-            out[m.group(1)] = text
-        pending = []
-    return out
+def _help(f) -> str:
+    return f.metadata.get("help", "")
 
 
 def _default(f) -> str:
@@ -53,14 +39,13 @@ def render() -> str:
     for name, f in top.items():
         sec = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if sec is None or not dataclasses.is_dataclass(sec):
-            notes = _comments(R.Recipe).get(name, "")
+            notes = _help(f)
             lines += [f"## `{name}`", "", f"`{name}: {_default(f)}` — {notes}", ""]
             continue
-        notes = _comments(sec)
         lines += [f"## `{name}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for g in dataclasses.fields(sec):
             t = g.type if isinstance(g.type, str) else getattr(g.type, "__name__", str(g.type))
-            cells = [f"`{name}.{g.name}`", f"`{t}`", f"`{_default(g)}`", notes.get(g.name, "")]
+            cells = [f"`{name}.{g.name}`", f"`{t}`", f"`{_default(g)}`", _help(g)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)

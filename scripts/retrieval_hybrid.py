@@ -65,7 +65,7 @@ def train_arm(arm: str, out: Path, steps: int) -> Path:
 
 
 def full_layers_of(model) -> list[int]:
-    from msrnn_train.apply import get_budget
+    from msrnn_train.controller import get_budget
 
     spec = get_budget(model)
     if spec is None or isinstance(spec.budget, int):
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--only", default=None, help="comma list of stages to compute: base, train, trained, ppl "
+                    "(default: all; what is cached is always reported)")
     args = ap.parse_args(argv)
 
     import torch
@@ -102,31 +103,42 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     K, started = args.budget, time.perf_counter()
 
-    # 1. the untrained grid
-    base_path = work / "grid_base.json"
+    stages = set(args.only.split(",")) if args.only else {"base", "train", "trained", "ppl"}
+    model, tok = load_model("smollm2", dtype="float32", device="cpu")
+    tasks = {"mqar": make_task("mqar", args.n, args.length, seed=0, tokenizer=tok)}
+    n_layers = model.config.num_hidden_layers
+
+    # 1. the untrained grid (TOVA: all bounded, + augmentation, one full layer three ways; and a
+    #    recency policy, window-K, without and with augmentation)
+    base_path, window_path = work / "grid_base.json", work / "grid_window.json"
     base = _suite_records(_load(base_path))
     if base is None and args.base_json:
         base = _suite_records(_load(Path(args.base_json)))
         if base is not None:
             _save(base_path, base)
-    model, tok = load_model("smollm2", dtype="float32", device="cpu")
-    tasks = {"mqar": make_task("mqar", args.n, args.length, seed=0, tokenizer=tok)}
-    if base is None:
+    if base is None and "base" in stages:
         probe = probe_instances(tok, tasks=("mqar",), length=min(256, args.length))
         base = retrieval_grid(model, tok, tasks, [K], ("none", "auto:1", "middle", "random:1"), "tova",
                               (False, True), trained=False, adapter_on=True, batch_size=args.batch_size,
                               probe=probe, augment_hybrids=False)
         _save(base_path, base)
-    n_layers = model.config.num_hidden_layers
+    window = _load(window_path)
+    if window is None and "base" in stages:
+        window = retrieval_grid(model, tok, tasks, [K], ("none",), "window", (False, True), trained=False,
+                                adapter_on=True, batch_size=args.batch_size, full_state=False)
+        _save(window_path, window)
 
     # 2.-3. the trained adapters and their grid
     trained = []
     adapters = {}
     for arm in ARMS:
-        adapters[arm] = train_arm(arm, work / arm, args.steps)
+        if "train" in stages:
+            adapters[arm] = train_arm(arm, work / arm, args.steps)
+        elif (work / arm / "adapter_config.json").is_file():
+            adapters[arm] = work / arm
         path = work / f"grid_{arm}.json"
         recs = _load(path)
-        if recs is None:
+        if recs is None and "trained" in stages and arm in adapters:
             amodel, atok = load_bounded(adapters[arm])
             layers = full_layers_of(amodel)
             recs = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, layers)) if layers else "none",),
@@ -136,12 +148,12 @@ def main(argv=None) -> int:
                 r["arm"] = arm
             _save(path, recs)
             del amodel
-        trained += recs
+        trained += recs or []
 
     # 4. held-out perplexity
     ppl_path = work / "ppl.json"
     ppl = _load(ppl_path) or []
-    if not args.skip_ppl and not ppl:
+    if "ppl" in stages and not ppl and len(adapters) == len(ARMS):
         texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
         windows = make_windows(tokenize_documents(texts, tok), args.length, args.ppl_windows)
         hybrid_layers = sorted({x for r in trained for x in r["full_layers"]
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
                 ppl.append({"model": arm, "state": name, "ppl": rec["ppl"], "tokens": rec["tokens"]})
         _save(ppl_path, ppl)
 
-    records = base + trained
+    records = (base or []) + (window or []) + trained
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(out.with_suffix(".json"), {

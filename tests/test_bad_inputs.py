@@ -4,7 +4,7 @@ fragment of the one-line message it must print. A new case joins the table in on
 Kinds:
   train     `msrnn_train.train.main`: the tiny recipe on a small corpus, then the case's tokens
             (a first token that is not `--...` replaces the recipe path);
-  evaluate  `msrnn_train.evaluate.main` on the tiny random model and the corpus, then the tokens;
+  evaluate  `msrnn_train.eval_cli.main` on the tiny random model and the corpus, then the tokens;
   api       a Python call, `{name}` replaced by workspace paths; the code is the exception's name,
             or `warns` for a warning whose text holds the fragment.
 
@@ -117,7 +117,7 @@ def ws(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     from msrnn_train import BudgetSpec
-    from msrnn_train.train import random_model
+    from msrnn_train.models import random_model
 
     d = tmp_path_factory.mktemp("bad")
     p = {"root": d, "corpus": make_corpus(d / "corpus", n_docs=4, words=300), "nowhere": d / "nowhere"}
@@ -240,7 +240,7 @@ def test_bad_input(case, ws, tmp_path, monkeypatch, capsys):
                 "--wandb.mode", "disabled", *tokens]
         rc = train_mod.main(argv)
     else:
-        from msrnn_train.evaluate import main
+        from msrnn_train.eval_cli import main
 
         argv = ["--model", "random:tiny-llama", "--text", str(ws["corpus"]), "--seq-len", "32", "--max-windows",
                 "2", "--no-progress", "--device", "cpu", *tokens]

@@ -7,9 +7,9 @@ import torch
 
 from conftest import bounded_policies, padded_batch, tiny_model
 from msrnn_train import BudgetSpec, apply_budget
-from msrnn_train.apply import get_controller
+from msrnn_train.controller import get_controller
 from msrnn_train.fidelity import compare, position_ids_for
-from msrnn_train.soft import set_soft_temperature
+from msrnn_train.controller import set_soft_temperature
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 POLICIES = bounded_policies()

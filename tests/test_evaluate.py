@@ -10,20 +10,11 @@ import torch
 from conftest import tiny_model
 
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
-from msrnn_train.apply import get_controller, set_layer_budget
-from msrnn_train.evaluate import (
-    BoundedEvalCallback,
-    evaluate_grid,
-    generation_stats,
-    long_generation,
-    longest_repeat,
-    loop_period,
-    main,
-    markdown_table,
-    perplexity,
-    with_spec,
-)
-from msrnn_train.soft import set_soft_temperature
+from msrnn_train.controller import budget_scope, get_controller, set_layer_budget, set_soft_temperature
+from msrnn_train.eval_cli import main
+from msrnn_train.evaluate import evaluate_grid, markdown_table, perplexity
+from msrnn_train.generation import generation_stats, long_generation, longest_repeat, loop_period
+from msrnn_train.trainer import BoundedEvalCallback
 
 WORDS = ("the a of and to in is was he she it that his her with for as on at by king queen lord "
          "night day sword crown love death blood heart").split()
@@ -103,7 +94,7 @@ def test_bounded_perplexity_equals_token_by_token_decoding_with_bounded_cache():
 
 def test_grid_restores_training_spec_ramp_soft_temperature_and_mode():
     model = tiny_model()
-    spec = BudgetSpec(policy="tova", budget=8, mode="soft", temperature=0.5)
+    spec = BudgetSpec(policy="tova", budget=8, mode="soft")
     apply_budget(model, spec)
     set_layer_budget(model, 12)  # the budget ramp is at 12 now
     set_soft_temperature(model, 0.25)
@@ -119,7 +110,7 @@ def test_grid_restores_training_spec_ramp_soft_temperature_and_mode():
     model.eval()
     training_ppl = perplexity(model, win, progress=False)  # soft at tau 0.25, ramped K = 12: not "full"
     assert recs[0]["ppl"] != pytest.approx(training_ppl["ppl"], rel=1e-6)
-    with with_spec(model, None):
+    with budget_scope(model, None):
         assert perplexity(model, win, progress=False)["ppl"] == pytest.approx(recs[0]["ppl"], rel=1e-6)
 
 
@@ -320,7 +311,7 @@ def _peft_budgeted_model():
 
     model = tiny_model()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft", temperature=1.0))
+    apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft"))
     set_soft_temperature(model, 0.5)
     return model
 

@@ -164,7 +164,7 @@ def test_non_bounded_cache_is_refused():
 
 
 def test_gradient_checkpointing_reuses_the_schedule():
-    from msrnn_train.apply import get_controller
+    from msrnn_train.controller import get_controller
 
     grads = {}
     for ckpt in (False, True):

@@ -225,7 +225,7 @@ def test_triton_scan_large_random_inputs_cuda(name):
 
 
 def test_default_scan_choice(monkeypatch):
-    from msrnn_train.schedule import default_scan
+    from msrnn_train.kernels import default_scan
 
     monkeypatch.setenv("MSRNN_SCAN", "torch")
     assert default_scan("cpu") is scan

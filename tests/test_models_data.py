@@ -33,8 +33,6 @@ def test_window_dataset_rows():
     ds = data.WindowDataset(w)
     assert len(ds) == 3 and torch.equal(ds[1]["input_ids"], torch.tensor([4, 5, 6, 7]))
     assert torch.equal(ds[1]["labels"], ds[1]["input_ids"])
-    hf = data.windows_to_hf_dataset(w)
-    assert hf.num_rows == 3 and hf[2]["input_ids"].tolist() == [8, 9, 10, 11]
 
 
 def test_split_books_by_document_deterministic_disjoint():

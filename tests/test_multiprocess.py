@@ -331,12 +331,13 @@ def test_trainer_fills_every_auto_without_a_mismatch(config, recipe_name):
     replaced from the recipe's TrainingArguments and nothing disagrees."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from msrnn_train.train import _training_arguments, random_model
+    from msrnn_train.trainer import training_arguments
+    from msrnn_train.models import random_model
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name, {"deepspeed": None})
     t = recipe.training
     # TrainingArguments refuses bf16 without a GPU: build it without, then put the recipe's flags back
-    args = _training_arguments(load_recipe(ROOT / "recipes" / recipe_name, {
+    args = training_arguments(load_recipe(ROOT / "recipes" / recipe_name, {
         "deepspeed": None, "training.bf16": t.bf16 and torch.cuda.is_available(),
         "training.fp16": t.fp16 and torch.cuda.is_available()}))
     args.bf16, args.fp16 = t.bf16, t.fp16
@@ -413,7 +414,7 @@ def test_zero3_two_processes_shard_gather_resume_and_reload(workdir, reference, 
     from a folder (so from_pretrained partitions it under zero.Init), evaluation on: same curve as one
     plain process, optimizer state sharded over both ranks, full LoRA weights gathered into every
     checkpoint and the final folder, resume, reload without DeepSpeed."""
-    from msrnn_train.train import random_model
+    from msrnn_train.models import random_model
 
     base = workdir / "tiny-llama-dir"
     if not base.is_dir():

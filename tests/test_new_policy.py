@@ -12,9 +12,10 @@ import torch
 from conftest import padded_batch, tiny_model
 from msrnn_train import BudgetError, BudgetSpec, apply_budget
 from msrnn_train.fidelity import compare
+from msrnn_train.kernels import default_scan
 from msrnn_train.kernels.cpu_scan import fast_scan
 from msrnn_train.policies import POLICIES, make_policy, register
-from msrnn_train.schedule import LogitRows, default_scan, reference_schedule, scan
+from msrnn_train.schedule import LogitRows, reference_schedule, scan
 
 NAME = "most_attended"
 

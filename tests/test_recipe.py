@@ -204,3 +204,39 @@ def test_runs_as_script_path_and_as_module():
     bad = subprocess.run([sys.executable, "-m", "msrnn_train.train", "recipes/tiny.yaml", "--budget.policy", "lru"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "budget.policy: unknown policy 'lru'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the normal form of a budget
+@pytest.mark.parametrize("budget, per_layer, label", [
+    (64, [64, 64, 64, 64], "tova-64"),
+    ([64, None, 128, "full"], [64, None, 128, None], "tova-64/128+full[1, 3]"),
+    ({"1": None, "default": 32}, [32, None, 32, 32], "tova-32+full[1]"),
+    ({0: 16, "2": 8}, [16, None, 8, None], "tova-8/16+full[rest]"),
+])
+def test_a_budget_has_one_normal_form_and_one_label(budget, per_layer, label):
+    from msrnn_train import BudgetSpec
+
+    spec = BudgetSpec(policy="tova", budget=budget)
+    assert spec.per_layer(4) == per_layer
+    assert spec.label == label
+    assert spec.bounded_budgets() == [k for k in (budget.values() if isinstance(budget, dict) else
+                                                  budget if isinstance(budget, list) else [budget])
+                                      if k not in (None, "full")]
+    assert BudgetSpec(policy="full").per_layer(3) == [None] * 3 and BudgetSpec(policy="full").label == "full"
+
+
+def test_a_budget_file_of_an_older_version_still_loads(tmp_path):
+    """msrnn_budget.json once carried `temperature` (never read); such a file loads, the key ignored,
+    while a key no version wrote is still refused."""
+    import json
+
+    from msrnn_train import BudgetError, BudgetSpec
+
+    (tmp_path / "msrnn_budget.json").write_text(json.dumps({
+        "policy": "tova", "budget": 64, "sinks": 4, "recent": None, "mode": "hard", "temperature": 1.0,
+        "prefill_chunk": 128}))
+    assert BudgetSpec.load(tmp_path) == BudgetSpec(policy="tova", budget=64)
+    assert "temperature" not in BudgetSpec.load(tmp_path).to_dict()
+    (tmp_path / "msrnn_budget.json").write_text(json.dumps({"policy": "tova", "budget": 64, "temprature": 1.0}))
+    with pytest.raises(BudgetError, match="temprature"):
+        BudgetSpec.load(tmp_path)

@@ -37,7 +37,7 @@ def recipe_for(tmp_path, out="out", **overrides):
                          ids=["list", "map"])
 def test_per_layer_and_hybrid_budgets_train_evaluate_save_reload_generate(tmp_path, budget, held):
     from msrnn_train import make_cache
-    from msrnn_train.apply import get_budget
+    from msrnn_train.controller import get_budget
     from msrnn_train.hub import load_bounded
     from msrnn_train.spec import BudgetSpec
     from msrnn_train.train import train
@@ -67,7 +67,8 @@ def _files(folder: Path) -> dict:
 
 
 def test_a_run_owns_its_folder_and_a_failed_overwrite_keeps_the_good_adapter(tmp_path):
-    from msrnn_train.train import TrainingFailed, train
+    from msrnn_train.trainer import TrainingFailed
+    from msrnn_train.train import train
 
     train(recipe_for(tmp_path, **{"budget.budget": 8}))
     out = tmp_path / "out"
@@ -111,7 +112,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):
 
 
 def test_loss_curve_checks():
-    from msrnn_train.train import TrainingFailed, check_loss_curve
+    from msrnn_train.trainer import TrainingFailed, check_loss_curve
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
     hist = lambda losses: [{"step": i + 1, "loss": v, "lm_loss": v} for i, v in enumerate(losses)]  # noqa: E731

@@ -22,7 +22,6 @@ from msrnn_train.retrieval import (
     hybrid_spec,
     needle_in_haystack,
     solved,
-    spec_label,
 )
 
 
@@ -144,9 +143,9 @@ def test_hybrid_spec_and_labels():
     assert spec.budget == [64] * 15 + [None] + [64] * 14
     assert spec.layer_budget(15) is None and spec.layer_budget(0) == 64
     assert hybrid_spec("sinks", 8, 4, ["last", 0]).budget == [None, 8, 8, None]
-    assert spec_label(spec) == "tova-64+full[15]"
-    assert spec_label(BudgetSpec(policy="h2o", budget=32)) == "h2o-32"
-    assert spec_label(BudgetSpec(policy="full")) == "full"
+    assert spec.label == "tova-64+full[15]"
+    assert BudgetSpec(policy="h2o", budget=32).label == "h2o-32"
+    assert BudgetSpec(policy="full").label == "full"
     with pytest.raises(ValueError):
         hybrid_spec("tova", 8, 4, [4])
 

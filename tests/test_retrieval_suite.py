@@ -13,7 +13,7 @@ from test_evaluate import _tiny_model_dir, tiny_text, tiny_tokenizer
 
 from msrnn_train import BudgetSpec, apply_budget, get_budget
 from msrnn_train.augment import ChunkStore, augment
-from msrnn_train.evaluate import main
+from msrnn_train.eval_cli import main
 from msrnn_train.retrieval import (
     Instance,
     choose_full_layers,

@@ -28,7 +28,7 @@ def _one_thread(tmp_path, monkeypatch):
 
 
 def _byte_tokenizer():
-    from msrnn_train.train import random_model
+    from msrnn_train.models import random_model
 
     return random_model()[1]
 
@@ -128,7 +128,9 @@ def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypat
     summary = T.train(recipe)
     spec = BudgetSpec.load(summary["output_dir"])
     assert spec.budget.count(None) == 1 and len(spec.budget) == 2 and 16 in spec.budget
-    model, tok = T.random_model()
+    from msrnn_train.models import random_model
+
+    model, tok = random_model()
     probe = probe_instances(tok, tasks=("mqar",), length=min(256, 256))
     assert [i for i, k in enumerate(spec.budget) if k is None] == choose_full_layers("auto:1", model, tok, probe=probe)
     weights = torch.cat(seen["weights"])

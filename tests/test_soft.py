@@ -9,7 +9,8 @@ from msrnn_train.attention import dense_masked_attention
 from msrnn_train.flex import flex_masked_attention
 from msrnn_train.policies import make_policy
 from msrnn_train.schedule import LogitRows, scan
-from msrnn_train.soft import budget_at, set_soft_temperature, soft_keep_logits, tau_at
+from msrnn_train.controller import set_soft_temperature
+from msrnn_train.soft import budget_at, soft_keep_logits, tau_at
 
 RELAXABLE = bounded_policies(lambda cls: cls.relaxable)  # the policies soft mode relaxes
 
@@ -258,7 +259,7 @@ def test_scans_emit_the_same_soft_rows():
 def test_model_soft_step_sparse_equals_dense(policy):
     """A training forward/backward in soft mode: the sparse keep-logits (the default) give the
     dense reference's loss and gradients; the sparse one really runs (the scan emitted SoftRows)."""
-    from msrnn_train.apply import get_controller, record_schedules
+    from msrnn_train.controller import get_controller, record_schedules
 
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -281,7 +282,7 @@ def test_model_soft_step_sparse_equals_dense(policy):
 
 
 def test_soft_path_env(monkeypatch):
-    from msrnn_train.apply import BudgetError, get_controller
+    from msrnn_train.controller import BudgetError, get_controller
 
     monkeypatch.setenv("MSRNN_SOFT", "dense")
     model = tiny_model("llama")

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from conftest import make_corpus, tiny_run_env
 from msrnn_train import BudgetSpec, apply_budget
-from msrnn_train.apply import get_controller
+from msrnn_train.controller import get_controller
 from msrnn_train.losses import causal_lm_loss, distillation_kl
 from msrnn_train.recipe import load_recipe
 
@@ -43,7 +43,7 @@ def train_logs(history, key):
 
 # ----------------------------------------------------------------------------- losses
 def test_causal_lm_loss_matches_the_model_loss():
-    from msrnn_train.train import random_model
+    from msrnn_train.models import random_model
 
     model, _ = random_model()
     ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -79,7 +79,7 @@ def adapted_tiny(budget: int = 8, scale: float = 0.5, seed: int = 0):
     """The tiny random Llama with a LoRA adapter that is not the identity (as after training),
     under TOVA-`budget`; seeded, so two calls build the same model."""
     from msrnn_train.recipe import Recipe
-    from msrnn_train.train import add_lora, random_model
+    from msrnn_train.models import add_lora, random_model
 
     recipe = Recipe()
     recipe.lora.r = 4
@@ -96,7 +96,8 @@ def adapted_tiny(budget: int = 8, scale: float = 0.5, seed: int = 0):
 
 def test_teacher_is_the_full_state_base_model():
     """Adapter disabled and no budget: exactly the base model, with no second copy of the weights."""
-    from msrnn_train.train import full_state_logits, random_model
+    from msrnn_train.trainer import full_state_logits
+    from msrnn_train.models import random_model
 
     base, _ = random_model()
     ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -115,8 +116,8 @@ def test_teacher_is_the_full_state_base_model():
 
 def test_self_teacher_is_the_adapted_model_with_the_full_state():
     """loss.teacher: self - the adapter on, no budget: what the current model predicts with every state."""
-    from msrnn_train.apply import full_state
-    from msrnn_train.train import full_state_logits
+    from msrnn_train.controller import full_state
+    from msrnn_train.trainer import full_state_logits
 
     ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(2))
     model = adapted_tiny()
@@ -134,8 +135,8 @@ def test_self_teacher_is_the_adapted_model_with_the_full_state():
 
 def _two_pass_grads(checkpointing: str | None):
     """LoRA gradients of one step with a bounded pass and a full-state pass (loss.full_lm_weight)."""
-    from msrnn_train.apply import checkpoint_context_fn, full_state
-    from msrnn_train.train import enable_checkpointing
+    from msrnn_train.controller import checkpoint_context_fn, full_state
+    from msrnn_train.trainer import enable_checkpointing
 
     model = adapted_tiny(budget=6, scale=0.3)
     if checkpointing is not None:
@@ -172,7 +173,7 @@ def test_run_with_checkpointing_and_a_full_state_lm_term(tmp_path):
 
 
 def test_sampled_budget_is_uniform_over_the_set_and_reproducible():
-    from msrnn_train.train import sampled_budget
+    from msrnn_train.trainer import sampled_budget
 
     ks = [sampled_budget([16, 32, 64], seed=3, step=s) for s in range(300)]
     assert ks == [sampled_budget([16, 32, 64], seed=3, step=s) for s in range(300)]  # a resumed run agrees
@@ -199,7 +200,8 @@ def test_objective_keys_are_checked(overrides, message):
 def test_full_state_lm_self_distillation_and_multi_budget_run(tmp_path):
     """LM on the bounded pass + LM on the full-state pass + KL to the model's own full-state
     prediction, K sampled per step: every part is logged, adds up, and K follows the sampler."""
-    from msrnn_train.train import sampled_budget, train
+    from msrnn_train.trainer import sampled_budget
+    from msrnn_train.train import train
 
     over = {"training.max_steps": 6, "eval.max_windows": 0, "soft.budget_ramp_start": None,
             "budget.mode": "hard", "loss.teacher": "self", "loss.full_lm_weight": 0.5, "loss.kl_weight": 0.25,
@@ -219,7 +221,8 @@ def test_full_state_lm_self_distillation_and_multi_budget_run(tmp_path):
 
 # ----------------------------------------------------------------------------- schedules
 def test_schedule_callback_anneals_tau_and_ramps_k():
-    from msrnn_train.train import BudgetScheduleCallback, random_model
+    from msrnn_train.trainer import BudgetScheduleCallback
+    from msrnn_train.models import random_model
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"training.max_steps": 20, "soft.tau_start": 1.0,
                                                          "soft.tau_end": 0.1, "soft.hard_fraction": 0.25,
@@ -253,7 +256,7 @@ def test_schedule_callback_anneals_tau_and_ramps_k():
 
 # ----------------------------------------------------------------------------- evaluation
 def test_eval_specs_put_the_training_spec_first():
-    from msrnn_train.train import eval_specs
+    from msrnn_train.trainer import eval_specs
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"budget.policy": "h2o", "budget.mode": "hard",
                                                          "soft.budget_ramp_start": None, "eval.policies": ["tova", "full"],
@@ -263,12 +266,15 @@ def test_eval_specs_put_the_training_spec_first():
         ("h2o", 8), ("tova", 8), ("tova", 16), ("full", None)]
 
 
-def test_inline_evaluation_matches_the_evaluator(monkeypatch):
-    """train.py's own perplexity loop (used without msrnn_train.evaluate) gives the same numbers."""
-    import sys
+def test_training_evaluation_matches_a_plain_perplexity_loop():
+    """The run's evaluation (evaluate.evaluate_specs over the recipe's grid, the one evaluator)
+    gives the numbers of a plain teacher-forced perplexity loop under each spec."""
+    import math
 
-    import msrnn_train
-    from msrnn_train.train import add_lora, evaluate_grid, random_model
+    import torch.nn.functional as F
+
+    from msrnn_train.models import add_lora, random_model
+    from msrnn_train.trainer import evaluate_grid
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"eval.budgets": [4], "eval.batch_size": 2})
     model = add_lora(random_model()[0], recipe)
@@ -276,19 +282,35 @@ def test_inline_evaluation_matches_the_evaluator(monkeypatch):
     apply_budget(model, spec)
     windows = torch.randint(3, 250, (3, 24), generator=torch.Generator().manual_seed(0))
     with_evaluator = evaluate_grid(model, windows, recipe, spec)
-    monkeypatch.delattr(msrnn_train, "evaluate", raising=False)
-    monkeypatch.setitem(sys.modules, "msrnn_train.evaluate", None)
-    inline = evaluate_grid(model, windows, recipe, spec)
-    assert [(r["policy"], r["budget"]) for r in inline] == [("tova", 8), ("tova", 4), ("full", None)]
+
+    @torch.no_grad()
+    def plain(policy, budget):  # the loop train.py used to carry as a second evaluator
+        apply_budget(model, BudgetSpec(policy="full") if budget is None else
+                     BudgetSpec.from_dict({**spec.to_dict(), "policy": policy, "budget": budget, "mode": "hard"}))
+        model.eval()
+        nll, n = 0.0, 0
+        for i in range(0, len(windows), 2):
+            x = windows[i:i + 2]
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+            n += x[:, 1:].numel()
+        return {"policy": policy, "budget": budget, "ppl": math.exp(nll / n), "tokens": n}
+
+    inline = [plain(p, k) for p, k in [("tova", 8), ("tova", 4), ("full", None)]]
+    apply_budget(model, spec)
+    model.train()
+    assert [(r["policy"], r["budget"]) for r in with_evaluator] == [("tova", 8), ("tova", 4), ("full", None)]
     for a, b in zip(with_evaluator, inline):
         assert (a["policy"], a["budget"], a["tokens"]) == (b["policy"], b["budget"], b["tokens"])
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    with_evaluator = evaluate_grid(model, windows, recipe, spec)
     assert get_controller(model).spec == spec  # the training budget is back
 
 
 # ----------------------------------------------------------------------------- data
 def test_windows_split_by_document_and_never_cross(tmp_path):
-    from msrnn_train.train import build_windows, random_model
+    from msrnn_train.data import build_windows
+    from msrnn_train.models import random_model
 
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -308,7 +330,7 @@ def test_windows_split_by_document_and_never_cross(tmp_path):
 
 def test_single_document_cannot_be_split(tmp_path):
     from msrnn_train.recipe import RecipeError
-    from msrnn_train.train import split_documents
+    from msrnn_train.data import split_documents
 
     with pytest.raises(RecipeError, match="data.heldout: cannot hold out 1 of 1 document"):
         split_documents({"only": "text"}, "x.txt", None, 0)
@@ -463,3 +485,26 @@ def test_embedded_default_recipe_runs_on_the_real_model(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids, use_cache=False).logits,
                               summary["model"](input_ids=ids, use_cache=False).logits, atol=1e-4)
+
+
+def test_training_arguments_are_the_recipe_training_section():
+    """Every recipe.training key but the run's own is the TrainingArguments field of that name, with
+    the recipe's value: renaming either side breaks this test, not a run."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from msrnn_train.recipe import TrainingConfig
+    from msrnn_train.trainer import RUN_KEYS, training_arguments
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"training.max_steps": 7, "training.learning_rate": 3e-4,
+                                                          "training.warmup_steps": 1, "training.save_total_limit": 1})
+    args = training_arguments(recipe)
+    passed = [f.name for f in dataclasses.fields(TrainingConfig) if f.name not in RUN_KEYS]
+    assert set(passed) <= set(TrainingArguments.__dataclass_fields__)
+    assert all(getattr(args, k) == getattr(recipe.training, k) or k in ("lr_scheduler_type", "optim", "output_dir")
+               for k in passed)
+    assert (args.max_steps, args.learning_rate, args.warmup_steps, args.save_total_limit) == (7, 3e-4, 1, 1)
+    assert str(args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type) \
+        == recipe.training.lr_scheduler_type
+    assert args.data_seed == recipe.training.seed and args.remove_unused_columns is False

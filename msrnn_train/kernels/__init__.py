@@ -40,3 +40,31 @@ def start_state(budget: int, init: Slots | None, new_valid: torch.Tensor, groups
     evict[:, :, P:] = torch.where(new_valid.to(device), NEVER, -1).unsqueeze(1)
     arrive = torch.cat([torch.full((P,), -1, dtype=torch.long), torch.arange(T)]).to(device)
     return slots, evict, arrive
+
+
+def default_scan(device):
+    """The scan implementation for a device: the Triton kernel on CUDA (kernels/triton_scan.py),
+    the numba loop on the CPU (kernels/cpu_scan.py), the torch `scan` where neither is available.
+    ``$MSRNN_SCAN`` = torch | numba | triton forces one (benchmarks, debugging). It lives here,
+    not in schedule.py, so that the reference never imports its optimisations."""
+    import os
+
+    from ..schedule import scan
+
+    forced = os.environ.get("MSRNN_SCAN", "").strip().lower()
+    if forced not in ("", "torch", "numba", "triton"):
+        raise ValueError(f"MSRNN_SCAN={forced!r}: use one of torch, numba, triton")
+    if forced == "torch":
+        return scan
+    kind = torch.device(device).type
+    if forced == "triton" or (not forced and kind == "cuda"):
+        from .triton_scan import HAVE_TRITON, triton_scan
+
+        if HAVE_TRITON:
+            return triton_scan
+    if forced == "numba" or (not forced and kind == "cpu"):
+        from .cpu_scan import HAVE_NUMBA, fast_scan
+
+        if HAVE_NUMBA:
+            return fast_scan
+    return scan

@@ -1,4 +1,9 @@
-"""Putting a budget on a transformers model: one call, no copied modelling code.
+"""The budget of a model, in one place: putting it on, its state, and scoping it.
+
+The state of a budgeted model (its spec, each layer's policy and K, the soft temperature while
+training, the attention backend) lives in one `Controller` attached to the decoder;
+`snapshot()`/`restore()` save and put back all of it, and `budget_scope(model, spec)` runs a
+block under another budget (or the full state) and puts the model's own back afterwards.
 
 `apply_budget(model, spec)` registers the `msrnn` attention (and its mask function) with
 transformers' AttentionInterface, switches the model to it, and attaches to every attention
@@ -22,6 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTN_NAME, msrnn_attention_forward, padding_mask
+from .cache import BoundedCache
 from .policies import Policy, make_policy
 from .spec import BudgetError, BudgetSpec
 
@@ -36,7 +42,7 @@ class LayerBudget:
     budget: int | None
     groups: int  # 1 (layer-wise) or the number of key/value heads (head-wise)
     controller: "Controller"
-    scan_fn: object = None  # None: schedule.default_scan for the device
+    scan_fn: object = None  # None: kernels.default_scan for the device
 
 
 def _backend_from_env() -> str:
@@ -46,13 +52,15 @@ def _backend_from_env() -> str:
     return value
 
 
-def _soft_path_from_env() -> str:
-    from .soft import soft_path_from_env
+SOFT_PATHS = ("sparse", "dense")
 
-    try:
-        return soft_path_from_env()
-    except ValueError as err:
-        raise BudgetError(str(err)) from None
+
+def soft_path_from_env() -> str:
+    """`$MSRNN_SOFT`: sparse (default; the dense reference where sparse does not apply) or dense."""
+    value = os.environ.get("MSRNN_SOFT", "sparse").strip().lower() or "sparse"
+    if value not in SOFT_PATHS:
+        raise BudgetError(f"MSRNN_SOFT={value!r}: use one of {', '.join(SOFT_PATHS)}")
+    return value
 
 
 @dataclass
@@ -68,7 +76,7 @@ class Controller:
     backend: str = field(default_factory=lambda: _backend_from_env())
     soft_temperature: float | None = None  # set while training in soft mode
     # soft keep-logits: "sparse" (from the scan's outputs, where it applies) or "dense" (the reference); $MSRNN_SOFT
-    soft_path: str = field(default_factory=lambda: _soft_path_from_env())
+    soft_path: str = field(default_factory=soft_path_from_env)
     recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
     scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)
     hooks: list = field(default_factory=list)
@@ -248,12 +256,23 @@ def set_layer_budget(model, budget: int) -> None:
             lb.budget = lb.policy.budget = int(budget)
 
 
-def make_cache(model, prefill_chunk: int | None = None, decode_buffer: bool = True):
+def set_soft_temperature(model, tau: float | None) -> None:
+    """Switch a budgeted model to soft mode at temperature tau (None: hard, as at inference)."""
+    ctrl = get_controller(model)
+    if ctrl is None:
+        raise ValueError("set_soft_temperature: the model has no budget (apply_budget first)")
+    ctrl.soft_temperature = None if tau is None else float(tau)
+
+
+def make_cache(model, prefill_chunk: int | None = None, decode_buffer: bool = True) -> BoundedCache:
     """The bounded inference cache matching the model's budget (`prefill_chunk`: tokens per
     prefill chunk, default the spec's)."""
-    from .cache import BoundedCache
-
-    return BoundedCache(model, prefill_chunk=prefill_chunk, decode_buffer=decode_buffer)
+    ctrl = get_controller(model)
+    if ctrl is None:
+        raise ValueError("BoundedCache needs a model with a budget: call apply_budget(model, spec) first")
+    return BoundedCache([lb.budget if lb.policy is not None else None for lb in ctrl.layers],
+                        [lb.groups for lb in ctrl.layers], prefill_chunk=prefill_chunk or ctrl.spec.prefill_chunk,
+                        decode_buffer=decode_buffer)
 
 
 def _generation_configs(model) -> list:
@@ -270,22 +289,20 @@ def _decoder_pre_hook(module, args, kwargs):
     ctrl: Controller = module._msrnn_controller
     if not ctrl.enabled:
         return None
-    from .cache import BoundedCache
-
     ctrl.new_forward()
     pkv = kwargs.get("past_key_values")
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False) and not module.training
     if pkv is None and use_cache:
-        pkv = kwargs["past_key_values"] = BoundedCache(module)
+        pkv = kwargs["past_key_values"] = make_cache(module)
     elif isinstance(pkv, Cache) and not isinstance(pkv, BoundedCache):
         if pkv.get_seq_length() > 0:
             raise ValueError(
                 "a budgeted model was given a non-empty "
                 f"{type(pkv).__name__}; bounded decoding needs msrnn_train.make_cache(model)"
             )
-        pkv = kwargs["past_key_values"] = BoundedCache(module)
+        pkv = kwargs["past_key_values"] = make_cache(module)
     ctrl.cache = pkv if isinstance(pkv, BoundedCache) else None
     return args, kwargs
 
@@ -293,3 +310,63 @@ def _decoder_pre_hook(module, args, kwargs):
 def _decoder_post_hook(module, args, output):
     module._msrnn_controller.cache = None
     return None
+
+
+# ----------------------------------------------------------------------------- scoping
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def snapshot(model) -> dict | None:
+    """Everything of the model's budget that a scope may change (spec, ramped layer budgets,
+    soft temperature, backend), to be put back by `restore`. None: the model has no budget."""
+    ctrl = get_controller(model)
+    if ctrl is None:
+        return None
+    return {"ctrl": ctrl, "spec": ctrl.spec, "soft": ctrl.soft_temperature, "backend": ctrl.backend,
+            "enabled": ctrl.enabled,
+            "layers": [lb.budget for lb in ctrl.layers]}
+
+
+def restore(model, snap: dict | None) -> None:
+    """Put back the budget `snapshot` saved (None: no budget at all)."""
+    ctrl = get_controller(model)
+    if snap is None:
+        if ctrl is not None:
+            remove_budget(model)
+        return
+    if ctrl is snap["ctrl"]:
+        return  # untouched (e.g. only the full state was evaluated)
+    apply_budget(model, snap["spec"])
+    ctrl = get_controller(model)
+    ctrl.soft_temperature, ctrl.backend, ctrl.enabled = snap["soft"], snap["backend"], snap["enabled"]
+    for lb, budget in zip(ctrl.layers, snap["layers"]):
+        if lb.policy is not None:
+            lb.budget = lb.policy.budget = budget  # a policy's parameters that default from K follow it
+
+
+def hard(spec: BudgetSpec) -> BudgetSpec:
+    """The inference version of a spec (hard mode): what evaluation must measure."""
+    return BudgetSpec.from_dict({**spec.to_dict(), "mode": "hard"})
+
+
+@contextlib.contextmanager
+def budget_scope(model, spec: BudgetSpec | None, adapter_on: bool = True):
+    """The model in eval mode under ``spec`` (None or policy ``full``: the unmodified full-state
+    model), with its peft adapter disabled when ``adapter_on`` is False. On exit the model's
+    own budget (spec, ramped budgets, soft temperature) and train/eval mode are put back."""
+    snap = snapshot(model)
+    was_training = model.training
+    model.eval()
+    adapter = contextlib.nullcontext() if adapter_on or not _is_peft(model) else model.disable_adapter()
+    try:
+        with adapter:
+            if spec is None or spec.policy == "full":
+                with full_state(model):
+                    yield model
+            else:
+                apply_budget(model, hard(spec))
+                yield model
+    finally:
+        restore(model, snap)
+        model.train(was_training)
