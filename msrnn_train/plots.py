@@ -190,7 +190,8 @@ def plot_recall_vs_budget(records: list[dict], path, title: str | None = None) -
             pts = sorted(pts, key=lambda r: r["budget"])
             xs = [r["budget"] * (1.03 ** (i - len(lines) / 2)) for r in pts]  # a small offset: bars stay apart
             ys = [100 * r["accuracy"] for r in pts]
-            err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["accuracy"]) for r in pts]]
+            err = [[max(0.0, 100 * (r["accuracy"] - r["ci95"][0])) for r in pts],  # (rounding at 0 % / 100 %)
+                   [max(0.0, 100 * (r["ci95"][1] - r["accuracy"])) for r in pts]]
             ax.errorbar(xs, ys, yerr=err, fmt="-o" if not pts[0].get("augmented") else "--s", ms=5, lw=1.8,
                         capsize=3, label=label, color=f"C{i % 10}")
         tokens = sum(r["tokens"] for r in recs) / len(recs)

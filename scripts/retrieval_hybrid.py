@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--only", default=None, help="comma list of stages to compute: base, train, trained, ppl "
+    ap.add_argument("--only", default=None, help="comma list of stages to compute: base, train, trained, cross, ppl "
                     "(default: all; what is cached is always reported)")
     args = ap.parse_args(argv)
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     K, started = args.budget, time.perf_counter()
 
-    stages = set(args.only.split(",")) if args.only else {"base", "train", "trained", "ppl"}
+    stages = set(args.only.split(",")) if args.only else {"base", "train", "trained", "cross", "ppl"}
     model, tok = load_model("smollm2", dtype="float32", device="cpu")
     tasks = {"mqar": make_task("mqar", args.n, args.length, seed=0, tokenizer=tok)}
     n_layers = model.config.num_hidden_layers
@@ -147,14 +147,28 @@ def main(argv=None) -> int:
             del amodel
         trained += recs or []
 
+    # 3b. the control: the adapter trained all-bounded, evaluated with the hybrid's full layer(s)
+    #     (is it training under the hybrid that restores recall, or training on the task at all?)
+    hybrid_layers = sorted({x for r in trained for x in r["full_layers"]
+                            if r.get("arm") == "hybrid" and r["budget"] is not None})
+    cross_path = work / "grid_cross.json"
+    cross = _load(cross_path)
+    if cross is None and "cross" in stages and hybrid_layers and "bounded" in adapters:
+        amodel, atok = load_bounded(adapters["bounded"])
+        cross = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, hybrid_layers)),), "tova", (False,),
+                               trained=True, adapter_on=True, batch_size=args.batch_size, full_state=False)
+        for r in cross:
+            r["arm"] = "bounded"
+        _save(cross_path, cross)
+        del amodel
+    trained += cross or []
+
     # 4. held-out perplexity
     ppl_path = work / "ppl.json"
     ppl = _load(ppl_path) or []
     if "ppl" in stages and not ppl and len(adapters) == len(ARMS):
         texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
         windows = make_windows(tokenize_documents(texts, tok), args.length, args.ppl_windows)
-        hybrid_layers = sorted({x for r in trained for x in r["full_layers"]
-                                if r.get("arm") == "hybrid" and r["budget"] is not None})
         specs = [BudgetSpec(policy="full"), BudgetSpec(policy="tova", budget=K),
                  hybrid_spec("tova", K, n_layers, hybrid_layers)]
         names = ["full state", f"TOVA-{K}", f"TOVA-{K} + full layer {'+'.join(map(str, hybrid_layers))}"]
