@@ -169,6 +169,11 @@ def _passage(pool: list[str], size: int, start: int) -> list[str]:
     return [pool[(start + j) % len(pool)] for j in range(size)]
 
 
+def _key_values(rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    """n distinct keys and n distinct four-digit values (kv, needles)."""
+    return rng.sample(KEY_POOL, n), [str(v) for v in rng.sample(range(1000, 10000), n)]
+
+
 def _check(n: int, length: int, difficulty: int, low: int, name: str) -> None:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -228,8 +233,7 @@ def kv(n: int, length: int = 512, difficulty: int = 8, seed: int = 0, count=word
     rng = random.Random(f"kv-{seed}-{length}-{difficulty}")
     out = []
     for i in range(n):
-        keys = rng.sample(KEY_POOL, difficulty)
-        values = [str(v) for v in rng.sample(range(1000, 10000), difficulty)]
+        keys, values = _key_values(rng, difficulty)
         asked = rng.randrange(difficulty)
         depth, start = rng.uniform(*DEPTH), rng.randrange(len(pool))
         block = KV_INTRO + "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
@@ -255,8 +259,7 @@ def needles(n: int, length: int = 512, difficulty: int = 4, seed: int = 0, count
     rng = random.Random(f"needles-{seed}-{length}-{difficulty}")
     out = []
     for i in range(n):
-        keys = rng.sample(KEY_POOL, difficulty)
-        values = [str(v) for v in rng.sample(range(1000, 10000), difficulty)]
+        keys, values = _key_values(rng, difficulty)
         depths = [rng.uniform(*DEPTH)] + [rng.uniform(0.05, 0.95) for _ in range(difficulty - 1)]
         start = rng.randrange(len(pool))
         sentences = [NEEDLE_SENTENCE.format(key=k, value=v) for k, v in zip(keys, values)]

@@ -93,6 +93,14 @@ def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) 
     return folder
 
 
+@pytest.fixture
+def one_thread(tmp_path):
+    """Tiny models: one intra-op thread is faster (and far faster on a busy machine); token
+    caches go to a temp folder. Test files use it with ``pytestmark = pytest.mark.usefixtures``."""
+    with tiny_run_env(tmp_path / "cache"):
+        yield
+
+
 @contextlib.contextmanager
 def tiny_run_env(cache: Path):
     """One intra-op thread and $MSRNN_CACHE at `cache` for a module-scoped training fixture

@@ -18,13 +18,7 @@ from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
 from msrnn_train.retrieval_data import RetrievalMixDataset, retrieval_row
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, token caches in a temp folder
 
 
 def _byte_tokenizer():

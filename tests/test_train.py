@@ -19,15 +19,7 @@ from msrnn_train.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    """Tiny models: one intra-op thread is faster (and far faster on a busy machine); token
-    caches go to a temp folder."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, token caches in a temp folder
 
 
 def tiny_recipe(tmp_path, **overrides):
