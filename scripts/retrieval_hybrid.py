@@ -31,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_retrieval.yaml"
-ARMS = {"bounded": [], "hybrid": ["--budget.hybrid", "auto:1"]}
+# plain: ordinary LoRA on the same rows and steps, trained at full state (the control)
+ARMS = {"bounded": [], "hybrid": ["--budget.hybrid", "auto:1"], "plain": ["--budget.policy", "full"]}
 
 
 def _load(path: Path):
@@ -147,32 +148,33 @@ def main(argv=None) -> int:
             del amodel
         trained += recs or []
 
-    # 3b. the control: the adapter trained all-bounded, evaluated with the hybrid's full layer(s)
-    #     (is it training under the hybrid that restores recall, or training on the task at all?)
+    # 3b. the controls: the adapters trained all-bounded and at full state (plain LoRA), evaluated
+    #     with the hybrid's full layer(s) (is it training under the hybrid that restores recall?)
     hybrid_layers = sorted({x for r in trained for x in r["full_layers"]
                             if r.get("arm") == "hybrid" and r["budget"] is not None})
-    cross_path = work / "grid_cross.json"
-    cross = _load(cross_path)
-    if cross is None and "cross" in stages and hybrid_layers and "bounded" in adapters:
-        amodel, atok = load_bounded(adapters["bounded"])
-        cross = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, hybrid_layers)),), "tova", (False,),
-                               trained=True, adapter_on=True, batch_size=args.batch_size, full_state=False)
-        for r in cross:
-            r["arm"] = "bounded"
-        _save(cross_path, cross)
-        del amodel
-    trained += cross or []
+    for arm in [a for a in ARMS if a != "hybrid"]:
+        cross_path = work / ("grid_cross.json" if arm == "bounded" else f"grid_cross_{arm}.json")
+        cross = _load(cross_path)
+        if cross is None and "cross" in stages and hybrid_layers and arm in adapters:
+            amodel, atok = load_bounded(adapters[arm])
+            cross = retrieval_grid(amodel, atok, tasks, [K], ("+".join(map(str, hybrid_layers)),), "tova", (False,),
+                                   trained=True, adapter_on=True, batch_size=args.batch_size, full_state=False)
+            for r in cross:
+                r["arm"] = arm
+            _save(cross_path, cross)
+            del amodel
+        trained += cross or []
 
     # 4. held-out perplexity
     ppl_path = work / "ppl.json"
     ppl = _load(ppl_path) or []
-    if "ppl" in stages and not ppl and len(adapters) == len(ARMS):
+    if "ppl" in stages and not ppl and {"bounded", "hybrid"} <= set(adapters):
         texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
         windows = make_windows(tokenize_documents(texts, tok), args.length, args.ppl_windows)
         specs = [BudgetSpec(policy="full"), BudgetSpec(policy="tova", budget=K),
                  hybrid_spec("tova", K, n_layers, hybrid_layers)]
         names = ["full state", f"TOVA-{K}", f"TOVA-{K} + full layer {'+'.join(map(str, hybrid_layers))}"]
-        for arm, m in [("untrained", model)] + [(a, None) for a in ARMS]:
+        for arm, m in [("untrained", model)] + [(a, None) for a in ARMS if a in adapters]:
             mm = m if m is not None else load_bounded(adapters[arm])[0]
             for name, rec in zip(names, evaluate_specs(mm, windows, specs, 1, desc=f"ppl {arm}")):
                 ppl.append({"model": arm, "state": name, "ppl": rec["ppl"], "tokens": rec["tokens"]})
