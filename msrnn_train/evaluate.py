@@ -206,6 +206,7 @@ def write_json(path, model: str, adapter: str | None, text: str, seq_len: int, r
 
 
 if __name__ == "__main__":  # `python -m msrnn_train.evaluate ...`: the command line lives in eval_cli.py
-    from msrnn_train.eval_cli import main
+    # handed over by module name (runpy), not imported: eval_cli imports this module, never the reverse
+    import runpy
 
-    raise SystemExit(main())
+    runpy.run_module("msrnn_train.eval_cli", run_name="__main__", alter_sys=True)

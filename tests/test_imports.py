@@ -1,6 +1,8 @@
 """The package's import graph: no circles, and no library module imports an entry point.
 
-Read from the source with `ast` (nothing is imported), counting imports inside functions too:
+Read from the source with `ast` (nothing is imported), counting imports inside functions and inside
+`if __name__ == "__main__":` blocks too, and every circle (a submodule importing its package's face
+included):
 a lazy import hides a circle from Python but not from a reader.
 """
 
@@ -32,20 +34,10 @@ def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str | None:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _is_main_block(node) -> bool:
-    t = node.test if isinstance(node, ast.If) else None
-    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
-            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in t.comparators))
-
-
 def _walk(tree):
-    """Every node, except the body of `if __name__ == "__main__":` (it runs only when the module
-    is itself the program: `python -m msrnn_train.evaluate` hands over to eval_cli there)."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        todo.extend(c for c in ast.iter_child_nodes(node) if not _is_main_block(c))
+    """Every node of the module, `if __name__ == "__main__":` blocks included: such a block runs
+    when the module is the program, and an import there is as much an edge as any other."""
+    return ast.walk(tree)
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -73,44 +65,74 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle as [a, b, ..., a], or None. A submodule importing its own package
-    (`from . import x`) is no circle: the package is already being run when it is imported."""
-    WHITE, GREY, BLACK = 0, 1, 2
-    colour = {m: WHITE for m in graph}
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle: one per strongly connected group of modules (Tarjan), each named as
+    a path [a, b, ..., a] through the group. A submodule importing its own package counts like
+    any other import: the package's face imports its submodules, so that is a circle too."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
     stack: list[str] = []
+    groups: list[set[str]] = []
 
-    def visit(m):
-        colour[m] = GREY
+    def strongconnect(m):
+        index[m] = low[m] = len(index)
         stack.append(m)
-        for t in sorted(graph[m]):
-            if _is_parent_package(t, m):
-                continue  # `from . import x` in a submodule imports its package: already running
-            if colour[t] == GREY:
-                return stack[stack.index(t):] + [t]
-            if colour[t] == WHITE:
-                found = visit(t)
-                if found:
-                    return found
-        stack.pop()
-        colour[m] = BLACK
-        return None
+        on_stack.add(m)
+        for t in sorted(graph.get(m, ())):
+            if t not in index:
+                strongconnect(t)
+                low[m] = min(low[m], low[t])
+            elif t in on_stack:
+                low[m] = min(low[m], index[t])
+        if low[m] == index[m]:
+            group = set()
+            while True:
+                t = stack.pop()
+                on_stack.discard(t)
+                group.add(t)
+                if t == m:
+                    break
+            if len(group) > 1 or m in graph.get(m, ()):
+                groups.append(group)
 
     for m in sorted(graph):
-        if colour[m] == WHITE:
-            found = visit(m)
-            if found:
-                return found
-    return None
+        if m not in index:
+            strongconnect(m)
+    return sorted((_path_in(graph, g) for g in groups), key=lambda c: c[0])
 
 
-def _is_parent_package(target: str, module: str) -> bool:
-    return module.startswith(target + ".")
+def _path_in(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """A circle through the group's first module, staying inside the group (breadth first, so
+    the shortest one)."""
+    start = min(group)
+    prev: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for m in frontier:
+            for t in sorted(graph[m] & group):
+                if t == start:
+                    path = [m]
+                    while path[-1] != start:
+                        path.append(prev[path[-1]])
+                    return [start] + path[::-1][1:] + [start] if m != start else [start, start]
+                if t not in prev:
+                    prev[t] = m
+                    nxt.append(t)
+        frontier = nxt
+    raise AssertionError(f"no circle in {sorted(group)}")  # pragma: no cover - a group has one
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None."""
+    cycles = find_cycles(graph)
+    return cycles[0] if cycles else None
 
 
 def test_the_package_has_no_import_circle():
-    cycle = find_cycle(import_graph())
-    assert cycle is None, "import circle: " + " -> ".join(cycle)
+    cycles = find_cycles(import_graph())
+    assert len(cycles) == 0, f"{len(cycles)} import circle(s): " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 def test_no_library_module_imports_an_entry_point():
@@ -128,5 +150,25 @@ def test_the_checks_see_lazy_imports_and_would_fail():
     planted = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(planted) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    # every circle is counted, each named once, and a package with its submodule is one
+    two = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+    assert find_cycles(two) == [["a", "b", "a"], ["c", "d", "e", "c"]]
+    assert find_cycles({"p": {"p.sub"}, "p.sub": {"p"}}) == [["p", "p.sub", "p"]]
+    # imports inside functions and inside `if __name__ == "__main__":` are both edges
     tree = ast.parse("def f():\n    from .x import y\nif __name__ == '__main__':\n    from .cli import main\n")
-    assert [n.module for n in _walk(tree) if isinstance(n, ast.ImportFrom)] == ["x"]
+    assert sorted(n.module for n in _walk(tree) if isinstance(n, ast.ImportFrom)) == ["cli", "x"]
+
+
+def test_python_m_evaluate_still_reaches_the_command_line():
+    """evaluate.py hands `python -m msrnn_train.evaluate` to eval_cli by module name (runpy),
+    not by importing it back: the command line answers, and a bad flag still exits 2."""
+    import subprocess
+    import sys
+
+    root = ROOT.parent
+    ok = subprocess.run([sys.executable, "-m", "msrnn_train.evaluate", "--help"], cwd=root,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "usage: python -m msrnn_train.evaluate" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "msrnn_train.evaluate", "--no-such-flag"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr

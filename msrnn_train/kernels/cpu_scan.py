@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows, scan
-from . import H2O, SINKS, TOVA, has_kernel, start_state
+from .common import H2O, SINKS, TOVA, has_kernel, start_state
 
 try:
     import numba
@@ -117,12 +117,13 @@ if HAVE_NUMBA:
 
 
 def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
-              window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
+              window: int | None = None, groups: int = 1, soft_rows: bool = False,
+              new_value: torch.Tensor | None = None) -> Schedule:
     """Drop-in for `schedule.scan` on the CPU (same arguments, same result). A policy without a
     kernel code (and an unbounded layer) goes to `schedule.scan`."""
     if not has_kernel(policy, budget):
         return scan(policy, budget, logits, new_valid, new_order, new_pos, init=init, window=window, groups=groups,
-                    soft_rows=soft_rows)
+                    soft_rows=soft_rows, new_value=new_value)
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
     slots, evict, arrive = start_state(budget, init, new_valid, groups, "cpu")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
-from . import H2O, SINKS, TOVA, has_kernel, start_state
+from .common import H2O, SINKS, TOVA, has_kernel, start_state
 
 try:
     import triton
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - CPU-only installs: schedule.scan is us
     HAVE_TRITON = False
 
 if HAVE_TRITON:
-    # the kernels' rule numbers (kernels/__init__.py), as compile-time constants of the program
+    # the kernels' rule numbers (kernels/common.py), as compile-time constants of the program
     _SINKS, _H2O, _TOVA = tl.constexpr(SINKS), tl.constexpr(H2O), tl.constexpr(TOVA)
 
     @triton.jit
@@ -130,7 +130,8 @@ def supported(policy, budget) -> bool:
 
 
 def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,
-                window: int | None = None, groups: int = 1, soft_rows: bool = False) -> Schedule:
+                window: int | None = None, groups: int = 1, soft_rows: bool = False,
+                new_value: torch.Tensor | None = None) -> Schedule:
     """Drop-in for `schedule.scan` (same arguments, same result) on CUDA tensors, or on CPU
     tensors under TRITON_INTERPRET=1. Unbounded layers and policies without a kernel code go to
     `schedule.scan`."""
@@ -138,7 +139,7 @@ def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slo
         from ..schedule import scan
 
         return scan(policy, budget, logits, new_valid, new_order, new_pos, init=init, window=window, groups=groups,
-                    soft_rows=soft_rows)
+                    soft_rows=soft_rows, new_value=new_value)
     dev = new_valid.device
     B, T = new_valid.shape
     P = 0 if init is None else init.src.shape[-1]
