@@ -191,6 +191,15 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or suffix in (".txt", ".json", ".jsonl", ".parquet")
 
 
+def readable_offline(source: str | os.PathLike) -> bool:
+    """Whether reading `source` needs no download: a local file or folder (or a name that looks like
+    one: reading it then says what is wrong), or Gutenberg once it is in the cache."""
+    src = str(source)
+    if src == "gutenberg" or src.startswith("gutenberg:"):
+        return (cache_dir() / "gutenberg" / _MARKER).is_file()
+    return looks_like_path(src) or Path(src).expanduser().exists()
+
+
 def load_texts(source: str | os.PathLike) -> dict[str, str]:
     """Load documents as ``name -> text`` from one of:
 
@@ -355,6 +364,7 @@ def split_documents(texts: dict, source: str, heldout, seed: int, need_heldout: 
     """(training, held-out) documents of `texts`: `heldout` names, counts or is a fraction of them
     (None: the default held-out books for Gutenberg, else 10%); RecipeError when nothing is left to train."""
     names = sorted(texts)
+    asked = heldout
     if heldout is None:
         if str(source).startswith("gutenberg"):
             keys = {work_key(h) for h in DEFAULT_HELDOUT}
@@ -363,11 +373,12 @@ def split_documents(texts: dict, source: str, heldout, seed: int, need_heldout: 
             heldout = max(1, round(0.1 * len(names))) if need_heldout else 0
     elif isinstance(heldout, float):
         heldout = max(1, round(heldout * len(names)))
-    if isinstance(heldout, int) and heldout >= len(names) and need_heldout:
+    if isinstance(heldout, int) and heldout >= len(names) and (need_heldout or asked is not None):
+        hint = ("the held-out split is by document, so give a source with several documents "
+                "(a directory of .txt files, a json/parquet/Hub dataset with one row per document) "
+                "or set eval.max_windows: 0") if asked is None else "hold out fewer documents"
         raise RecipeError(f"data.heldout: cannot hold out {heldout} of {len(names)} document(s) and still train; "
-                          "the held-out split is by document, so give a source with several documents "
-                          "(a directory of .txt files, a json/parquet/Hub dataset with one row per document) "
-                          "or set eval.max_windows: 0")
+                          f"{hint}")
     try:
         return split_books(texts, heldout, seed=seed)
     except KeyError as err:

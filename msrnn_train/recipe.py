@@ -234,6 +234,9 @@ class Recipe:
         _one_of("model.dtype", m.dtype, DTYPES)
         if not m.source:
             raise RecipeError("model.source: empty; give 'smollm2', a Hub id, a local directory or a .gguf file")
+        if not str(d.source).strip():
+            raise RecipeError("data.source: empty; give 'gutenberg', a .txt file, a folder of .txt files, a "
+                              ".json/.jsonl/.parquet file with a 'text' column or a Hub dataset id")
         _at_least("data.seq_len", d.seq_len, 2)
         _at_least("data.max_train_windows", d.max_train_windows, 1)
         _at_least("data.stride", d.stride, 1)

@@ -2,7 +2,7 @@
 
     accelerate launch msrnn_train/train.py recipes/mistral_tova512.yaml [--key value ...]
     python -m msrnn_train.train recipes/smollm2_gutenberg.yaml --training.max_steps 10
-    python -m msrnn_train.train RECIPE.yaml --validate     # print the resolved recipe, load nothing
+    python -m msrnn_train.train RECIPE.yaml --validate     # every check that needs no weights; print the recipe
     python -m msrnn_train.train                            # the embedded default (SmolLM2 on Gutenberg)
 
 One run, top to bottom (`train()`):
@@ -43,7 +43,7 @@ with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration pr
     from transformers import Trainer, default_data_collator, set_seed  # noqa: F401
 
 from msrnn_train.controller import apply_budget, set_soft_temperature
-from msrnn_train.data import DataWarning, build_windows, looks_like_path, training_texts
+from msrnn_train.data import DataWarning, build_windows, looks_like_path, readable_offline, training_texts
 from msrnn_train.errors import log
 from msrnn_train.evaluate import record_key
 from msrnn_train.hub import HubPushError, model_card, push_adapter
@@ -60,7 +60,8 @@ from msrnn_train.trainer import (BoundedTrainer, BudgetScheduleCallback, Checkpo
 USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
 
   RECIPE.yaml   a recipe (default: the embedded default, SmolLM2-135M on Gutenberg, TOVA K=64)
-  --validate    check the recipe, print it resolved (YAML) and exit without loading anything
+  --validate    make every check a run makes before weights load (recipe, model config, budget,
+                data, output folder, resume), print the recipe resolved (YAML) and exit
   --a.b VALUE   override a recipe key, e.g. --budget.budget 32 --training.max_steps 10
                 (values are YAML scalars: null, true, 1e-4, [64, 128])
 """
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _warnings_to_log():
             recipe = load_recipe(recipe_path, argv)
-            if validate_only:
-                check_model(recipe)  # the model's config, no weights: budget list length, map keys
+            if validate_only:  # every check train() makes before weights load, in the same order
+                preflight(recipe, read_data=readable_offline(recipe.data.source))
                 print(recipe.to_yaml(), end="")
                 return 0
             result = train(recipe)
@@ -119,6 +120,24 @@ def _warnings_to_log():
 
         warnings.showwarning = _show
         yield
+
+
+def preflight(recipe: Recipe, read_data: bool = True):
+    """Every check that needs no weights, in one place for `train()` and `--validate`: the machine
+    (`check_runtime`: output folder, data path, DeepSpeed, resume path), the model's config and the
+    budget (`check_model`), the data (read and split: an empty folder or too few documents stops
+    here; `read_data=False` skips a source that would have to be downloaded), and the output folder's
+    run (`resolve_resume`, `claim_output_dir`; nothing is written). RecipeError names the key.
+    Returns (documents or None, the checkpoint to resume from, the checkpoints a replaced run leaves)."""
+    check_runtime(recipe)
+    check_model(recipe)
+    texts = training_texts(recipe) if read_data else None
+    if not read_data:
+        log(f"data.source {recipe.data.source!r}: not read (it would be downloaded); training reads and checks it")
+    out = Path(recipe.training.output_dir)
+    resume = resolve_resume(recipe, out)
+    replaced = claim_output_dir(recipe, out, resume)  # a folder holding another run is refused
+    return texts, resume, replaced
 
 
 def check_model(recipe: Recipe):
@@ -182,11 +201,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     # ---------------------------------------------------------------- 1. setup
     t_cfg = recipe.training
     out = Path(t_cfg.output_dir)
-    check_runtime(recipe)
-    check_model(recipe)
-    texts = training_texts(recipe)  # read and split before any weights load: bad data stops here
-    resume = resolve_resume(recipe, out)
-    replaced = claim_output_dir(recipe, out, resume)  # a folder holding another run is refused
+    texts, resume, replaced = preflight(recipe)  # bad data, a taken output folder, ... stop here
     spec = recipe.budget_spec()
     args = training_arguments(recipe)
     args.distributed_state.wait_for_everyone()  # every rank decided on the same files before any are written

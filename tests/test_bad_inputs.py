@@ -50,6 +50,7 @@ CASES = [
     ("train", "--data.source {empty_txt}", 2, "no text in it"),
     ("train", "--data.source {binary_txt}", 2, "no text in it (every document is empty or binary)"),
     ("train", "--data.source {binary_dir}", 2, "no text in it"),
+    ("train", "--data.source {corpus} --data.heldout 9", 2, "data.heldout: cannot hold out 9 of 4 document(s)"),
     # ---- budgets against the model config (read without weights), in --validate too
     ("train", "--validate --budget.budget [8,null,8]", 2, "the model has 2 layers, the list has 3"),
     ("train", "--budget.budget [8,null,8]", 2, "the model has 2 layers, the list has 3"),
@@ -257,3 +258,29 @@ def test_bad_input(case, ws, tmp_path, monkeypatch, capsys):
         assert fragment in out + err, (out + err)[-2000:]
     if kind == "train" and rc != 0:  # a refused or failed run saves no adapter
         assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# Every refusal above that needs no weights is `--validate`'s too: the same exit code and line, and
+# nothing trained (train() is never called: `preflight` is the one list of checks both run).
+VALIDATE_CASES = [c for c in CASES if c[0] == "train" and c[2] == 2 and "loads" not in c[4:]
+                  and "--validate" not in c[1]]
+
+
+@pytest.mark.parametrize("case", VALIDATE_CASES, ids=[f"validate:{c[1][:60]}" for c in VALIDATE_CASES])
+def test_validate_refuses_what_training_refuses(case, ws, tmp_path, monkeypatch, capsys):
+    import msrnn_train.train as train_mod
+
+    def forbidden(*a, **k):
+        raise AssertionError("--validate ran training")
+
+    monkeypatch.setattr(train_mod, "train", forbidden)
+    kind, text, expected, fragment, *flags = case
+    test_bad_input((kind, f"{text} --validate", expected, fragment, *flags), ws, tmp_path, monkeypatch, capsys)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_validate_refusals_cover_the_run_folder_and_data():
+    """The cases above include the data, the output folder and the resume checks (once only `train` made them)."""
+    keys = {c[3].split(":")[0] for c in VALIDATE_CASES}
+    assert {"data.source", "data.heldout", "training.output_dir"} <= keys, keys
+    assert any("resume_from_checkpoint" in c[1] for c in VALIDATE_CASES)

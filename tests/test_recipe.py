@@ -128,6 +128,7 @@ def test_other_cross_field_rules(tmp_path):
         "training.lr_scheduler_type: 'cosin' is not allowed. Did you mean 'cosine'?")
     assert error_of(tmp_path, {"eval": {"policies": ["tova", "nope"]}}).startswith("eval.policies[1]")
     assert error_of(tmp_path, {"model": {"dtype": "float64"}}).startswith("model.dtype")
+    assert error_of(tmp_path, {"data": {"source": " "}}).startswith("data.source: empty; give 'gutenberg'")
 
 
 def test_budget_that_never_evicts_warns(tmp_path):
@@ -180,11 +181,35 @@ def test_main_stops_with_exit_2_before_loading_anything(tmp_path, capsys, monkey
 def test_validate_prints_the_resolved_recipe(tmp_path, capsys):
     from msrnn_train.train import main
 
-    assert main([str(ROOT / "recipes" / "tiny.yaml"), "--validate", "--budget.budget", "4"]) == 0
+    assert main([str(ROOT / "recipes" / "tiny.yaml"), "--validate", "--budget.budget", "4",
+                 "--training.output_dir", str(tmp_path / "out")]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["budget"]["budget"] == 4
     assert printed["training"]["max_steps"] == load_recipe(ROOT / "recipes" / "tiny.yaml").training.max_steps
     assert set(printed) == {f for f in Recipe.__dataclass_fields__}
+
+
+def test_validate_reads_local_data_but_downloads_nothing(tmp_path, capsys, monkeypatch):
+    """--validate reads a local data source (so an empty folder stops it, as it stops training) and
+    skips one that would have to be downloaded (Gutenberg before its first fetch), saying so."""
+    import msrnn_train.data as data_mod
+    from msrnn_train.train import main
+
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))  # Gutenberg not fetched yet
+
+    def no_download():
+        raise AssertionError("--validate downloaded the Gutenberg books")
+
+    monkeypatch.setattr(data_mod, "gutenberg_dir", no_download)
+    tiny = str(ROOT / "recipes" / "tiny.yaml")
+    out = ["--training.output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main([tiny, "--validate", *out]) == 0
+    assert "data.source 'gutenberg': not read (it would be downloaded)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([tiny, "--validate", "--data.source", str(tmp_path / "empty"), *out]) == 2
+    assert f"recipe error: data.source: {tmp_path / 'empty'}: a folder with no .txt files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_deepspeed_config_is_a_recipe_error(tmp_path):
@@ -195,9 +220,10 @@ def test_missing_deepspeed_config_is_a_recipe_error(tmp_path):
         check_runtime(recipe)
 
 
-def test_runs_as_script_path_and_as_module():
+def test_runs_as_script_path_and_as_module(tmp_path):
     """`accelerate launch msrnn_train/train.py` runs the file as a script; `python -m` as a module."""
-    proc = subprocess.run([sys.executable, "msrnn_train/train.py", "recipes/tiny.yaml", "--validate"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "msrnn_train/train.py", "recipes/tiny.yaml", "--validate",
+                           "--training.output_dir", str(tmp_path / "out")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load(proc.stdout)["model"]["source"] == "random:tiny-llama"  # stdout is pure YAML
