@@ -1,5 +1,5 @@
 """Long greedy generation through the bounded cache vs the full state, with repetition and
-degeneration statistics (`python -m msrnn_train.evaluate --generate`)."""
+degeneration statistics (`python -m msrnn_train.evaluate --tasks generation`)."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def run_batch(model, shape, B, device, args, loss_cfg):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step(kl: bool):  # the trainer's loss (train.BoundedTrainer.compute_loss)
+    def step(kl: bool):  # the trainer's loss (trainer.BoundedTrainer.compute_loss)
         logits = model(input_ids=ids, use_cache=False).logits
         loss = loss_cfg.lm_weight * causal_lm_loss(logits, ids)
         if kl:

@@ -19,7 +19,7 @@ trained during screening is the same adapter in the final run (it is reused, not
     # screening (1 seed, validation books)
     python scripts/headline.py --split validation --arms plain,hard-lm,hard-full-self --seeds 0 --budgets 32
     # final protocol (CPU): 3 seeds, 64 held-out windows of 512 tokens (32,704 predicted tokens)
-    python scripts/headline.py --split test --arms plain,hard-multi --seeds 0,1,2 --budgets 16,32,64
+    python scripts/headline.py --split test --arms plain,hard-full-self-multi --seeds 0,1,2 --budgets 16,32,64
     # GPU protocol
     python scripts/headline.py --split test --seq-len 2048 --budgets 64,128,256 --train-batch-size 4 ...
 

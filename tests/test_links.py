@@ -86,3 +86,56 @@ def test_the_checks_find_broken_links_and_missing_paths(tmp_path):
     assert not named_path_exists(ROOT, "scripts/no_such_script.py")
     assert REPO_PATH.findall("run `python scripts/demo.sh` and see ../results/x.md.") == ["scripts/demo.sh",
                                                                                           "../results/x.md"]
+
+
+# ----------------------------------------------------------------------------- commands the text shows
+TEXTS = DOCS + sorted((ROOT / "msrnn_train").rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
+
+
+def _command_lines(text: str, command: str) -> list[str]:
+    """Each command line that starts with `command`, backslash continuations joined."""
+    lines = text.replace("\\\\\n", "\\\n").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        at = line.find(command)
+        if at < 0:
+            continue
+        cmd = line[at:]
+        while cmd.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            cmd = cmd.rstrip()[:-1] + " " + lines[i]
+        out.append(cmd)
+    return out
+
+
+def test_every_evaluate_flag_the_text_shows_exists():
+    """`python -m msrnn_train.evaluate --flag` in the docs and docstrings names a flag of eval_cli."""
+    from msrnn_train.eval_cli import build_parser
+
+    known = set(build_parser()._option_string_actions)
+    bad = []
+    for path in TEXTS:
+        for cmd in _command_lines(path.read_text(encoding="utf-8"), "python -m msrnn_train.evaluate"):
+            cmd = cmd.split("`")[0].split("#")[0]
+            bad += [f"{path.relative_to(ROOT)}: {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", cmd)
+                    if flag not in known]
+    assert not bad, f"flags python -m msrnn_train.evaluate does not have: {bad}"
+
+
+def test_every_headline_arm_the_text_shows_exists():
+    """`scripts/headline.py --arms a,b` in its docstring, the docs and the results names real arms."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "scripts" / "headline.py")
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    bad = []
+    for path in [*TEXTS, *sorted((ROOT / "results").glob("*.md"))]:
+        for cmd in _command_lines(path.read_text(encoding="utf-8"), "scripts/headline.py"):
+            for arms in re.findall(r"--arms[ =]([\w,-]+)", cmd):
+                for arm in arms.split(","):
+                    try:
+                        headline.arm_overrides(arm, [16, 32, 64])
+                    except SystemExit as err:
+                        bad.append(f"{path.relative_to(ROOT)}: {err}")
+    assert not bad, bad
