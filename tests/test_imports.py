@@ -1,9 +1,8 @@
 """The package's import graph: no circles, and no library module imports an entry point.
 
 Read from the source with `ast` (nothing is imported), counting imports inside functions and inside
-`if __name__ == "__main__":` blocks too, and every circle (a submodule importing its package's face
-included):
-a lazy import hides a circle from Python but not from a reader.
+`if __name__ == "__main__":` blocks too (a lazy import hides a circle from Python but not from a
+reader), and every circle, a submodule importing its own package's face included.
 """
 
 from __future__ import annotations
