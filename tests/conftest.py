@@ -93,6 +93,40 @@ def make_corpus(folder: Path, n_docs: int = 6, words: int = 500, seed: int = 0) 
     return folder
 
 
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+def tiny_recipe(tmp_path: Path, out: str = "out", corpus: dict | None = None, **overrides):
+    """recipes/tiny.yaml on a made-up corpus: `make_corpus(tmp_path / "corpus", **corpus)` (written once:
+    another recipe in the same tmp_path reads the same documents), one held-out document, the run's
+    folder tmp_path / out; `overrides` are dotted recipe keys on top (`**{"training.max_steps": 4}`)."""
+    from msrnn_train.recipe import load_recipe
+
+    folder = tmp_path / "corpus"
+    if not folder.is_dir():
+        make_corpus(folder, **(corpus or {}))
+    base = {"data.source": str(folder), "training.output_dir": str(tmp_path / out), "data.heldout": 1}
+    return load_recipe(TINY_RECIPE, {**base, **overrides})
+
+
+def tiny_peft(model=None, r: int = 4, scale: float = 0.0, seed: int | None = None, **lora):
+    """A LoRA adapter (peft) on a tiny model (`model`, default `tiny_model()`): rank r on the query and
+    value projections, `lora` more LoraConfig keys. `scale` > 0 draws every lora_B from N(0, scale²)
+    (from a generator seeded with `seed`, else the global RNG): a trained adapter is not the identity
+    that a fresh LoRA is."""
+    from peft import LoraConfig, get_peft_model
+
+    lora.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = get_peft_model(tiny_model() if model is None else model, LoraConfig(r=r, **lora))
+    if scale:
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return peft_model
+
+
 @pytest.fixture
 def one_thread(tmp_path):
     """Tiny models: one intra-op thread is faster (and far faster on a busy machine); token

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_corpus
+from conftest import make_corpus, tiny_peft, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads and writes through any permission
@@ -115,8 +115,6 @@ def _ids():
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Small files and folders every case may name; no training."""
-    from peft import LoraConfig, get_peft_model
-
     from msrnn_train import BudgetSpec
     from msrnn_train.models import random_model
 
@@ -154,7 +152,7 @@ def ws(tmp_path_factory):
 
     # adapters without training: a random LoRA on the tiny model
     model, tok = random_model()
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model = tiny_peft(model, r=2)
     for name, spec in (("plain_adapter", None), ("corrupt_adapter", "{not json"),
                        ("hybrid_adapter", BudgetSpec(policy="tova", budget=[8, None]))):
         folder = d / name
@@ -167,11 +165,8 @@ def ws(tmp_path_factory):
             spec.save(folder)
         p[name] = folder
 
-    # the folder of another run (budget 4), with a complete and a half-written checkpoint
-    from msrnn_train.recipe import load_recipe
-
-    other = load_recipe(ROOT / "recipes" / "tiny.yaml", {"budget.budget": 4, "soft.budget_ramp_start": None,
-                                                        "data.source": str(p["corpus"]), "data.heldout": 1})
+    # the folder of another run (budget 4, on the corpus above), with a complete and a half-written checkpoint
+    other = tiny_recipe(d, **{"budget.budget": 4, "soft.budget_ramp_start": None})
     p["other_run"] = d / "other_run"
     ckpt = p["other_run"] / "checkpoint-4"
     peft_model.save_pretrained(ckpt)

@@ -34,10 +34,9 @@ def python_blocks(markdown: str) -> list[str]:
 def test_every_readme_python_block_runs(tmp_path):
     """Each ```python block of README.md executes (its model and adapter names swapped for the
     stand-ins above), so an example cannot go stale."""
-    from conftest import make_corpus, tiny_run_env
+    from conftest import tiny_recipe, tiny_run_env
 
     from msrnn_train.models import random_model
-    from msrnn_train.recipe import load_recipe
     from msrnn_train.train import train
 
     blocks = python_blocks((ROOT / "README.md").read_text())
@@ -46,10 +45,9 @@ def test_every_readme_python_block_runs(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     with tiny_run_env(tmp_path / "cache"):
-        train(load_recipe(ROOT / "recipes" / "tiny.yaml", {
-            "data.source": str(make_corpus(tmp_path / "corpus", n_docs=3, words=200)), "data.heldout": 1,
-            "training.output_dir": str(tmp_path / "adapter"), "training.max_steps": 2, "training.save_steps": 2,
-            "eval.max_windows": 0, "eval.at_start": False, "wandb.project": None}))
+        train(tiny_recipe(tmp_path, "adapter", corpus={"n_docs": 3, "words": 200}, **{
+            "training.max_steps": 2, "training.save_steps": 2, "eval.max_windows": 0, "eval.at_start": False,
+            "wandb.project": None}))
         for i, block in enumerate(blocks):
             code = block.replace(README_MODEL, str(tmp_path / "tiny")).replace(README_ADAPTER, str(tmp_path / "adapter"))
             scope: dict = {"__name__": f"README block {i + 1}"}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_peft
 
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
 from msrnn_train.controller import budget_scope, get_controller, set_layer_budget, set_soft_temperature
@@ -177,17 +177,11 @@ def test_cli_json_schema_table_and_png(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_adapter_default_policy_and_adapted_field(tmp_path, monkeypatch):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
     model_dir, text = _tiny_model_dir(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a trained adapter is not the identity
+    peft_model = tiny_peft(AutoModelForCausalLM.from_pretrained(model_dir), scale=0.5)  # not the identity
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     BudgetSpec(policy="h2o", budget=6, recent=2).save(adapter)
@@ -221,7 +215,7 @@ def test_budget_benefit_by_hand():
 def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     """--baseline-adapter: the second adapter's numbers are its own (equal to loading it alone),
     on the same windows and specs, with the budget benefit computed from both."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from msrnn_train.evaluate import budget_benefit, evaluate_specs
@@ -230,13 +224,7 @@ def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     model_dir, text = _tiny_model_dir(tmp_path)
     folders = []
     for i, name in enumerate(("tuned", "plain")):
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                    LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(10 + i)
-            for n, p in peft_model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        peft_model = tiny_peft(AutoModelForCausalLM.from_pretrained(model_dir), scale=0.5, seed=10 + i)
         peft_model.save_pretrained(tmp_path / name)
         folders.append(tmp_path / name)
     BudgetSpec(policy="tova", budget=6).save(folders[0])
@@ -307,10 +295,7 @@ def test_long_generation_large_budget_agrees_with_full_and_small_budget_is_bound
 
 # ----------------------------------------------------------------------------- training hook
 def _peft_budgeted_model():
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_model()
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = tiny_peft(lora_dropout=0.0)
     apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft"))
     set_soft_temperature(model, 0.5)
     return model

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_run_env
+from conftest import tiny_recipe, tiny_run_env
 from msrnn_train import BudgetSpec, get_budget
 from msrnn_train.hub import HubPushError, load_bounded, model_card, push_adapter
 from msrnn_train.recipe import Recipe, load_recipe
@@ -21,13 +21,8 @@ def run(tmp_path_factory):
     from msrnn_train.train import train
 
     tmp = tmp_path_factory.mktemp("hubrun")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        corpus.joinpath(f"d{i}.txt").write_text(" ".join(["to be or not to be that is the question"] * (30 + i)))
     with tiny_run_env(tmp / "cache"):
-        recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {
-            "data.source": str(corpus), "data.heldout": 1, "training.output_dir": str(tmp / "out"),
+        recipe = tiny_recipe(tmp, corpus={"n_docs": 4, "words": 300}, **{
             "training.max_steps": 6, "training.save_steps": 3, "eval.max_windows": 2})
         summary = train(recipe)
     return recipe, summary

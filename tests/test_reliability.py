@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_corpus
+from conftest import tiny_recipe
 from msrnn_train.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, toke
 
 
 def recipe_for(tmp_path, out="out", **overrides):
-    corpus = tmp_path / "corpus"
-    if not corpus.is_dir():
-        make_corpus(corpus, n_docs=4, words=400)
-    base = {"data.source": str(corpus), "training.output_dir": str(tmp_path / out), "data.heldout": 1,
-            "soft.budget_ramp_start": None, "training.max_steps": 4, "eval.max_windows": 0, "wandb.mode": "disabled"}
-    return load_recipe(ROOT / "recipes" / "tiny.yaml", {**base, **overrides})
+    """conftest's tiny recipe (4 documents), 4 steps, no evaluation, no W&B."""
+    base = {"soft.budget_ramp_start": None, "training.max_steps": 4, "eval.max_windows": 0, "wandb.mode": "disabled"}
+    return tiny_recipe(tmp_path, out, corpus={"n_docs": 4, "words": 400}, **{**base, **overrides})
 
 
 @pytest.mark.parametrize("budget, held", [([8, None], [8, 30]), ({"0": None, "default": 8}, [30, 8])],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import tiny_recipe
+from conftest import tiny_recipe
 
 from msrnn_train import BudgetSpec
 from msrnn_train.losses import causal_lm_loss, weighted_causal_lm_loss

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import make_corpus, tiny_run_env
+from conftest import tiny_recipe, tiny_run_env
 from msrnn_train import BudgetSpec, apply_budget
 from msrnn_train.controller import get_controller
 from msrnn_train.losses import causal_lm_loss, distillation_kl
@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, token caches in a temp folder
-
-
-def tiny_recipe(tmp_path, **overrides):
-    corpus = make_corpus(tmp_path / "corpus")
-    base = {"data.source": str(corpus), "training.output_dir": str(tmp_path / "out"), "data.heldout": 1}
-    base.update(overrides)
-    return load_recipe(ROOT / "recipes" / "tiny.yaml", base)
 
 
 def train_logs(history, key):
