@@ -150,3 +150,25 @@ def tiny_run_env(cache: Path):
             os.environ.pop("MSRNN_CACHE", None)
         else:
             os.environ["MSRNN_CACHE"] = old
+
+
+# ----------------------------------------------------------------------------- the fast loop
+# `pytest -m "not slow"` is the edit-test loop: a test that takes longer than this (setup + call,
+# on a 2-core CPU machine) is marked @pytest.mark.slow. The summary names the ones that are not.
+SLOW_SECONDS = 10.0
+_unmarked_slow: dict[str, float] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if call.when in ("setup", "call") and item.get_closest_marker("slow") is None:
+        _unmarked_slow[item.nodeid] = _unmarked_slow.get(item.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted(((s, n) for n, s in _unmarked_slow.items() if s > SLOW_SECONDS), reverse=True)
+    if over:
+        terminalreporter.write_sep("-", f"over {SLOW_SECONDS:.0f} s and not marked slow (mark them @pytest.mark.slow)")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")

@@ -113,6 +113,7 @@ def triton_backend():
     return triton_scan, "cpu"
 
 
+@pytest.mark.slow  # 25-35 s on 2 CPU cores: a fresh process runs the Triton kernel's tests interpreted
 def test_triton_kernel_under_interpreter():
     """The CPU suite runs the Triton kernel's tests through Triton's interpreter, in a fresh
     process (TRITON_INTERPRET must be set before triton is first imported)."""

@@ -196,6 +196,7 @@ def reference(workdir):
 
 
 # ----------------------------------------------------------------------------- DDP over gloo (CI)
+@pytest.mark.slow  # ~11 s on 2 CPU cores (two processes launched, plus the one-process reference run)
 def test_two_cpu_processes_under_accelerate_equal_one_process(workdir, reference):
     out = workdir / "ddp"
     # The shipped multi-GPU config with 2 processes; ACCELERATE_USE_CPU=true makes them CPU processes
@@ -212,6 +213,7 @@ def test_two_cpu_processes_under_accelerate_equal_one_process(workdir, reference
     assert_same_logits(out, reference)
 
 
+@pytest.mark.slow  # ~11 s on 2 CPU cores (two launcher processes)
 def test_two_machines_with_the_multi_node_config(workdir, reference):
     """The multi-node recipe as documented (the same command on every machine, its own --machine_rank),
     with two "machines" on this host: 1 process each, rendezvous at 127.0.0.1."""
