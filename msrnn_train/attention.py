@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, emits_soft_rows,
                        rolling_schedule, unbounded_schedule)
 from .kernels import default_scan
+from .retention import retention_logits
 
 ATTN_NAME = "msrnn"
 
@@ -48,11 +49,14 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
 
     new_valid = (attention_mask[:, -T:] if attention_mask is not None
                  else torch.ones(B, T, dtype=torch.bool, device=query.device))
+    # a learned policy: each new token's retention logit, read once off its hidden state (B, G, T)
+    carried = (retention_logits(module, layer, T) if layer.policy is not None and layer.policy.carries_value
+               else None)
     if cache_layer is None:  # teacher forcing
         return _attend(layer, ctrl, None, query, key, value, new_valid, scaling,
-                       dropout if module.training else 0.0, window), None
+                       dropout if module.training else 0.0, window, carried), None
     if cache_layer.free is not None:  # `update` wrote the token into the layer's K + 1 slot buffer
-        return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window), None
+        return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried), None
     # a prompt (or any multi-token call) through the cache: chunks of c queries, each scanned
     # from the slots held after the previous one, so no mask is larger than c x (K + 1 + c)
     c = ctrl.cache.prefill_chunk
@@ -65,13 +69,15 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
         else:
             k = torch.cat([cache_layer.keys, key[:, :, P + a:P + b]], -2)
             v = torch.cat([cache_layer.values, value[:, :, P + a:P + b]], -2)
-        outs.append(_attend(layer, ctrl, cache_layer, query[:, :, a:b], k, v, new_valid[:, a:b], scaling, 0.0, window))
+        outs.append(_attend(layer, ctrl, cache_layer, query[:, :, a:b], k, v, new_valid[:, a:b], scaling, 0.0, window,
+                            None if carried is None else carried[:, :, a:b]))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
 
 
-def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dropout, window):
+def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dropout, window, carried=None):
     """One call's schedule (from the cache's held slots, or from an empty state under teacher
-    forcing), the attention masked to it, and the cache's new held set."""
+    forcing), the attention masked to it, and the cache's new held set. `carried`: (B, G, T) the
+    learned policy's retention logits of the new tokens (None for the other policies)."""
     B, Hq, T, D = query.shape
     if cache_layer is not None:
         init, past = cache_layer.slots(), cache_layer.seen
@@ -102,10 +108,15 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
                 scan_fn = layer.scan_fn or default_scan(query.device)
                 sched = scan_fn(layer.policy, layer.budget, logits, new_valid, new_order, new_pos,
                                 init=init, window=window, groups=layer.groups,
-                                **({"soft_rows": True} if sparse else {}))
+                                **({"soft_rows": True} if sparse else {}),
+                                **({"new_value": layer.policy.carried_value(carried.detach())}
+                                   if carried is not None else {}))
         ctrl.store_schedule(layer.layer_idx, cache_layer is None, sched)
     if ctrl.recording is not None:
         ctrl.recording.setdefault(layer.layer_idx, []).append(sched)
+
+    if carried is not None and cache_layer is None and ctrl.relaxation not in (None, "none") and torch.is_grad_enabled():
+        return _relaxed(layer, ctrl, query, key, value, sched, new_valid, new_order, scaling, carried)
 
     keep = None  # soft mode: per-key keep-logits after eviction
     if soft:
@@ -123,7 +134,22 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
     return out
 
 
-def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window):
+def _relaxed(layer, ctrl, query, key, value, sched, new_valid, new_order, scaling, carried):
+    """Training a learned policy (retention.py): the straight-through hard attention ("ste") or
+    the soft retention decay with its capacity term ("decay"), so gradients reach the scorer."""
+    from .retention import capacity_excess, decay_bias, relaxed_attention, ste_keep
+
+    if ctrl.relaxation == "ste":
+        hard = dense_masked_attention(query, key, value, sched, new_valid, scaling, 0.0, layer.groups)
+        keep, allowed = ste_keep(layer.policy, carried, sched, new_valid, new_order, ctrl.relax_tau)
+        soft = relaxed_attention(query, key, value, scaling, layer.groups, keep=keep, allowed=allowed)
+        return hard + (soft - soft.detach())  # the exact forward, the soft backward
+    bias, expected = decay_bias(layer.policy, carried, new_valid, new_order)
+    ctrl.aux_losses.append(capacity_excess(expected, layer.budget, new_valid))
+    return relaxed_attention(query, key, value, scaling, layer.groups, bias=bias)
+
+
+def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried=None):
     """One decoding step of a bounded layer over its K + 1 slots (the new token already written
     into the free slot by `BoundedLayer.update`): attend over C_t, then the policy's step."""
     B, Hq, _, D = query.shape
@@ -143,7 +169,8 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
             with torch.autocast(query.device.type, enabled=False):
                 qg = query.detach().float().view(B, Hkv, Hq // Hkv, D)
                 row = torch.matmul(qg, key.detach().float().transpose(-1, -2)).view(B, Hq, -1) * scaling
-        acc = torch.where(on, 0.0, cache_layer.acc)
+        new = 0.0 if carried is None else layer.policy.carried_value(carried[:, :, -1:].detach().float())
+        acc = torch.where(on, new, cache_layer.acc)
         order = torch.where(on, cache_layer.n_real.view(B, 1, 1), cache_layer.order)
         pos = torch.where(on, cache_layer.seen, cache_layer.pos)
         held, acc = decode_step(layer.policy, layer.budget, row, held, order, pos, acc, valid, cache_layer.seen,

@@ -28,7 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTN_NAME, msrnn_attention_forward, padding_mask
 from .cache import BoundedCache
+from .compat import CACHE_KWARG, take_cache
 from .policies import Policy, make_policy
+from .retention import attach_scorers
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -43,6 +45,7 @@ class LayerBudget:
     groups: int  # 1 (layer-wise) or the number of key/value heads (head-wise)
     controller: "Controller"
     scan_fn: object = None  # None: kernels.default_scan for the device
+    hidden: object = None  # a learned policy: the attention input of the current call (retention.py's hook)
 
 
 def _backend_from_env() -> str:
@@ -78,6 +81,10 @@ class Controller:
     # soft keep-logits: "sparse" (from the scan's outputs, where it applies) or "dense" (the reference); $MSRNN_SOFT
     soft_path: str = field(default_factory=soft_path_from_env)
     recording: dict | None = None  # layer -> [Schedule], for tests and diagnostics
+    # a learned policy while training: how gradients reach its scorer (retention.RELAXATIONS; None: hard)
+    relaxation: str | None = None
+    relax_tau: float = 1.0  # the straight-through keep probability's temperature
+    aux_losses: list = field(default_factory=list)  # the decay relaxation's capacity terms of the last forward
     scans: int = 0  # number of scans run (diagnostics: checkpointing must not add any)
     hooks: list = field(default_factory=list)
     chunked_configs: list = field(default_factory=list)  # generation configs whose prefill_chunk_size we set
@@ -100,6 +107,7 @@ class Controller:
 
     def new_forward(self):
         self._store.clear()
+        self.aux_losses.clear()
 
 
 def _decoder(model):
@@ -159,12 +167,14 @@ def apply_budget(model, spec: BudgetSpec | dict | str, **overrides):
     ctrl = Controller(spec=spec, original_attn=original)
     for i, mod in enumerate(modules):
         k = spec.layer_budget(i)
-        policy = None if k is None else make_policy(spec.policy, k, spec.sinks, spec.recent)
+        policy = None if k is None else make_policy(spec.policy, k, spec.sinks, spec.recent, spec.retention)
         groups = hkv if (policy is not None and policy.head_wise) else 1
         lb = LayerBudget(layer_idx=mod.layer_idx, policy=policy, budget=k, groups=groups, controller=ctrl)
         mod._msrnn = lb
         ctrl.layers.append(lb)
     dec._msrnn_controller = ctrl
+    # a learned policy: a retention scorer per bounded layer (kept across remove/apply: it holds trained weights)
+    ctrl.hooks.extend(attach_scorers(modules, ctrl.layers, config.hidden_size, spec.scorer_hidden))
     # generate() feeds the prompt c tokens per forward (its own chunked prefill), unless the
     # user chose a chunk size already
     for gc in _generation_configs(model):
@@ -290,19 +300,19 @@ def _decoder_pre_hook(module, args, kwargs):
     if not ctrl.enabled:
         return None
     ctrl.new_forward()
-    pkv = kwargs.get("past_key_values")
+    pkv = take_cache(kwargs)  # `cache` (transformers >= 5.24) or `past_key_values`
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False) and not module.training
     if pkv is None and use_cache:
-        pkv = kwargs["past_key_values"] = make_cache(module)
+        pkv = kwargs[CACHE_KWARG] = make_cache(module)
     elif isinstance(pkv, Cache) and not isinstance(pkv, BoundedCache):
         if pkv.get_seq_length() > 0:
             raise ValueError(
                 "a budgeted model was given a non-empty "
                 f"{type(pkv).__name__}; bounded decoding needs msrnn_train.make_cache(model)"
             )
-        pkv = kwargs["past_key_values"] = make_cache(module)
+        pkv = kwargs[CACHE_KWARG] = make_cache(module)
     ctrl.cache = pkv if isinstance(pkv, BoundedCache) else None
     return args, kwargs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import cache_kwargs
 from .controller import get_controller, make_cache, record_schedules
 
 
@@ -39,7 +40,7 @@ def decode_token_by_token(model, input_ids, attention_mask=None, prompt_len: int
     chunks = ([(0, prompt_len)] if prompt_len > 0 else []) + [(t, t + 1) for t in range(prompt_len, T)]
     for a, b in chunks:
         out = model(input_ids=input_ids[:, a:b], attention_mask=attention_mask[:, :b], position_ids=pos[:, a:b],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(cache))
         logits.append(out.logits)
         if track_held:
             held.append({i: cache.held_positions(i) for i in range(len(cache.layers))})

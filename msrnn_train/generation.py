@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs
 from .controller import budget_scope, make_cache
 from .spec import BudgetSpec
 
@@ -71,7 +72,7 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int, bounded:
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     if bounded:
-        kwargs["past_key_values"] = make_cache(model)
+        kwargs.update(cache_kwargs(make_cache(model)))
     out = model.generate(**enc, **kwargs)
     return out[0, enc["input_ids"].shape[1]:].tolist()
 

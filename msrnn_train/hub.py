@@ -3,7 +3,7 @@ model card, push it to the Hugging Face Hub.
 
     from msrnn_train.hub import load_bounded
     model, tokenizer = load_bounded("outputs/smollm2-tova64")      # or a Hub repo id
-    model.generate(**tokenizer("Once", return_tensors="pt"), past_key_values=make_cache(model))
+    model.generate(**tokenizer("Once", return_tensors="pt"), **cache_kwargs(make_cache(model)))
 
 An adapter folder (what `train.py` writes) holds the peft adapter, the tokenizer,
 `msrnn_budget.json` (policy and budgets), `recipe.yaml` (including the base model source),
@@ -44,7 +44,7 @@ class HubPushError(RuntimeError):
 # ----------------------------------------------------------------------------- reload
 def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
     """(model, tokenizer): base model + adapter + saved budget, in eval mode, ready for
-    teacher-forced evaluation or `generate(..., past_key_values=make_cache(model))`.
+    teacher-forced evaluation or `generate(..., **cache_kwargs(make_cache(model)))`.
 
     adapter_dir: a folder written by train.py (or one of its checkpoints), or a Hub repo id.
     base_model:  None (the source recorded in recipe.yaml, else adapter_config.json), a model
@@ -55,6 +55,7 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
     from transformers import AutoTokenizer
 
     from .controller import apply_budget
+    from .retention import load_scorers
     from .models import load_base_model
 
     folder = Path(adapter_dir).expanduser()
@@ -88,6 +89,7 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
         spec = BudgetSpec.load(folder)  # BudgetError names the file when it is corrupt
         spec.validate_for(model.config)
         apply_budget(model, spec)
+        load_scorers(model, folder)  # a learned policy's trained scorer, saved beside the adapter
     else:
         warnings.warn(f"load_bounded: {folder} has no {SPEC_FILENAME}, so no budget is known: the model is returned "
                       "unbounded (full state); apply one with msrnn_train.apply_budget(model, BudgetSpec(...))",
@@ -162,12 +164,12 @@ def model_card(recipe: Recipe | dict, spec: BudgetSpec, eval_records: list[dict]
         f"(trained with msrnn-train on windows of {seq_len} tokens).", "",
         "## Use", "",
         "```python",
-        "from msrnn_train import make_cache",
+        "from msrnn_train import cache_kwargs, make_cache",
         "from msrnn_train.hub import load_bounded",
         "",
         f"model, tokenizer = load_bounded({location!r})  # base model + adapter + budget, in one call",
         "inputs = tokenizer(\"It was a dark and stormy night\", return_tensors=\"pt\")",
-        "out = model.generate(**inputs, max_new_tokens=50, past_key_values=make_cache(model))",
+        "out = model.generate(**inputs, max_new_tokens=50, **cache_kwargs(make_cache(model)))",
         "```", "",
         f"Base model source: `{source}`{SOURCE_NOTES.get(str(source).lower(), '')}. Budget spec "
         f"(`{SPEC_FILENAME}`): `{json.dumps(spec.to_dict())}`.", "",

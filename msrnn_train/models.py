@@ -327,9 +327,20 @@ def add_lora(model, recipe):
     if missing:
         raise RecipeError(f"lora.target_modules: {missing} not found in {type(model).__name__}; "
                           f"its linear layers include {sorted(n for n in present if n.endswith('_proj'))}")
-    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                        bias=lc.bias, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    if lc.init_adapter:  # continue a trained adapter (e.g. plain LoRA's, for a learned scorer on its weights)
+        from peft import PeftModel
+
+        if not (Path(lc.init_adapter) / "adapter_config.json").is_file():
+            raise RecipeError(f"lora.init_adapter: {lc.init_adapter!r} is not an adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, lc.init_adapter, is_trainable=True)
+    else:
+        config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                            target_modules=list(lc.target_modules), bias=lc.bias, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    if not recipe.learned.train_lora:  # train the learned policy's scorer only
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitioned
     log(f"LoRA r={lc.r} on {lc.target_modules}: {trainable:,} trainable of {total:,} parameters")

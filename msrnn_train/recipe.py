@@ -9,6 +9,7 @@ A recipe is a few flat sections whose names follow `transformers.TrainingArgumen
     lora:     {r, alpha, dropout, target_modules, bias}
     loss:     {lm_weight, kl_weight, kl_temperature}
     soft:     {tau_start, tau_end, hard_fraction, budget_ramp_start, ramp_fraction}
+    learned:  {relaxation, tau, capacity_weight, hard_fraction, train_lora, scorer_learning_rate}
     training: {output_dir, max_steps, learning_rate, ...}      -> TrainingArguments
     eval:     {every_n_steps, policies, budgets, max_windows, batch_size, at_start}
     wandb:    {project, name, mode}
@@ -38,6 +39,7 @@ import yaml
 
 from .errors import RecipeError, RecipeWarning
 from .policies import POLICIES
+from .retention import RELAXATIONS
 from .spec import BudgetError, BudgetSpec
 
 RECIPE_FILENAME = "recipe.yaml"
@@ -87,6 +89,10 @@ class BudgetConfig:
     budget: Any = knob(64, 'K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded')
     sinks: int = knob(4, "sinks (window+i) keeps the first i positions")
     recent: int | None = knob(None, "h2o's protected recent window (null: K // 2)")
+    retention: str = knob("decay", (
+        "learned policies: how a member's retention logit ranks it: decay (age * log sigmoid(logit); starts as "
+        "window) | logit (the logit alone)"))
+    scorer_hidden: int = knob(0, "learned policies: the retention scorer's hidden width (0: one linear layer)")
     mode: str = knob("hard", (
         "hard: the exact process throughout (the measured default, results/headline_validation.md); soft: "
         "anneal the soft-TOVA relaxation to hard (see `soft`)"))
@@ -108,6 +114,9 @@ class LoraConfigSection:
     target_modules: list[str] = knob(factory=lambda: list(LORA_TARGETS), help=(
         "the linear layers to adapt (their names in the model)"))
     bias: str = knob("none", "none | all | lora_only (peft)")
+    init_adapter: str | None = knob(None, (
+        "start from this trained adapter folder (its LoRA weights, and its scorer if it has one) instead of a "
+        "fresh LoRA; its r/alpha/targets are used"))
 
 
 @dataclass
@@ -132,6 +141,19 @@ class SoftConfig:
     budget_ramp_start: int | None = knob(None, (
         "optional budget ramp: K starts here and falls linearly to budget.budget"))
     ramp_fraction: float = knob(0.5, "over this fraction of the steps")
+
+
+@dataclass
+class LearnedConfig:
+    relaxation: str = knob("ste", (
+        "how gradients reach a learned policy's scorer: ste (hard forward, sigmoid keep probability backward) | "
+        "decay (retention decay as an attention bias + capacity loss) | none (the scorer does not train)"))
+    tau: float = knob(1.0, "ste: temperature of the keep probability sigmoid((priority - threshold) / tau)")
+    capacity_weight: float = knob(1.0, "decay: weight of the capacity loss (expected held members above K)")
+    hard_fraction: float = knob(0.25, (
+        "the last fraction of the steps runs the exact hard process (no relaxation), as at inference"))
+    train_lora: bool = knob(True, "false: train the scorer only (the LoRA weights stay as loaded)")
+    scorer_learning_rate: float | None = knob(None, "the scorer's learning rate (null: training.learning_rate)")
 
 
 @dataclass
@@ -197,6 +219,7 @@ class Recipe:
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
     loss: LossConfig = field(default_factory=LossConfig)
     soft: SoftConfig = field(default_factory=SoftConfig)
+    learned: LearnedConfig = field(default_factory=LearnedConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -207,7 +230,8 @@ class Recipe:
     def budget_spec(self) -> BudgetSpec:
         """The inference spec this run trains for (always mode "hard": it is what gets saved)."""
         b = self.budget
-        return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, mode="hard")
+        return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, retention=b.retention,
+                          scorer_hidden=b.scorer_hidden, mode="hard")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -300,6 +324,30 @@ class Recipe:
             warnings.warn(f"budget.budget: K={min(ks)} >= data.seq_len={d.seq_len}: no state is ever evicted, "
                           f"so the bound has no effect; use K < seq_len (e.g. {max(1, d.seq_len // 8)} = T/8)",
                           RecipeWarning, stacklevel=2)
+
+        ln = self.learned
+        learned_policy = b.policy in POLICIES and POLICIES[b.policy].carries_value
+        _one_of("learned.relaxation", ln.relaxation, RELAXATIONS)
+        if ln.tau <= 0:
+            raise RecipeError(f"learned.tau: must be > 0, got {ln.tau}")
+        if ln.capacity_weight < 0:
+            raise RecipeError(f"learned.capacity_weight: must be >= 0, got {ln.capacity_weight}")
+        if not 0.0 <= ln.hard_fraction <= 1.0:
+            raise RecipeError(f"learned.hard_fraction: must be in [0, 1], got {ln.hard_fraction}")
+        if ln.scorer_learning_rate is not None and ln.scorer_learning_rate <= 0:
+            raise RecipeError(f"learned.scorer_learning_rate: must be > 0 or null, got {ln.scorer_learning_rate}")
+        if ln.relaxation == "decay" and ln.hard_fraction == 0:
+            raise RecipeError("learned.hard_fraction: 0 with relaxation 'decay' would never train under the exact "
+                              "process that inference runs; give e.g. 0.25")
+        changed = [f"learned.{f.name}" for f in dataclasses.fields(LearnedConfig)
+                   if getattr(ln, f.name) != getattr(LearnedConfig(), f.name)]
+        if changed and not learned_policy:
+            learned_names = [n for n, c in POLICIES.items() if c.carries_value]
+            raise RecipeError(f"{changed[0]}: has no effect with budget.policy {b.policy!r}; it applies to "
+                              f"{' or '.join(learned_names)}")
+        if not ln.train_lora and not lo.init_adapter:
+            warnings.warn("learned.train_lora: false without lora.init_adapter trains the scorer on the untuned "
+                          "base model (LoRA stays zero)", RecipeWarning, stacklevel=2)
 
         _at_least("lora.r", lo.r, 1)
         _at_least("lora.alpha", lo.alpha, 1)

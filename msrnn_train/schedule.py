@@ -134,6 +134,7 @@ def scan(
     window: int | None = None,
     groups: int = 1,
     soft_rows: bool = False,
+    new_value: torch.Tensor | None = None,
 ) -> Schedule:
     """Run the bounded process for T new tokens, starting from the held slots `init`.
 
@@ -145,6 +146,8 @@ def scan(
     init          – slots held before this call; key index s < P refers to slot s of init
     groups        – 1 for layer-wise policies, the number of key/value heads for head-wise ones
     soft_rows     – also emit `SoftRows` (relaxable policies; ignored for the others)
+    new_value     – (B, G, T) the value each new token carries (policies that `carries_value`: the
+                    learned retention logit), written into its slot's `acc` when it arrives; None: 0
     """
     B, T = new_valid.shape
     device = new_valid.device
@@ -172,7 +175,7 @@ def scan(
 
     with _few_threads(device):
         _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-                   unbounded, needs_scores, accumulates, window, emit)
+                   unbounded, needs_scores, accumulates, window, emit, new_value)
 
     evict = evict[:, :, :S]
     arrive = torch.cat([torch.full((P,), -1, dtype=torch.long, device=device),
@@ -183,11 +186,11 @@ def scan(
 
 
 def _run_steps(T, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-               unbounded, needs_scores, accumulates, window, emit=None):
+               unbounded, needs_scores, accumulates, window, emit=None, new_value=None):
     for t in range(T):
         if bool(new_valid[:, t].any()):
             _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-                  unbounded, needs_scores, accumulates, emit)
+                  unbounded, needs_scores, accumulates, emit, new_value)
         # the model's own sliding window: a key at column p is seen by queries up to p + W - 1,
         # so it leaves at the end of step p + W - 1 (for every sequence, padding or not)
         if window is not None:
@@ -214,7 +217,7 @@ def _few_threads(device):
 
 
 def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos, P, S, groups,
-          unbounded, needs_scores, accumulates, emit=None):
+          unbounded, needs_scores, accumulates, emit=None, new_value=None):
     """One step of the process for query/key t (rows whose token t is padding do nothing)."""
     B = new_valid.shape[0]
     valid = new_valid[:, t].view(B, 1)  # (B, 1), broadcast over groups
@@ -223,7 +226,7 @@ def _step(t, policy, budget, logits, slots, evict, new_valid, new_order, new_pos
     _put(slots.src, free, valid, P + t)
     _put(slots.order, free, valid, new_order[:, t].view(B, 1, 1))
     _put(slots.pos, free, valid, new_pos[t])
-    _put(slots.acc, free, valid, 0.0)
+    _put(slots.acc, free, valid, 0.0 if new_value is None else new_value[:, :, t:t + 1].float())
     if unbounded:
         return
     held = slots.src >= 0
@@ -404,10 +407,12 @@ def reference_schedule(
     valid: torch.Tensor,
     window: int | None = None,
     head_wise: bool = False,
+    values: torch.Tensor | None = None,
 ) -> list[list[dict[int, int]]]:
     """Eviction steps by the letter of the semantics, for teacher forcing from an empty state.
 
-    query (B, Hq, T, D), key (B, Hkv, T, D), valid (B, T). Returns, per batch element and per
+    query (B, Hq, T, D), key (B, Hkv, T, D), valid (B, T); values (B, G, T): what each token
+    carries for a policy that `carries_value` (None: 0). Returns, per batch element and per
     head group (one group unless head_wise), a dict {key column: eviction step} for every real
     key (NEVER if still held at the end).
     """
@@ -427,8 +432,9 @@ def reference_schedule(
             evict: dict[int, int] = {t: NEVER for t in real}
             for t in range(T):
                 if t in order:
+                    carried = 0.0 if values is None else float(values[b, g, t])
                     held = _reference_step(policy, budget, t, held, heads, per_kv, query[b], key[b], scale,
-                                           order, acc, evict)
+                                           order, acc, evict, carried)
                 if window is not None:  # leaves after the last query of its window
                     for j in [j for j in held if j <= t + 1 - window]:
                         held.remove(j)
@@ -438,9 +444,9 @@ def reference_schedule(
     return out
 
 
-def _reference_step(policy, budget, t, held, heads, per_kv, query, key, scale, order, acc, evict):
+def _reference_step(policy, budget, t, held, heads, per_kv, query, key, scale, order, acc, evict, carried=0.0):
     C = held + [t]
-    acc[t] = 0.0
+    acc[t] = carried
     scores = {j: 0.0 for j in C}
     if policy is not None and policy.needs_scores:
         for h in heads:

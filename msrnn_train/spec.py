@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .policies import POLICIES
+from .policies.learned import RETENTION_FORMS
 
 SPEC_FILENAME = "msrnn_budget.json"
 MODES = ("hard", "soft")
@@ -33,6 +34,9 @@ class BudgetSpec:
                  makes it unbounded (a hybrid).
     sinks:       number of sink positions kept by `sinks` (window+i).
     recent:      h2o's protected recent window r (default K // 2).
+    retention:   the learned policies: how a member's retention logit ranks it, "decay"
+                 (age * log sigmoid(logit), starts as window) or "logit" (the logit alone).
+    scorer_hidden: the learned policies: the scorer's hidden width (0: one linear layer).
     mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
                  differentiable relaxation; its temperature is the controller's, set per step).
     prefill_chunk: inference only: a prompt enters a BoundedCache c tokens at a time (generate()
@@ -45,6 +49,8 @@ class BudgetSpec:
     budget: Any = 512
     sinks: int = 4
     recent: int | None = None
+    retention: str = "decay"
+    scorer_hidden: int = 0
     mode: str = "hard"
     prefill_chunk: int = 128
 
@@ -56,6 +62,10 @@ class BudgetSpec:
             )
         if self.mode not in MODES:
             raise BudgetError(f"mode: unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
+        if self.retention not in RETENTION_FORMS:
+            raise BudgetError(f"retention: unknown form {self.retention!r}; allowed: {', '.join(RETENTION_FORMS)}")
+        if isinstance(self.scorer_hidden, bool) or not isinstance(self.scorer_hidden, int) or self.scorer_hidden < 0:
+            raise BudgetError(f"scorer_hidden: must be an integer >= 0 (0: a linear scorer), got {self.scorer_hidden!r}")
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
             raise BudgetError(f"sinks: must be an integer >= 0, got {self.sinks!r}")
         if self.recent is not None and (

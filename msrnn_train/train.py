@@ -42,13 +42,14 @@ with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration pr
     # Trainer is first imported (here, quietly, before trainer.py); stdout is kept for `--validate`'s YAML
     from transformers import Trainer, default_data_collator, set_seed  # noqa: F401
 
-from msrnn_train.controller import apply_budget, set_soft_temperature
+from msrnn_train.controller import apply_budget, get_controller, set_soft_temperature
 from msrnn_train.data import DataWarning, build_windows, looks_like_path, readable_offline, training_texts
 from msrnn_train.errors import log
 from msrnn_train.evaluate import record_key
 from msrnn_train.hub import HubPushError, model_card, push_adapter
 from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
 from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
+from msrnn_train.retention import load_scorers
 from msrnn_train.retrieval_data import resolve_hybrid, training_dataset
 from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
 from msrnn_train.spec import BudgetError
@@ -238,6 +239,8 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
         log(f"budget.hybrid {recipe.budget.hybrid!r}: unbounded layers "
             f"{[i for i, k in enumerate(spec.budget) if k is None]}")
     apply_budget(model, spec)
+    if recipe.lora.init_adapter:
+        load_scorers(model, recipe.lora.init_adapter)  # its learned scorer, if it has one
     model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 
     # ---------------------------------------------------------------- 3. data
@@ -273,6 +276,7 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
     check_loss_curve(trainer.state.log_history, recipe, model.config.vocab_size)  # a diverged run is not saved
     set_soft_temperature(model, None)
     apply_budget(trainer.accelerator.unwrap_model(model), spec)  # the exact, full-K process from here on
+    get_controller(trainer.accelerator.unwrap_model(model)).relaxation = None
 
     # ---------------------------------------------------------------- 5. save
     summary = {"output_dir": str(out), "train_metrics": train_output.metrics, "train_seconds": train_seconds,

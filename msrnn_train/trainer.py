@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .controller import (apply_budget, checkpoint_context_fn, full_state, get_budget, hard, set_layer_budget,
+from .controller import (apply_budget, checkpoint_context_fn, full_state, get_budget, get_controller, hard,
+                         set_layer_budget,
                          set_soft_temperature)
 from .evaluate import evaluate_specs, record_key, full_ppl_of, grid_specs, markdown_table
 from .losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
 from .models import base_model_id
 from .recipe import Recipe
+from .retention import save_scorers, scorers
 from .soft import budget_at, tau_at
 from .spec import BudgetSpec, budget_key, budget_label
 
@@ -62,6 +64,10 @@ class BudgetScheduleCallback(TrainerCallback):
         self.tau = tau_at(step, total, s.tau_start, s.tau_end, s.hard_fraction) \
             if self.recipe.budget.mode == "soft" else None
         set_soft_temperature(bounded, self.tau)
+        ln = self.recipe.learned  # a learned policy: relaxed until the last hard_fraction of the steps
+        ctrl = get_controller(bounded)
+        relaxed = ln.relaxation != "none" and step < round(total * (1.0 - ln.hard_fraction))
+        ctrl.relaxation, ctrl.relax_tau = (ln.relaxation if relaxed else None), ln.tau
         if s.budget_ramp_start is not None:
             self.k = budget_at(step, total, s.budget_ramp_start, self.recipe.budget.budget, s.ramp_fraction)
             set_layer_budget(bounded, self.k)
@@ -179,6 +185,7 @@ class BoundedTrainer(Trainer):
     def __init__(self, *args, recipe: Recipe, schedule: BudgetScheduleCallback, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_cfg = recipe.loss
+        self.learned_cfg = recipe.learned
         self.schedule = schedule
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by GA
         self.tokens_seen = 0
@@ -202,9 +209,12 @@ class BoundedTrainer(Trainer):
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
         outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        capacity = self._capacity_term(model)  # the decay relaxation's capacity loss (learned policies)
         lm = causal_lm_loss(outputs.logits, labels) if "loss_weight" not in inputs else \
             weighted_causal_lm_loss(outputs.logits, labels, inputs["loss_weight"])  # retrieval rows' answers
         loss = cfg.lm_weight * lm
+        if capacity is not None:
+            loss = loss + self.learned_cfg.capacity_weight * capacity
         full_lm = teacher = None
         if cfg.full_lm_weight > 0:  # the full-state pass with the adapter on, trained too
             with full_state(self.accelerator.unwrap_model(model)):
@@ -230,6 +240,27 @@ class BoundedTrainer(Trainer):
                 self._parts["full_lm_loss"] += full_lm.detach().float()
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _capacity_term(self, model):
+        ctrl = get_controller(self.accelerator.unwrap_model(model))
+        if ctrl is None or not ctrl.aux_losses:
+            return None
+        term = torch.stack(ctrl.aux_losses).mean()
+        ctrl.aux_losses.clear()
+        return term
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer; a learned policy's scorer in its own group when
+        `learned.scorer_learning_rate` is set (no weight decay there)."""
+        opt = super().create_optimizer(*args, **kwargs)
+        lr = self.learned_cfg.scorer_learning_rate
+        found = [p for s in scorers(self.model).values() for p in s.parameters() if p.requires_grad]
+        if lr is not None and found:
+            ids = {id(p) for p in found}
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            opt.add_param_group({"params": found, "lr": lr, "weight_decay": 0.0})
+        return opt
 
     def teacher_logits(self, model, input_ids, attention_mask):
         """Distillation targets without gradient: the base model (adapter off) or, with
@@ -367,6 +398,7 @@ def save_outputs(trainer: Trainer, tokenizer, recipe: Recipe, spec: BudgetSpec, 
             shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingFailed(f"the adapter holds non-finite weights ({bad[0]}, {len(bad)} tensors); not saved")
     tokenizer.save_pretrained(str(tmp))
+    save_scorers(trainer.accelerator.unwrap_model(trainer.model), tmp)  # a learned policy's scorer (if any)
     spec.save(tmp)
     recipe.save(tmp)
     base_id = base_model_id(recipe.model.source)

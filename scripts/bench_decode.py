@@ -118,7 +118,7 @@ def _sync(device):
 def run_one(device: str, cache_kind: str, length: int, batch: int, budget: int, chunk: int, reps: int,
             decode_tokens: int) -> dict:
     """One configuration, in this (fresh) process."""
-    from msrnn_train import BudgetSpec, apply_budget, make_cache
+    from msrnn_train import BudgetSpec, apply_budget, cache_kwargs, make_cache
 
     torch.manual_seed(0)
     model = load(device)
@@ -131,12 +131,12 @@ def run_one(device: str, cache_kind: str, length: int, batch: int, budget: int, 
 
     def prefill(ids):
         cache = None if policy == "full" else make_cache(model, decode_buffer=not concat)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **gen)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), **gen)
         return out.sequences[:, -1:], out.past_key_values
 
     def decode(nxt, cache, steps):
         for _ in range(steps):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(input_ids=nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         return nxt
 
     # warm-up: compile the scans, fill the allocator's pools with small blocks

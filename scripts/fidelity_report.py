@@ -15,7 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from msrnn_train import BudgetSpec, apply_budget, make_cache, remove_budget
+from msrnn_train import BudgetSpec, apply_budget, cache_kwargs, make_cache, remove_budget
 from msrnn_train.data import DEFAULT_HELDOUT, gutenberg_books, make_windows, tokenize_documents
 from msrnn_train.models import load_model
 
@@ -31,7 +31,7 @@ def nll_decoded(model, ids, desc):
     total = 0.0
     with torch.no_grad():
         for t in tqdm(range(ids.shape[1] - 1), desc=desc, leave=False):
-            logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits.float()
             total += torch.nn.functional.cross_entropy(logits[0, -1:], ids[0, t + 1:t + 2], reduction="sum").item()
     return total, max(cache.state_sizes())
 

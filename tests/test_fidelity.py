@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import bounded_policies, padded_batch, tiny_config, tiny_model
+from msrnn_train.compat import cache_kwargs
 from msrnn_train import BudgetError, BudgetSpec, apply_budget, make_cache, remove_budget
 from msrnn_train.fidelity import compare, decode_token_by_token, position_ids_for, teacher_forced
 
@@ -119,7 +120,7 @@ def test_generate_uses_a_bounded_cache_and_matches_manual_greedy():
                          pad_token_id=0, eos_token_id=None)
     cache = make_cache(model)
     out2 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                          pad_token_id=0, eos_token_id=None, past_key_values=cache)
+                          pad_token_id=0, eos_token_id=None, **cache_kwargs(cache))
     assert torch.equal(out, out2)
     assert max(cache.state_sizes()) <= 4
     # manual greedy decoding with teacher forcing over the growing sequence gives the same tokens
@@ -144,7 +145,7 @@ def test_cache_never_grows_past_budget():
             for layer in cache.layers:
                 if layer.keys is not None:
                     seen_keys.append(layer.keys.shape[-2])
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
             ids = out.logits[:, -1:].argmax(-1)
             sizes.append(max(cache.state_sizes()))
     assert max(sizes) == 6 and cache.get_seq_length() == 40
@@ -157,10 +158,10 @@ def test_non_bounded_cache_is_refused():
     ids = torch.randint(3, 128, (1, 6))
     with torch.no_grad():
         dyn = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=dyn, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(dyn), use_cache=True)
         apply_budget(model, BudgetSpec(policy="tova", budget=3))
         with pytest.raises(ValueError, match="make_cache"):
-            model(input_ids=ids[:, :1], past_key_values=dyn, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kwargs(dyn), use_cache=True)
 
 
 def test_gradient_checkpointing_reuses_the_schedule():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import padded_batch, tiny_model
+from msrnn_train.compat import cache_kwargs
 from msrnn_train import POLICIES, BudgetError, BudgetSpec, apply_budget, make_cache, remove_budget
 from msrnn_train import attention as attention_mod
 from msrnn_train.fidelity import decode_token_by_token, position_ids_for
@@ -71,7 +72,7 @@ def _feed(model, ids, mask, cache, per_forward):
         b = min(ids.shape[1], a + per_forward)
         with torch.no_grad():
             out.append(model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
-                             past_key_values=cache, use_cache=True).logits)
+                             **cache_kwargs(cache), use_cache=True).logits)
         _assert_bounded(cache)
     return torch.cat(out, 1)
 
@@ -117,7 +118,7 @@ def test_chunked_prefill_equals_one_token_at_a_time(arch, policy, mask_sizes):
         mask_sizes.clear()
         with torch.no_grad():
             once = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                         past_key_values=cache, use_cache=True).logits
+                         **cache_kwargs(cache), use_cache=True).logits
         _assert_bounded(cache)
         assert (once - each).abs().amax(-1)[real].max() < 1e-4
         assert _held(cache) == _held(ref_cache)
@@ -144,7 +145,7 @@ def test_hybrid_chunked_prefill_then_decoding(policy):
     for t in range(prompt, T):
         with torch.no_grad():
             out.append(model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                             past_key_values=cache, use_cache=True).logits)
+                             **cache_kwargs(cache), use_cache=True).logits)
         _assert_bounded(cache)
         assert _held(cache) == [held_each[t][i] for i in range(3)]
     real = mask.bool()
@@ -174,7 +175,7 @@ def test_memory_stays_bounded_over_a_long_stream():
     nxt = ids[:, -1:]
     with torch.no_grad():
         for _ in range(100):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(input_ids=nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             _assert_bounded(cache)
             assert cache.nbytes() == nbytes
     assert cache.get_seq_length() == 150 and max(cache.state_sizes()) == 8
@@ -264,7 +265,7 @@ def test_chunked_prefill_on_cuda(policy):
     cache = make_cache(model, prefill_chunk=128)
     with torch.no_grad():
         once = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                     past_key_values=cache, use_cache=True).logits
+                     **cache_kwargs(cache), use_cache=True).logits
     _assert_bounded(cache)
     assert _held(cache) == _held(ref_cache)
     assert (once - each).abs().amax(-1)[mask.bool()].max() < 1e-4

@@ -32,8 +32,9 @@ def test_cpu_fast_scan_equals_torch_scan(name, budget, window):
     policy = make_policy(name, budget)
     groups = k.shape[1] if policy.head_wise else 1
     args = (policy, budget, None, valid, order, torch.arange(valid.shape[1]))
-    a = scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups)
-    b = fast_scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups)
+    extra = _carried(policy, valid.shape[0], groups, valid.shape[1], seed=budget)
+    a = scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups, **extra)
+    b = fast_scan(*args[:2], LogitRows(q, k, 0.3, block=16), *args[3:], window=window, groups=groups, **extra)
     assert torch.equal(a.evict, b.evict)
     assert torch.equal(a.final.src, b.final.src)
     held = a.final.src >= 0
@@ -48,6 +49,15 @@ def test_cpu_fast_scan_equals_torch_scan(name, budget, window):
         _same_soft_rows(a2, b2)
 
 
+def _carried(policy, B, groups, T, seed=0):
+    """A policy that `carries_value` (the learned ones): a fresh random value per new token, as
+    its scorer would write; {} for the others."""
+    if not policy.carries_value:
+        return {}
+    g = torch.Generator().manual_seed(100 + seed)
+    return {"new_value": policy.carried_value(torch.randn(B, groups, T, generator=g) * 3)}
+
+
 def _same_soft_rows(a, b):
     assert torch.equal(a.soft.runner.cpu(), b.soft.runner.cpu())
     assert torch.allclose(a.soft.lse.cpu(), b.soft.lse.cpu(), atol=1e-5)
@@ -59,7 +69,7 @@ def _same_soft_rows(a, b):
     assert (evict.gather(2, a.soft.runner.cpu().clamp_min(0))[victims] >= evict[victims]).all()
 
 
-@pytest.mark.parametrize("name", SCORED)
+@pytest.mark.parametrize("name", SCORED + bounded_policies(lambda cls: cls.carries_value))
 def test_cpu_fast_scan_continues_from_held_slots(name):
     budget, P = 6, 6
     q, k, valid, order = _inputs(seed=5, P=P, T=20)
@@ -71,9 +81,13 @@ def test_cpu_fast_scan_continues_from_held_slots(name):
     src[2, :, 4:] = -1  # a sequence that holds fewer members
     init = Slots(src=src, order=torch.arange(P).expand(B, groups, P).clone(),
                  pos=torch.arange(P).expand(B, groups, P).clone(), acc=torch.rand(B, groups, P, generator=g))
-    a = scan(policy, budget, LogitRows(q, k, 0.3), valid, order + P, torch.arange(P, P + 20), init=init, groups=groups)
+    extra = _carried(policy, B, groups, 20)
+    if extra:  # a carried value per held member too (acc: decay's log sigmoid is <= 0)
+        init.acc = policy.carried_value(torch.randn(B, groups, P, generator=g) * 3)
+    a = scan(policy, budget, LogitRows(q, k, 0.3), valid, order + P, torch.arange(P, P + 20), init=init, groups=groups,
+             **extra)
     b = fast_scan(policy, budget, LogitRows(q, k, 0.3), valid, order + P, torch.arange(P, P + 20), init=init,
-                  groups=groups)
+                  groups=groups, **extra)
     assert torch.equal(a.evict, b.evict)
 
 

@@ -102,16 +102,23 @@ def test_registry_forgets_the_throwaway_policy():
 def test_the_builtin_policies_declare_what_the_code_used_to_switch_on_by_name():
     """Kernel codes, closed forms, relaxability and own parameters, now attributes of each policy."""
     from msrnn_train.kernels import H2O, SINKS, TOVA, WINDOW
+    from msrnn_train.kernels.common import LEARNED_DECAY, LEARNED_VALUE
 
-    assert list(POLICIES) == ["full", "window", "sinks", "h2o", "tova", "tova_head"]
-    assert {n: c.kernel_code for n, c in POLICIES.items()} == {
-        "full": None, "window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA}
+    assert list(POLICIES) == ["full", "window", "sinks", "h2o", "tova", "tova_head", "learned", "learned_head"]
+    assert {n: make_policy(n, 6).kernel_code for n in POLICIES} == {
+        "full": None, "window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA,
+        "learned": LEARNED_DECAY, "learned_head": LEARNED_DECAY}  # learned: numba only (not the Triton kernel)
+    assert make_policy("learned", 6, retention="logit").kernel_code == LEARNED_VALUE
+    assert [n for n, c in POLICIES.items() if c.carries_value] == ["learned", "learned_head"]
+    assert not any(c.needs_scores for n, c in POLICIES.items() if c.carries_value)  # no attention probabilities
     assert [n for n, c in POLICIES.items() if c.relaxable] == ["tova", "tova_head"]  # soft mode: TOVA only
     assert {n: make_policy(n, 6, sinks=8).rolling_sinks() for n in POLICIES if n != "full"} == {
-        "window": 0, "sinks": 5, "h2o": None, "tova": None, "tova_head": None}  # sinks: min(i, K - 1)
+        "window": 0, "sinks": 5, "h2o": None, "tova": None, "tova_head": None, "learned": None,
+        "learned_head": None}  # sinks: min(i, K - 1)
     # each takes only its own parameters from the spec; h2o's r defaults to K // 2 and follows K
     assert repr(make_policy("sinks", 6, sinks=2, recent=3)) == "Sinks(K=6, n_sinks=2)"
     assert repr(make_policy("tova", 6, sinks=2, recent=3)) == "TOVA(K=6)"
+    assert repr(make_policy("learned", 6, retention="logit")) == "Learned(K=6, form='logit')"
     h2o = make_policy("h2o", 6)
     assert h2o.kernel_args() == (0, 3)
     h2o.budget = 10  # the training-time budget ramp changes K in place

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
+from msrnn_train.compat import cache_kwargs
 from msrnn_train.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_per_layer_and_hybrid_budgets_train_evaluate_save_reload_generate(tmp_pa
     assert get_budget(model).budget == budget and get_budget(model).mode == "hard"
     cache = make_cache(model)
     enc = tok("the king is dead", return_tensors="pt")
-    new = model.generate(**enc, max_new_tokens=30 - enc["input_ids"].shape[1] + 1, past_key_values=cache,
+    new = model.generate(**enc, max_new_tokens=30 - enc["input_ids"].shape[1] + 1, **cache_kwargs(cache),
                          do_sample=False)
     assert new.shape[1] == 31
     assert cache.state_sizes() == held  # K = 8 where bounded, every state where not

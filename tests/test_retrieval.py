@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from test_evaluate import tiny_text, tiny_tokenizer
 
+from msrnn_train.compat import cache_kwargs
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
 from msrnn_train.retrieval import (
     GENERATED_FILLER,
@@ -101,7 +102,7 @@ def _greedy_instances(model, tok, n=5, new=2):
         prompt = tiny_text(8 + 4 * i, seed=10 + i) + " "
         ids = torch.tensor([tok(prompt)["input_ids"]])
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                             past_key_values=make_cache(model), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+                             **cache_kwargs(make_cache(model)), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
         answer = tok.decode(gen)
         assert tok(prompt + answer)["input_ids"] == ids[0].tolist() + gen.tolist()  # round trip
         out.append(Instance("custom", prompt, answer))

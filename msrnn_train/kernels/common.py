@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..policies.base import KERNEL_H2O, KERNEL_SINKS, KERNEL_TOVA, KERNEL_WINDOW
+from ..policies.base import (KERNEL_H2O, KERNEL_LEARNED_DECAY, KERNEL_LEARNED_VALUE, KERNEL_SINKS, KERNEL_TOVA,
+                             KERNEL_WINDOW)
 from ..schedule import NEVER, Slots
 
 # The rules the kernels have compiled in (a policy names its own: `Policy.kernel_code`, with its
@@ -17,7 +18,10 @@ from ..schedule import NEVER, Slots
 #   WINDOW  lowest order first              SINKS  the same, never the first n_sinks tokens
 #   H2O     lowest accumulated mass first,  TOVA   lowest score (current query) first
 #           never the `recent` newest
+#   LEARNED_DECAY  lowest age * value first (value: log sigmoid of the learned logit, carried by the slot)
+#   LEARNED_VALUE  lowest value first                    (numba only; the Triton kernel has the first four)
 WINDOW, SINKS, H2O, TOVA = KERNEL_WINDOW, KERNEL_SINKS, KERNEL_H2O, KERNEL_TOVA
+LEARNED_DECAY, LEARNED_VALUE = KERNEL_LEARNED_DECAY, KERNEL_LEARNED_VALUE
 
 
 def has_kernel(policy, budget) -> bool:

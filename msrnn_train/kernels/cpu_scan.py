@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows, scan
-from .common import H2O, SINKS, TOVA, has_kernel, start_state
+from .common import H2O, LEARNED_DECAY, LEARNED_VALUE, SINKS, TOVA, has_kernel, start_state
 
 try:
     import numba
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; the torch scan 
 
 def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evict,
            code, budget, n_sinks, recent, window, P, S, per_group, groups,
-           emit, runner, lse):  # pragma: no cover - compiled
+           emit, runner, lse, values):  # pragma: no cover - compiled
     B, G, C = src.shape
     Hq = logits.shape[1]
     score = np.zeros(C, dtype=np.float64)
@@ -43,14 +43,14 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                     src[b, g, free] = P + t
                     order[b, g, free] = order_new[b, t]
                     pos[b, g, free] = pos_new[t]
-                    acc[b, g, free] = 0.0
+                    acc[b, g, free] = values[b, g, t] if code >= LEARNED_DECAY else np.float32(0.0)
                     if budget >= 0:
                         count = 0
                         for c in range(C):
                             if src[b, g, c] >= 0:
                                 count += 1
                         need = count > budget
-                        if code >= H2O and (need or code == H2O):
+                        if (code == H2O or code == TOVA) and (need or code == H2O):
                             for c in range(C):
                                 score[c] = 0.0
                             for h in range(h0, h0 + nh):
@@ -92,8 +92,10 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                                     continue
                                 if code == TOVA:
                                     p = np.float32(score[c])
-                                elif code == H2O:
+                                elif code == H2O or code == LEARNED_VALUE:
                                     p = acc[b, g, c]
+                                elif code == LEARNED_DECAY:  # the same float32 product as the torch scan
+                                    p = np.float32(order_new[b, t] - o) * acc[b, g, c]
                                 else:
                                     p = np.float32(o)
                                 if best < 0 or p < best_p or (p == best_p and o < best_o):
@@ -134,16 +136,22 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     pos_np = new_pos.cpu().numpy().astype(np.int64)
     code = policy.kernel_code
     n_sinks, recent = policy.kernel_args()
-    per_group = logits.q.shape[1] // groups
-    empty = np.zeros((B, logits.q.shape[1], 1, 1), dtype=np.float32)
+    Hq = logits.q.shape[1] if logits is not None else groups  # no logits: a policy that needs no scores
+    block = logits.block if logits is not None else max(T, 1)
+    per_group = Hq // groups
+    empty = np.zeros((B, Hq, 1, 1), dtype=np.float32)
+    values = (np.zeros((1, 1, 1), dtype=np.float32) if new_value is None or code < LEARNED_DECAY
+              else np.ascontiguousarray(new_value.detach().float().cpu().expand(B, groups, T).numpy()))
+    if new_value is None and code >= LEARNED_DECAY:
+        values = np.zeros((B, groups, T), dtype=np.float32)
     emit = bool(soft_rows and emits_soft_rows(policy, budget))
     runner = torch.full((B, groups, P + T) if emit else (1, 1, 1), -1, dtype=torch.long)
-    lse = torch.zeros((B, logits.q.shape[1], T) if emit else (1, 1, 1), dtype=torch.float32)
-    for t0 in range(0, T, logits.block):
-        t1 = min(T, t0 + logits.block)
+    lse = torch.zeros((B, Hq, T) if emit else (1, 1, 1), dtype=torch.float32)
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
         rows = logits.block_rows(t0).numpy() if policy.needs_scores else empty
         _steps(rows, t0, t1, valid_np, order_np, pos_np, src, order, pos, acc, evict_np, code, budget,
-               n_sinks, recent, window or 0, P, P + T, per_group, groups, emit, runner.numpy(), lse.numpy())
+               n_sinks, recent, window or 0, P, P + T, per_group, groups, emit, runner.numpy(), lse.numpy(), values)
     dev = new_valid.device
     final = Slots(*(x.to(dev) for x in (slots.src, slots.order, slots.pos, slots.acc)))
     soft = SoftRows(runner=runner.to(dev), lse=lse.to(dev)) if emit else None

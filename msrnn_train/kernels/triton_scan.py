@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import Schedule, SoftRows, Slots, emits_soft_rows
-from .common import H2O, SINKS, TOVA, has_kernel, start_state
+from .common import H2O, SINKS, TOVA, WINDOW, has_kernel, start_state
 
 try:
     import triton
@@ -126,7 +126,8 @@ if HAVE_TRITON:
 
 
 def supported(policy, budget) -> bool:
-    return HAVE_TRITON and has_kernel(policy, budget)
+    # the four rules compiled below (the learned ones run in the numba kernel and the torch scan)
+    return HAVE_TRITON and has_kernel(policy, budget) and policy.kernel_code in (WINDOW, SINKS, H2O, TOVA)
 
 
 def triton_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots | None = None,

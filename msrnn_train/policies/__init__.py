@@ -9,11 +9,13 @@ from .sinks import Sinks
 from .h2o import H2O
 from .tova import TOVA
 from .tova_head import TOVAHead
+from .learned import Learned
+from .learned_head import LearnedHead
 
 
-def make_policy(name: str, budget: int, sinks: int = 4, recent: int | None = None) -> Policy:
-    """The policy `name` for K = budget; BudgetSpec's sinks/recent go to the policies that have them."""
-    return POLICIES[name].from_spec(budget, sinks=sinks, recent=recent)
+def make_policy(name: str, budget: int, sinks: int = 4, recent: int | None = None, retention: str | None = None) -> Policy:
+    """The policy `name` for K = budget; BudgetSpec's sinks/recent/retention go to the policies that have them."""
+    return POLICIES[name].from_spec(budget, sinks=sinks, recent=recent, retention=retention)
 
 
-__all__ = ["POLICIES", "Policy", "register", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead"]
+__all__ = ["POLICIES", "Policy", "register", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead", "Learned", "LearnedHead"]

@@ -9,7 +9,9 @@ A policy is one small dataclass that owns its whole rule (kvpress's presses are 
     order  - the member's index among the sequence's real (non-padding) tokens,
     score  - the current query's attention probability on it, averaged over query heads
              (only computed when `needs_scores`),
-    acc    - the attention mass it has received since it arrived (only when `accumulates`),
+    acc    - the attention mass it has received since it arrived (only when `accumulates`), or,
+             for a policy that `carries_value`, the value written when it arrived (learned: the
+             scorer's retention logit, never accumulated into),
     held   - whether the slot holds a member of C_t at all.
   Ties break toward the oldest member (lowest order) in the shared machinery, never here.
 * `kernel_code`: the rule's number among those compiled into the fast scans (kernels/), with
@@ -33,6 +35,8 @@ import torch
 # The selection rules compiled into the fast scans (kernels/cpu_scan.py, kernels/triton_scan.py),
 # by number: a policy whose rule is one of them names it in `kernel_code`.
 KERNEL_WINDOW, KERNEL_SINKS, KERNEL_H2O, KERNEL_TOVA = 0, 1, 2, 3
+# the learned retention rule, on the value each member carries: age * value (decay) or the value alone
+KERNEL_LEARNED_DECAY, KERNEL_LEARNED_VALUE = 4, 5
 
 POLICIES: dict[str, type["Policy"]] = {}
 
@@ -57,6 +61,7 @@ class Policy:
     accumulates: ClassVar[bool] = False  # keeps the accumulated attention mass of every member (h2o)
     head_wise: ClassVar[bool] = False  # each key/value head keeps its own set
     relaxable: ClassVar[bool] = False  # soft mode may relax it: the victim is the least attended (needs_scores)
+    carries_value: ClassVar[bool] = False  # each member carries a value written once on arrival (learned: its logit)
     kernel_code: ClassVar[int | None] = None  # its rule in the fast scans; None: the torch scan runs it
     spec_params: ClassVar[dict[str, str]] = {}  # BudgetSpec key -> its own field (e.g. sinks -> n_sinks)
 
@@ -78,6 +83,10 @@ class Policy:
         i tokens" (schedule.rolling_schedule then computes the schedule without the step loop);
         None when the step process must run."""
         return None
+
+    def carried_value(self, logit: torch.Tensor) -> torch.Tensor:
+        """For a policy that `carries_value`: what a new member's slot keeps, from the scorer's logit."""
+        return logit
 
     def kernel_args(self) -> tuple[int, int]:
         """(number of sinks, recent window): the integer parameters the fast scans read."""
