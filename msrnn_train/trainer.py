@@ -1,7 +1,7 @@
 """The Trainer of a bounded run and the callbacks that drive it.
 
 * `BoundedTrainer` - transformers' Trainer with the bounded LM loss, an optional LM term on the
-  full-state pass and a KL from a full-state teacher (`losses.py`);
+  full-state pass and a KL from a full-state teacher (`losses.bounded_objective`);
 * callbacks - `BudgetScheduleCallback` (soft-TOVA's temperature, the budget ramp, multi-budget K
   before every step), `CheckpointingCallback`, `SaveSpecCallback`, `FiniteGuard`, and the periodic
   held-out evaluation (`BoundedEvalCallback`);
@@ -29,7 +29,7 @@ from .controller import (apply_budget, checkpoint_context_fn, full_state, get_bu
                          set_layer_budget,
                          set_soft_temperature)
 from .evaluate import evaluate_specs, record_key, full_ppl_of, grid_specs, markdown_table
-from .losses import causal_lm_loss, distillation_kl, weighted_causal_lm_loss
+from .losses import bounded_objective
 from .models import base_model_id
 from .recipe import Recipe
 from .retention import save_scorers, scorers
@@ -178,9 +178,10 @@ def check_loss_curve(log_history: list[dict], recipe: Recipe, vocab_size: int | 
 
 
 class BoundedTrainer(Trainer):
-    """Trainer whose loss is `lm_weight * CE(bounded student) + full_lm_weight * CE(full-state pass,
-    adapter on) + kl_weight * KL(full-state teacher || student)`. The teacher is the same weights
-    with no budget and the adapter off (`loss.teacher: base`) or on and detached (`self`): no copy."""
+    """Trainer whose loss is `losses.bounded_objective`: `lm_weight * CE(bounded student) +
+    full_lm_weight * CE(full-state pass, adapter on) + kl_weight * KL(full-state teacher || student)`
+    (+ a learned policy's capacity term). The teacher is the same weights with no budget and the
+    adapter off (`loss.teacher: base`) or on and detached (`self`): no copy."""
 
     def __init__(self, *args, recipe: Recipe, schedule: BudgetScheduleCallback, **kwargs):
         super().__init__(*args, **kwargs)
@@ -202,42 +203,22 @@ class BoundedTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids = inputs["input_ids"]
-        labels = inputs.get("labels", input_ids)
-        mask = inputs.get("attention_mask")
-        cfg = self.loss_cfg
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
-        outputs = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        capacity = self._capacity_term(model)  # the decay relaxation's capacity loss (learned policies)
-        lm = causal_lm_loss(outputs.logits, labels) if "loss_weight" not in inputs else \
-            weighted_causal_lm_loss(outputs.logits, labels, inputs["loss_weight"])  # retrieval rows' answers
-        loss = cfg.lm_weight * lm
-        if capacity is not None:
-            loss = loss + self.learned_cfg.capacity_weight * capacity
-        full_lm = teacher = None
-        if cfg.full_lm_weight > 0:  # the full-state pass with the adapter on, trained too
-            with full_state(self.accelerator.unwrap_model(model)):
-                full_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-            full_lm = causal_lm_loss(full_logits, labels)
-            loss = loss + cfg.full_lm_weight * full_lm
-            if cfg.teacher == "self":
-                teacher = full_logits.detach()
-        kl = None
-        if cfg.kl_weight > 0:
-            if teacher is None:
-                teacher = self.teacher_logits(model, input_ids, mask)
-            kl = distillation_kl(outputs.logits, teacher, labels, cfg.kl_temperature)
-            loss = loss + cfg.kl_weight * kl
+        bare = self.accelerator.unwrap_model(model)
+        loss, parts, outputs = bounded_objective(
+            model, inputs, self.loss_cfg,
+            teacher_fn=lambda ids, mask, adapter: full_state_logits(bare, ids, mask, adapter=adapter),
+            full_state_ctx=lambda: full_state(bare),
+            capacity_fn=lambda: self._capacity_term(model),  # the decay relaxation's capacity loss (learned policies)
+            capacity_weight=self.learned_cfg.capacity_weight)
         if model.training:
-            n = int(input_ids.numel())
+            n = int(inputs["input_ids"].numel())
             self.tokens_seen += n
             self._tokens_since_log += n
-            self._parts["lm_loss"] += lm.detach().float()  # device tensors: no host sync per step
-            if kl is not None:
-                self._parts["kl_loss"] += kl.detach().float()
-            if full_lm is not None:
-                self._parts["full_lm_loss"] += full_lm.detach().float()
+            for key in ("lm_loss", "kl_loss", "full_lm_loss"):  # device tensors: no host sync per step
+                if parts[key] is not None:
+                    self._parts[key] += parts[key].detach().float()
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -261,12 +242,6 @@ class BoundedTrainer(Trainer):
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
             opt.add_param_group({"params": found, "lr": lr, "weight_decay": 0.0})
         return opt
-
-    def teacher_logits(self, model, input_ids, attention_mask):
-        """Distillation targets without gradient: the base model (adapter off) or, with
-        `loss.teacher: self`, the current model (adapter on); both with the full state."""
-        return full_state_logits(self.accelerator.unwrap_model(model), input_ids, attention_mask,
-                                 adapter=self.loss_cfg.teacher == "self")
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._parts_n:

@@ -5,11 +5,13 @@
     python scripts/bench_train.py --shape tiny --out /tmp/bench_tiny.json   # a CPU smoke run
 
 Random-init weights built from a config (nothing downloaded), LoRA r=16 on all projections,
-gradient checkpointing, bf16. Modes: (a) plain LoRA step with SDPA causal attention, (b) the same
-under hard TOVA-K simulation, (c) under soft-TOVA. Every mode uses the default recipe's loss
-terms, as the trainer does: CE plus, when kl_weight > 0, the KL to the full-state teacher (a
-second forward with the adapter disabled) -- the honest baseline -- and again without the KL
-(the "KL-free" ratios). Median step time after warm-up, tokens/s, peak memory, ratios against
+gradient checkpointing (with the trainer's recompute context, as a run with a full-state term has
+it), bf16. Modes: (a) plain LoRA step with SDPA causal attention, (b) the same under hard TOVA-K
+simulation, (c) under soft-TOVA. Every mode runs the default recipe's objective through the
+trainer's own function (`losses.bounded_objective`): CE of the bounded pass, CE of the full-state
+pass with the adapter on, KL to the teacher the recipe names (`self`: the full-state pass's
+logits, detached) -- the honest baseline -- and again with the bounded CE alone (the "LM-only"
+ratios: `_lm_only`). Median step time after warm-up, tokens/s, peak memory, ratios against
 (a) of this run, and the eviction scan's share (timed in a separate instrumented step), at the
 batch size B (default 8: the scan runs a batch's sequences in one launch) and at B = 1 (`b1`).
 Writes results/bench_train.json and .md (the .md holds the time split).
@@ -18,6 +20,7 @@ Writes results/bench_train.json and .md (the .md holds the time split).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -39,26 +42,29 @@ SHAPES = {
 def build(shape, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from msrnn_train.recipe import load_recipe
+    from msrnn_train.controller import checkpoint_context_fn
     from msrnn_train.models import add_lora
+    from msrnn_train.recipe import load_recipe
+    from msrnn_train.trainer import enable_checkpointing
 
     cfg = {k: v for k, v in SHAPES[shape].items() if k not in ("T", "K", "B")}
     config = LlamaConfig(**cfg, max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    return add_lora(model, load_recipe(None)).train()  # the default recipe's LoRA: r=16 on all projections
+    model = add_lora(model, load_recipe(None)).train()  # the default recipe's LoRA: r=16 on all projections
+    # as the trainer has it (CheckpointingCallback): each pass's recompute runs its own attention
+    enable_checkpointing(model, {"use_reentrant": False, "context_fn": checkpoint_context_fn(model)})
+    return model
 
 
 def run_batch(model, shape, B, device, args, loss_cfg):
     """Every mode at batch size B: {mode: {step_s, tokens_per_s, peak_gib[, scan_*]}}."""
     from msrnn_train import BudgetSpec, apply_budget, remove_budget
-    from msrnn_train.controller import get_controller
-    from msrnn_train.losses import causal_lm_loss, distillation_kl
+    from msrnn_train.controller import full_state, get_controller, set_soft_temperature
     from msrnn_train.kernels import default_scan
-    from msrnn_train.controller import set_soft_temperature
+    from msrnn_train.losses import bounded_objective
     from msrnn_train.trainer import full_state_logits
 
     s = SHAPES[shape]
@@ -70,23 +76,23 @@ def run_batch(model, shape, B, device, args, loss_cfg):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step(kl: bool):  # the trainer's loss (trainer.BoundedTrainer.compute_loss)
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = loss_cfg.lm_weight * causal_lm_loss(logits, ids)
-        if kl:
-            teacher = full_state_logits(model, ids)
-            loss = loss + loss_cfg.kl_weight * distillation_kl(logits, teacher, ids, loss_cfg.kl_temperature)
+    def step(cfg):  # the trainer's objective (trainer.BoundedTrainer.compute_loss)
+        loss, _, _ = bounded_objective(
+            model, {"input_ids": ids}, cfg,
+            teacher_fn=lambda i, m, adapter: full_state_logits(model, i, m, adapter=adapter),
+            full_state_ctx=lambda: full_state(model))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    kl_modes = [True] + ([False] if loss_cfg.kl_weight > 0 and not args.no_kl_free else [])
-    if loss_cfg.kl_weight == 0:
-        kl_modes = [False]
+    lm_only = dataclasses.replace(loss_cfg, kl_weight=0.0, full_lm_weight=0.0)
+    objectives = [("", loss_cfg)]
+    if (loss_cfg.kl_weight > 0 or loss_cfg.full_lm_weight > 0) and not args.no_lm_only:
+        objectives.append(("_lm_only", lm_only))
     results = {}
-    for kl in kl_modes:
+    for suffix, cfg in objectives:
         for mode in ("plain", "hard", "soft"):
-            name = mode if kl == kl_modes[0] else f"{mode}_no_kl"
+            name = mode + suffix
             remove_budget(model)
             if mode != "plain":
                 apply_budget(model, BudgetSpec(policy="tova", budget=K))
@@ -94,20 +100,20 @@ def run_batch(model, shape, B, device, args, loss_cfg):
             if device == "cuda":
                 torch.cuda.empty_cache()
             for _ in range(args.warmup):
-                step(kl)
+                step(cfg)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(args.steps):
                 sync()
                 t0 = time.perf_counter()
-                step(kl)
+                step(cfg)
                 sync()
                 times.append(time.perf_counter() - t0)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             med = statistics.median(times)
             r = {"step_s": med, "tokens_per_s": B * T / med, "peak_gib": peak}
-            if mode != "plain" and kl == kl_modes[0]:  # the scan's share, in one instrumented step
+            if mode != "plain" and not suffix:  # the scan's share, in one instrumented step
                 ctrl = get_controller(model)
                 spent = []
 
@@ -121,7 +127,7 @@ def run_batch(model, shape, B, device, args, loss_cfg):
 
                 for layer in ctrl.layers:
                     layer.scan_fn = timed_scan
-                step(kl)
+                step(cfg)
                 for layer in ctrl.layers:
                     layer.scan_fn = None
                 r["scan_ms_per_layer_batch"] = 1e3 * statistics.median(spent)  # one launch: all B sequences
@@ -150,10 +156,10 @@ def figures(results, B, shape, dev_name):
            "peak_memory_ratio": mem("hard"), "peak_memory_ratio_soft": mem("soft"),
            "scan_ms_per_layer": results["hard"]["scan_ms_per_layer"],
            "scan_ms_per_layer_batch": results["hard"]["scan_ms_per_layer_batch"], "modes": results}
-    if "plain_no_kl" in results:
-        q = results["plain_no_kl"]
-        out["step_time_ratio_hard_no_kl"] = results["hard_no_kl"]["step_s"] / q["step_s"]
-        out["step_time_ratio_soft_no_kl"] = results["soft_no_kl"]["step_s"] / q["step_s"]
+    if "plain_lm_only" in results:
+        q = results["plain_lm_only"]
+        out["step_time_ratio_hard_lm_only"] = results["hard_lm_only"]["step_s"] / q["step_s"]
+        out["step_time_ratio_soft_lm_only"] = results["soft_lm_only"]["step_s"] / q["step_s"]
     return out
 
 
@@ -165,7 +171,7 @@ def table(fig, layers, steps, warmup):
              f"bf16, {fig['device']}; median of {steps} after {warmup} warm-up", "",
              "| mode | step ms | tokens/s | peak GiB | ratio vs plain | scan ms/layer/sequence |", "|---|---|---|---|---|---|"]
     for mode, x in r.items():
-        base = r["plain_no_kl"] if mode.endswith("_no_kl") else p
+        base = r["plain_lm_only"] if mode.endswith("_lm_only") else p
         lines.append(f"| {mode} | {x['step_s'] * 1e3:.1f} | {x['tokens_per_s']:.0f} | {x['peak_gib']:.2f} | "
                      f"{x['step_s'] / base['step_s']:.2f} | {x.get('scan_ms_per_layer', float('nan')):.2f} |")
     hard, soft = r["hard"], r["soft"]
@@ -184,7 +190,8 @@ def main(argv=None):
     ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=None, help="batch size of the main figures (default: the shape's, 8)")
     ap.add_argument("--no-b1", action="store_true", help="skip the B = 1 figures")
-    ap.add_argument("--no-kl-free", action="store_true", help="skip the KL-free modes")
+    ap.add_argument("--no-lm-only", "--no-kl-free", action="store_true",
+                    help="skip the LM-only modes (the bounded CE alone; --no-kl-free: the former name)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_train.json"))
@@ -196,12 +203,11 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     s = SHAPES[args.shape]
     B = args.batch or s["B"]
-    loss_cfg = load_recipe(None).loss  # the default recipe's loss terms (CE + KL to the full-state teacher)
+    loss_cfg = load_recipe(None).loss  # the default recipe's objective (see losses.bounded_objective)
     model = build(args.shape, device)
     shape = {"name": args.shape, **{k: v for k, v in s.items() if k != "B"}}
     doc = {"torch": torch.__version__, "lora_r": 16, "gradient_checkpointing": True, "dtype": "bfloat16",
-           "loss": {"lm_weight": loss_cfg.lm_weight, "kl_weight": loss_cfg.kl_weight,
-                    "kl_temperature": loss_cfg.kl_temperature}}
+           "loss": dataclasses.asdict(loss_cfg)}
     doc.update(figures(run_batch(model, args.shape, B, device, args, loss_cfg), B, shape, dev_name))
     lines = table(doc, s["num_hidden_layers"], args.steps, args.warmup)
     if not args.no_b1 and B != 1:
@@ -209,7 +215,7 @@ def main(argv=None):
         lines += table(doc["b1"], s["num_hidden_layers"], args.steps, args.warmup)
     print("\n".join(lines))
     keys = ("step_time_ratio_hard", "step_time_ratio_soft", "peak_memory_ratio", "peak_memory_ratio_soft",
-            "scan_ms_per_layer", "step_time_ratio_hard_no_kl", "step_time_ratio_soft_no_kl")
+            "scan_ms_per_layer", "step_time_ratio_hard_lm_only", "step_time_ratio_soft_lm_only")
     for fig in [doc] + ([doc["b1"]] if "b1" in doc else []):
         print(f"B={fig['batch_size']}: " + ", ".join(f"{k}={fig[k]:.3f}" if isinstance(fig.get(k), float)
                                                      else f"{k}={fig.get(k)}" for k in keys))

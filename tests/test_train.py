@@ -118,6 +118,61 @@ def test_self_teacher_is_the_adapted_model_with_the_full_state():
     assert get_controller(model).enabled
 
 
+@pytest.mark.parametrize("teacher", ["base", "self"])
+def test_bounded_objective_is_the_sum_of_its_terms(teacher):
+    """losses.bounded_objective (the trainer's and the benchmark's objective) is the hand-assembled
+    lm_weight * CE(bounded) + capacity + full_lm_weight * CE(full state, adapter on) + kl_weight * KL
+    to the named teacher, with answer weights; without the full-state pass the self teacher is a
+    separate full-state forward with the adapter on."""
+    import dataclasses
+
+    from msrnn_train.controller import full_state
+    from msrnn_train.losses import bounded_objective, weighted_causal_lm_loss
+    from msrnn_train.recipe import LossConfig
+    from msrnn_train.trainer import full_state_logits
+
+    model = adapted_tiny(budget=6, scale=0.3).eval()  # eval: no LoRA dropout, so every pass is repeatable
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 200, (2, 32), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    weight = 1.0 + torch.rand(2, 32, generator=g)
+    cfg = LossConfig(lm_weight=0.7, full_lm_weight=0.5, kl_weight=0.3, kl_temperature=2.0, teacher=teacher)
+    calls = []
+
+    def teacher_fn(i, m, adapter):
+        calls.append(adapter)
+        return full_state_logits(model, i, m, adapter=adapter)
+
+    capacity = torch.tensor(0.25)
+    kwargs = dict(teacher_fn=teacher_fn, full_state_ctx=lambda: full_state(model), capacity_weight=2.0)
+    batch = {"input_ids": ids, "labels": labels, "loss_weight": weight}
+    loss, parts, out = bounded_objective(model, batch, cfg, capacity_fn=lambda: capacity, **kwargs)
+
+    with torch.no_grad():
+        student = model(input_ids=ids, use_cache=False).logits
+        with full_state(model):
+            full = model(input_ids=ids, use_cache=False).logits
+        target = full if teacher == "self" else full_state_logits(model, ids)
+    lm = weighted_causal_lm_loss(student, labels, weight)
+    full_lm, kl = causal_lm_loss(full, labels), distillation_kl(student, target, labels, 2.0)
+    expected = 0.7 * lm + 2.0 * capacity + 0.5 * full_lm + 0.3 * kl
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for key, value in (("lm_loss", lm), ("full_lm_loss", full_lm), ("kl_loss", kl), ("capacity_loss", capacity)):
+        assert parts[key].item() == pytest.approx(value.item(), rel=1e-5), key
+    assert torch.allclose(out.logits, student, atol=1e-6) and loss.requires_grad
+    assert calls == ([] if teacher == "self" else [False])  # self: the full-state pass is the teacher
+
+    # LM + KL only: no full-state pass with gradients, the teacher from teacher_fn; no capacity term
+    calls.clear()
+    cfg2 = dataclasses.replace(cfg, full_lm_weight=0.0)
+    loss2, parts2, _ = bounded_objective(model, {"input_ids": ids}, cfg2, **kwargs)
+    assert parts2["full_lm_loss"] is None and parts2["capacity_loss"] is None
+    expected2 = 0.7 * causal_lm_loss(student, ids) + 0.3 * distillation_kl(student, target, ids, 2.0)
+    assert loss2.item() == pytest.approx(expected2.item(), rel=1e-5)
+    assert calls == [teacher == "self"]
+
+
 def _two_pass_grads(checkpointing: str | None):
     """LoRA gradients of one step with a bounded pass and a full-state pass (loss.full_lm_weight)."""
     from msrnn_train.controller import checkpoint_context_fn, full_state
