@@ -318,6 +318,16 @@ def make_windows(doc_ids: dict[str, torch.Tensor] | torch.Tensor, seq_len: int,
     return torch.stack(windows) if windows else torch.empty(0, seq_len, dtype=torch.long)
 
 
+def heldout_windows(tokenizer, seq_len: int, max_windows: int | None = None,
+                    books: list[str] | None = None) -> torch.Tensor:
+    """The held-out Gutenberg windows, LongTensor[N, seq_len]: the `books` (default
+    `DEFAULT_HELDOUT`; any names of `gutenberg_books()`), tokenized (disk cache) and cut by
+    `make_windows` - consecutive windows, books in sorted-name order, the first `max_windows`
+    (None: all). The one loader of held-out windows for the evaluation CLI and the scripts."""
+    texts = split_books(gutenberg_books(), DEFAULT_HELDOUT if books is None else list(books))[1]
+    return make_windows(tokenize_documents(texts, tokenizer), seq_len, max_windows)
+
+
 class WindowDataset(torch.utils.data.Dataset):
     """Rows ``{"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len]}`` from windows."""
 

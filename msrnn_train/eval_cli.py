@@ -280,17 +280,16 @@ def _load(args, spec: BudgetSpec | None = None):
 
 
 def _windows(args, tokenizer) -> torch.Tensor:
-    from .data import (DEFAULT_HELDOUT, DataError, gutenberg_books, load_texts, make_windows, split_books,
-                       tokenize_documents)
+    from .data import DataError, heldout_windows, load_texts, make_windows, tokenize_documents
 
     if args.text == "gutenberg":
-        texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
+        windows = heldout_windows(tokenizer, args.seq_len, args.max_windows or None)
     else:
         try:
             texts = getattr(args, "texts", None) or load_texts(args.text)
         except (OSError, RuntimeError, DataError) as err:
             raise ArgError(f"--text: {err}") from None
-    windows = make_windows(tokenize_documents(texts, tokenizer), args.seq_len, args.max_windows or None)
+        windows = make_windows(tokenize_documents(texts, tokenizer), args.seq_len, args.max_windows or None)
     if windows.shape[0] == 0:
         raise ArgError(f"--text {args.text}: no document is --seq-len {args.seq_len} tokens long")
     return windows

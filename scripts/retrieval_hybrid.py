@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from msrnn_train.data import DEFAULT_HELDOUT, gutenberg_books, make_windows, split_books, tokenize_documents
+    from msrnn_train.data import heldout_windows
     from msrnn_train.evaluate import evaluate_specs
     from msrnn_train.hub import load_bounded
     from msrnn_train.models import load_model
@@ -169,8 +169,7 @@ def main(argv=None) -> int:
     ppl_path = work / "ppl.json"
     ppl = _load(ppl_path) or []
     if "ppl" in stages and not ppl and {"bounded", "hybrid"} <= set(adapters):
-        texts = split_books(gutenberg_books(), DEFAULT_HELDOUT)[1]
-        windows = make_windows(tokenize_documents(texts, tok), args.length, args.ppl_windows)
+        windows = heldout_windows(tok, args.length, args.ppl_windows)
         specs = [BudgetSpec(policy="full"), BudgetSpec(policy="tova", budget=K),
                  hybrid_spec("tova", K, n_layers, hybrid_layers)]
         names = ["full state", f"TOVA-{K}", f"TOVA-{K} + full layer {'+'.join(map(str, hybrid_layers))}"]

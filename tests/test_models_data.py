@@ -117,6 +117,25 @@ def test_token_cache_reused(tmp_path, monkeypatch):
     assert tok.calls == 5
 
 
+def test_heldout_windows_are_the_heldout_books_windows(tmp_path, monkeypatch):
+    """data.heldout_windows (eval CLI, scripts): the held-out books only, cut as make_windows cuts
+    them (books in sorted order, consecutive windows, the first max_windows); `books` picks others."""
+    monkeypatch.setenv("MSRNN_CACHE", str(tmp_path))
+    fake = {name: name[0] * 40 + name * 20 for name in data.DEFAULT_HELDOUT}
+    fake.update({"tempest_gut": "Z" * 400, "hamlet_gut_f": "Q" * 400})  # a training book, another edition
+    monkeypatch.setattr(data, "gutenberg_books", lambda edition="gut": dict(fake))
+    tok = CountingTokenizer()
+    held = {n: fake[n] for n in data.DEFAULT_HELDOUT}
+    expected = data.make_windows(data.tokenize_documents(held, tok), 32)
+    windows = data.heldout_windows(tok, 32)
+    assert torch.equal(windows, expected) and windows.shape[0] > len(held)
+    assert not ((windows == ord("Z")) | (windows == ord("Q"))).any()
+    assert torch.equal(data.heldout_windows(tok, 32, max_windows=3), expected[:3])
+    one = data.heldout_windows(tok, 32, max_windows=1, books=["tempest_gut"])
+    assert one.tolist() == [[1] + [ord("Z")] * 31]
+    assert data.heldout_windows(tok, 10_000).shape == (0, 10_000)
+
+
 # ----------------------------------------------------------------------------- real data / model
 @pytest.fixture(scope="module")
 def books():
