@@ -35,6 +35,16 @@ DEFAULT_BUDGETS = [64, 128, 256]
 
 
 # ----------------------------------------------------------------------------- perplexity
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (fp32 logits, returned as a float64 number) of ids [B, T] under
+    logits [B, T or T - 1, V] (position t predicts ids[:, t + 1]; a last position is unused), and
+    the number of predicted tokens, B * (T - 1)."""
+    labels = ids[:, 1:]
+    nll = F.cross_entropy(logits[:, :ids.shape[1] - 1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          reduction="sum")
+    return float(nll.double()), labels.numel()
+
+
 @torch.no_grad()
 def _nll_sum(model, windows: torch.Tensor, batch_size: int, bar=None) -> tuple[float, int]:
     """Summed NLL (fp32 logits, float64 accumulation) over every predicted token of the windows
@@ -44,11 +54,9 @@ def _nll_sum(model, windows: torch.Tensor, batch_size: int, bar=None) -> tuple[f
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start:start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits
-        labels = ids[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                              reduction="sum")
-        total += float(nll.double())
-        count += labels.numel()
+        nll, n = nll_sum(logits, ids)
+        total += nll
+        count += n
         del logits
         if bar is not None:
             bar.update(ids.shape[0])

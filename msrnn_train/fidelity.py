@@ -5,6 +5,7 @@ through a physically bounded cache. Used by the test suite and by `scripts/fidel
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .compat import cache_kwargs
 from .controller import get_controller, make_cache, record_schedules
@@ -27,9 +28,11 @@ def teacher_forced(model, input_ids, attention_mask=None):
 
 
 @torch.no_grad()
-def decode_token_by_token(model, input_ids, attention_mask=None, prompt_len: int = 0, track_held: bool = True):
+def decode_token_by_token(model, input_ids, attention_mask=None, prompt_len: int = 0, track_held: bool = True,
+                          desc: str | None = None):
     """Logits of feeding the sequence through a BoundedCache (the first `prompt_len` columns at
-    once, then one token per forward) and, after every step, each layer's held set."""
+    once, then one token per forward) and, after every step, each layer's held set. `desc`: a
+    progress bar with this label."""
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -38,7 +41,7 @@ def decode_token_by_token(model, input_ids, attention_mask=None, prompt_len: int
     logits, held = [], []  # held[t][layer] = held positions after column t
     start = 0
     chunks = ([(0, prompt_len)] if prompt_len > 0 else []) + [(t, t + 1) for t in range(prompt_len, T)]
-    for a, b in chunks:
+    for a, b in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         out = model(input_ids=input_ids[:, a:b], attention_mask=attention_mask[:, :b], position_ids=pos[:, a:b],
                     use_cache=True, **cache_kwargs(cache))
         logits.append(out.logits)

@@ -1,8 +1,10 @@
 """Perplexity of one real window two ways: the teacher-forced simulation (what training and
-evaluation use) and true token-by-token decoding through a physically bounded cache (what a
-user gets). Prints a Markdown table with the difference, and the CPU scan time per layer.
+evaluation use: `evaluate.perplexity`) and true token-by-token decoding through a physically
+bounded cache (what a user gets: `fidelity.decode_token_by_token`, scored by `evaluate.nll_sum`).
+Prints a Markdown table with the difference, and the CPU scan time per layer.
 
     python scripts/fidelity_report.py --seq-len 2048 --budgets 64,128,256 --json results/fidelity_smollm2.json
+    python scripts/fidelity_report.py --model random:tiny-llama --seq-len 64 --budgets 16   # a smoke run
 """
 
 from __future__ import annotations
@@ -13,27 +15,20 @@ import math
 import time
 
 import torch
-from tqdm import tqdm
 
-from msrnn_train import BudgetSpec, apply_budget, cache_kwargs, make_cache, remove_budget
-from msrnn_train.data import DEFAULT_HELDOUT, gutenberg_books, make_windows, tokenize_documents
-from msrnn_train.models import load_model
-
-
-def nll_teacher_forced(model, ids):
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-    return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+from msrnn_train import BudgetSpec, apply_budget, remove_budget
+from msrnn_train.data import DEFAULT_HELDOUT, heldout_windows
+from msrnn_train.evaluate import nll_sum, perplexity
+from msrnn_train.fidelity import decode_token_by_token
+from msrnn_train.models import load_base_model
 
 
-def nll_decoded(model, ids, desc):
-    cache = make_cache(model)
-    total = 0.0
-    with torch.no_grad():
-        for t in tqdm(range(ids.shape[1] - 1), desc=desc, leave=False):
-            logits = model(input_ids=ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits.float()
-            total += torch.nn.functional.cross_entropy(logits[0, -1:], ids[0, t + 1:t + 2], reduction="sum").item()
-    return total, max(cache.state_sizes())
+def ppl_decoded(model, ids, desc):
+    """Perplexity of `ids` [1, T] fed one token per forward through a BoundedCache (the last token
+    is not fed: nothing scores its prediction) and the most states any layer holds at the end."""
+    logits, _, cache = decode_token_by_token(model, ids[:, :-1], track_held=False, desc=desc)
+    total, n = nll_sum(logits, ids)
+    return math.exp(total / n), max(cache.state_sizes())
 
 
 def scan_time(model, ids, policy, budget, layer=0, repeats=3):
@@ -76,7 +71,7 @@ def scan_time(model, ids, policy, budget, layer=0, repeats=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="a model source (models.load_base_model), random:tiny-llama too")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--policies", default="tova,sinks,window,h2o")
     ap.add_argument("--budgets", default="64,128,256")
@@ -87,23 +82,20 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = load_model(args.model)
-    books = gutenberg_books()
-    ids = make_windows(tokenize_documents({args.book: books[args.book]}, tok), args.seq_len, max_windows=1)
+    model, tok = load_base_model(args.model)
+    ids = heldout_windows(tok, args.seq_len, max_windows=1, books=[args.book])
     assert ids.shape[0] == 1, f"{args.book} has fewer than {args.seq_len} tokens"
     n = args.seq_len - 1
     rows = []
     t0 = time.perf_counter()
-    full = nll_teacher_forced(model, ids)
-    rows.append({"policy": "full", "budget": None, "ppl_simulated": math.exp(full / n)})
+    rows.append({"policy": "full", "budget": None, "ppl_simulated": perplexity(model, ids, progress=False)["ppl"]})
     for policy in args.policies.split(","):
         for budget in [int(b) for b in args.budgets.split(",")]:
             apply_budget(model, BudgetSpec(policy=policy, budget=budget))
-            sim = nll_teacher_forced(model, ids)
-            dec, held = nll_decoded(model, ids, f"{policy}-{budget} decode")
-            rows.append({"policy": policy, "budget": budget, "ppl_simulated": math.exp(sim / n),
-                         "ppl_decoded": math.exp(dec / n), "abs_diff": abs(math.exp(sim / n) - math.exp(dec / n)),
-                         "max_states_held": held})
+            sim = perplexity(model, ids, progress=False)["ppl"]
+            dec, held = ppl_decoded(model, ids, f"{policy}-{budget} decode")
+            rows.append({"policy": policy, "budget": budget, "ppl_simulated": sim, "ppl_decoded": dec,
+                         "abs_diff": abs(sim - dec), "max_states_held": held})
             print(rows[-1], flush=True)
             remove_budget(model)
     scan_times = {f"{p}-{b}": scan_time(model, ids, p, b) for p in ("tova", "h2o") for b in (64, 256)}

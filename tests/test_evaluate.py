@@ -93,6 +93,27 @@ def test_bounded_perplexity_equals_token_by_token_decoding_with_bounded_cache():
         remove_budget(model)
 
 
+def test_nll_sum_scores_teacher_forced_and_decoded_logits_alike():
+    """evaluate.nll_sum (perplexity's reduction) on the logits of fidelity.decode_token_by_token
+    fed all but the last token (scripts/fidelity_report.py) gives the bounded perplexity."""
+    from msrnn_train.evaluate import nll_sum
+    from msrnn_train.fidelity import decode_token_by_token
+
+    model = tiny_model()
+    win = windows_of(1, 20, seed=4)
+    with torch.no_grad():
+        full = model(win).logits
+    total, n = nll_sum(full, win)
+    assert n == 19 and (total, n) == nll_sum(full[:, :-1], win)  # a last position is unused
+    assert perplexity(model, win, progress=False)["nll"] == pytest.approx(total / n, rel=1e-6)
+    apply_budget(model, BudgetSpec(policy="tova", budget=5))
+    logits, _, cache = decode_token_by_token(model, win[:, :-1], track_held=False)
+    total, n = nll_sum(logits, win)
+    assert logits.shape[1] == 19 and max(cache.state_sizes()) == 5
+    assert perplexity(model, win, progress=False)["nll"] == pytest.approx(total / n, abs=1e-5)
+    remove_budget(model)
+
+
 def test_grid_restores_training_spec_ramp_soft_temperature_and_mode():
     model = tiny_model()
     spec = BudgetSpec(policy="tova", budget=8, mode="soft")
