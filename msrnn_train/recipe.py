@@ -151,7 +151,8 @@ class LearnedConfig:
     tau: float = knob(1.0, "ste: temperature of the keep probability sigmoid((priority - threshold) / tau)")
     capacity_weight: float = knob(1.0, "decay: weight of the capacity loss (expected held members above K)")
     hard_fraction: float = knob(0.25, (
-        "the last fraction of the steps runs the exact hard process (no relaxation), as at inference"))
+        "the last fraction of the steps runs the exact hard process (no relaxation), as at inference (with "
+        "train_lora: false nothing could train there, so the relaxation runs to the end)"))
     train_lora: bool = knob(True, "false: train the scorer only (the LoRA weights stay as loaded)")
     scorer_learning_rate: float | None = knob(None, "the scorer's learning rate (null: training.learning_rate)")
 
@@ -336,7 +337,7 @@ class Recipe:
             raise RecipeError(f"learned.hard_fraction: must be in [0, 1], got {ln.hard_fraction}")
         if ln.scorer_learning_rate is not None and ln.scorer_learning_rate <= 0:
             raise RecipeError(f"learned.scorer_learning_rate: must be > 0 or null, got {ln.scorer_learning_rate}")
-        if ln.relaxation == "decay" and ln.hard_fraction == 0:
+        if ln.relaxation == "decay" and ln.hard_fraction == 0 and ln.train_lora:
             raise RecipeError("learned.hard_fraction: 0 with relaxation 'decay' would never train under the exact "
                               "process that inference runs; give e.g. 0.25")
         changed = [f"learned.{f.name}" for f in dataclasses.fields(LearnedConfig)

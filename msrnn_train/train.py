@@ -239,7 +239,9 @@ def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
         log(f"budget.hybrid {recipe.budget.hybrid!r}: unbounded layers "
             f"{[i for i, k in enumerate(spec.budget) if k is None]}")
     apply_budget(model, spec)
-    if recipe.lora.init_adapter:
+    if resume is not None:
+        load_scorers(model, resume)  # a learned policy's scorer as the checkpoint left it (the LoRA: the Trainer)
+    elif recipe.lora.init_adapter:
         load_scorers(model, recipe.lora.init_adapter)  # its learned scorer, if it has one
     model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 

@@ -66,7 +66,8 @@ class BudgetScheduleCallback(TrainerCallback):
         set_soft_temperature(bounded, self.tau)
         ln = self.recipe.learned  # a learned policy: relaxed until the last hard_fraction of the steps
         ctrl = get_controller(bounded)
-        relaxed = ln.relaxation != "none" and step < round(total * (1.0 - ln.hard_fraction))
+        # (training the scorer alone, the hard process has nothing to train: the relaxation runs to the end)
+        relaxed = ln.relaxation != "none" and (step < round(total * (1.0 - ln.hard_fraction)) or not ln.train_lora)
         ctrl.relaxation, ctrl.relax_tau = (ln.relaxation if relaxed else None), ln.tau
         if s.budget_ramp_start is not None:
             self.k = budget_at(step, total, s.budget_ramp_start, self.recipe.budget.budget, s.ramp_fraction)
@@ -105,17 +106,20 @@ def enable_checkpointing(model, kwargs: dict) -> None:
 
 
 class SaveSpecCallback(TrainerCallback):
-    """Every checkpoint folder also holds the budget and the recipe, so it reloads bounded too."""
+    """Every checkpoint folder also holds the budget, the recipe and a learned policy's scorer, so
+    it reloads bounded too and a resumed run continues the same scorer."""
 
     def __init__(self, recipe: Recipe, spec: BudgetSpec):
         self.recipe, self.spec = recipe, spec
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 self.spec.save(ckpt)
                 self.recipe.save(ckpt)
+                if model is not None:
+                    save_scorers(_unwrap(model), ckpt)
 
 
 class FiniteGuard(TrainerCallback):

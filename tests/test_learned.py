@@ -278,3 +278,31 @@ def test_learned_keys_without_a_learned_policy_are_refused():
         load_recipe(None, {"learned.relaxation": "decay"})
     with pytest.raises(RecipeError, match=r"learned.relaxation: 'soft' is not allowed. Allowed: none, ste, decay"):
         load_recipe(None, {"budget.policy": "learned", "learned.relaxation": "soft"})
+
+
+def test_a_resumed_run_continues_the_same_scorer(tmp_path):
+    """Checkpoints hold the scorer: resuming from checkpoint-2 of a 4-step run gives the scorer of
+    the uninterrupted run (the LoRA too)."""
+    from safetensors.torch import load_file
+
+    over = {"training.max_steps": 4, "training.save_steps": 2, "training.save_total_limit": 5,
+            "learned.scorer_learning_rate": 0.05, "learned.hard_fraction": 0.25}  # step 3 relaxed, step 4 hard
+    _tiny_learned_run(tmp_path, "whole", **over)
+    _tiny_learned_run(tmp_path, "cut", **over)
+    cut = tmp_path / "cut"
+    assert (cut / "checkpoint-2" / SCORER_FILENAME).is_file()
+    for name in ("checkpoint-4", SCORER_FILENAME, "adapter_model.safetensors"):  # killed after checkpoint-2
+        target = cut / name
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    _tiny_learned_run(tmp_path, "cut", **over, **{"training.resume_from_checkpoint": True})
+    wa, wb = load_file(str(tmp_path / "whole" / SCORER_FILENAME)), load_file(str(cut / SCORER_FILENAME))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+    first = load_file(str(cut / "checkpoint-2" / SCORER_FILENAME))
+    assert any(not torch.equal(first[n], wb[n]) for n in first)  # steps 3-4 did train it further
