@@ -5,7 +5,8 @@ A recipe is a few flat sections whose names follow `transformers.TrainingArgumen
 
     model:    {source, dtype, attn_implementation}
     data:     {source, seq_len, heldout, ...}
-    budget:   {policy, budget, sinks, recent, mode}           -> msrnn_train.BudgetSpec
+    budget:   {policy, budget, sinks, recent, retention, scorer_hidden} -> msrnn_train.BudgetSpec;
+              {mode, train_budgets, hybrid}: how training runs it
     lora:     {r, alpha, dropout, target_modules, bias}
     loss:     {lm_weight, kl_weight, kl_temperature}
     soft:     {tau_start, tau_end, hard_fraction, budget_ramp_start, ramp_fraction}
@@ -94,8 +95,9 @@ class BudgetConfig:
         "window) | logit (the logit alone)"))
     scorer_hidden: int = knob(0, "learned policies: the retention scorer's hidden width (0: one linear layer)")
     mode: str = knob("hard", (
-        "hard: the exact process throughout (the measured default, results/headline_validation.md); soft: "
-        "anneal the soft-TOVA relaxation to hard (see `soft`)"))
+        "training only (not saved with the adapter; inference is always the exact process): hard: the exact "
+        "process throughout (the measured default, results/headline_validation.md); soft: anneal the soft-TOVA "
+        "relaxation to hard (soft.tau_start, tau_end, hard_fraction)"))
     train_budgets: list[int] | None = knob(None, (
         "multi-budget training: each optimizer step samples K from this list (null: always `budget`), so one "
         "adapter serves a range of budgets; `budget` stays the K saved with the adapter"))
@@ -229,10 +231,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ views
     def budget_spec(self) -> BudgetSpec:
-        """The inference spec this run trains for (always mode "hard": it is what gets saved)."""
+        """The inference spec this run trains for (what gets saved; budget.mode is training's alone)."""
         b = self.budget
         return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, retention=b.retention,
-                          scorer_hidden=b.scorer_hidden, mode="hard")
+                          scorer_hidden=b.scorer_hidden)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -424,7 +426,52 @@ class Recipe:
             raise RecipeError("hub.repo_id: required when hub.push_to_hub is true (e.g. 'your-name/smollm2-tova64')")
         if h.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", h.repo_id):
             raise RecipeError(f"hub.repo_id: {h.repo_id!r} is not a repository id like 'owner/name'")
+        self._warn_no_effect()
         return self
+
+    def _warn_no_effect(self) -> None:
+        """A RecipeWarning naming each key set away from its default where nothing reads it."""
+        d, b, ls, s, ln = self.data, self.budget, self.loss, self.soft, self.learned
+
+        def changed(section, names) -> list[str]:
+            default = type(section)()
+            return [n for n in names if getattr(section, n) != getattr(default, n)]
+
+        def warn(prefix: str, names: list[str], why: str) -> None:
+            if names:
+                keys = ", ".join(f"{prefix}.{n}" for n in names)
+                warnings.warn(f"{keys}: {'has' if len(names) == 1 else 'have'} no effect {why}", RecipeWarning,
+                              stacklevel=4)
+
+        def users(key: str) -> str:
+            return " or ".join(n for n, c in POLICIES.items() if key in c.spec_params)
+
+        warn("loss", changed(ls, ("teacher", "kl_temperature")) if ls.kl_weight == 0 else [],
+             "with loss.kl_weight 0 (no distillation)")
+        warn("soft", changed(s, ("tau_start", "tau_end", "hard_fraction")) if b.mode == "hard" else [],
+             "with budget.mode hard (only budget.mode soft anneals a relaxation)")
+        warn("soft", changed(s, ("ramp_fraction",)) if s.budget_ramp_start is None else [],
+             "without soft.budget_ramp_start (no budget ramp)")
+        own = POLICIES[b.policy].spec_params if b.policy in POLICIES else {}
+        warn("budget", ["recent"] if b.recent is not None and "recent" not in own else [],
+             f"with budget.policy {b.policy!r} (it is {users('recent')}'s protected recent window)")
+        eval_sinks = any("sinks" in POLICIES[p].spec_params for p in self.eval.policies if p in POLICIES)
+        warn("budget", changed(b, ("sinks",)) if "sinks" not in own and not eval_sinks else [],
+             f"with budget.policy {b.policy!r} and no {users('sinks')} in eval.policies")
+        learned_policy = b.policy in POLICIES and POLICIES[b.policy].carries_value
+        warn("budget", changed(b, ("retention", "scorer_hidden")) if not learned_policy else [],
+             f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
+             f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
+        probe = str(b.hybrid).startswith("auto:")
+        warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe else [],
+             "without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid auto:N probe")
+        if learned_policy:
+            warn("learned", changed(ln, ("tau",)) if ln.relaxation != "ste" else [],
+                 f"with learned.relaxation {ln.relaxation!r} (it is ste's temperature)")
+            warn("learned", changed(ln, ("capacity_weight",)) if ln.relaxation != "decay" else [],
+                 f"with learned.relaxation {ln.relaxation!r} (it weighs decay's capacity loss)")
+            warn("learned", changed(ln, ("hard_fraction",)) if ln.relaxation == "none" else [],
+                 "with learned.relaxation 'none' (the exact process runs throughout)")
 
 
 # ----------------------------------------------------------------------------- loading

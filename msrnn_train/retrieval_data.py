@@ -102,4 +102,4 @@ def resolve_hybrid(recipe, model, tokenizer, spec):
         return spec
     hybrid = hybrid_spec(spec.policy, spec.budget, model.config.num_hidden_layers, layers, sinks=spec.sinks,
                          recent=spec.recent)
-    return BudgetSpec.from_dict({**hybrid.to_dict(), "mode": spec.mode})
+    return BudgetSpec.from_dict({**spec.to_dict(), "budget": hybrid.budget})  # retention, scorer_hidden, ... kept

@@ -1,4 +1,4 @@
-"""BudgetSpec: which policy, how many states per layer, and how training relaxes it.
+"""BudgetSpec: which policy and how many states per layer (what inference runs).
 
 A spec is plain data (it round-trips through JSON and YAML) and is validated twice:
 once on its own (`validate()`, before any weights load) and once against a model
@@ -16,8 +16,9 @@ from .policies import POLICIES
 from .policies.learned import RETENTION_FORMS
 
 SPEC_FILENAME = "msrnn_budget.json"
-MODES = ("hard", "soft")
-RETIRED_KEYS = ("temperature",)  # once saved in msrnn_budget.json, never read: ignored when loading
+# once saved in msrnn_budget.json, never read: ignored when loading. `mode` ("hard"/"soft") changed no
+# computation (soft training is the controller's temperature, set from the recipe's budget.mode).
+RETIRED_KEYS = ("temperature", "mode")
 
 
 class BudgetError(ValueError):
@@ -37,8 +38,6 @@ class BudgetSpec:
     retention:   the learned policies: how a member's retention logit ranks it, "decay"
                  (age * log sigmoid(logit), starts as window) or "logit" (the logit alone).
     scorer_hidden: the learned policies: the scorer's hidden width (0: one linear layer).
-    mode:        "hard" (the exact bounded process, as at inference) or "soft" (training-time
-                 differentiable relaxation; its temperature is the controller's, set per step).
     prefill_chunk: inference only: a prompt enters a BoundedCache c tokens at a time (generate()
                  feeds c tokens per forward; a longer forward is split per layer), so prefill
                  holds O(K + c) keys per layer and builds O(c (K + c)) masks. Exact: chunked
@@ -51,7 +50,6 @@ class BudgetSpec:
     recent: int | None = None
     retention: str = "decay"
     scorer_hidden: int = 0
-    mode: str = "hard"
     prefill_chunk: int = 128
 
     # ------------------------------------------------------------------ validation
@@ -60,8 +58,6 @@ class BudgetSpec:
             raise BudgetError(
                 f"policy: unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}"
             )
-        if self.mode not in MODES:
-            raise BudgetError(f"mode: unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
         if self.retention not in RETENTION_FORMS:
             raise BudgetError(f"retention: unknown form {self.retention!r}; allowed: {', '.join(RETENTION_FORMS)}")
         if isinstance(self.scorer_hidden, bool) or not isinstance(self.scorer_hidden, int) or self.scorer_hidden < 0:

@@ -116,7 +116,7 @@ def test_nll_sum_scores_teacher_forced_and_decoded_logits_alike():
 
 def test_grid_restores_training_spec_ramp_soft_temperature_and_mode():
     model = tiny_model()
-    spec = BudgetSpec(policy="tova", budget=8, mode="soft")
+    spec = BudgetSpec(policy="tova", budget=8)
     apply_budget(model, spec)
     set_layer_budget(model, 12)  # the budget ramp is at 12 now
     set_soft_temperature(model, 0.25)
@@ -318,7 +318,7 @@ def test_long_generation_large_budget_agrees_with_full_and_small_budget_is_bound
 # ----------------------------------------------------------------------------- training hook
 def _peft_budgeted_model():
     model = tiny_peft(lora_dropout=0.0)
-    apply_budget(model, BudgetSpec(policy="tova", budget=6, mode="soft"))
+    apply_budget(model, BudgetSpec(policy="tova", budget=6))
     set_soft_temperature(model, 0.5)
     return model
 

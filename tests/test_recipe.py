@@ -266,3 +266,102 @@ def test_a_budget_file_of_an_older_version_still_loads(tmp_path):
     (tmp_path / "msrnn_budget.json").write_text(json.dumps({"policy": "tova", "budget": 64, "temprature": 1.0}))
     with pytest.raises(BudgetError, match="temprature"):
         BudgetSpec.load(tmp_path)
+
+
+def test_a_budget_file_that_carries_mode_still_loads(tmp_path):
+    """msrnn_budget.json once carried `mode` ("hard"; it changed no computation): such a file loads,
+    the key ignored, and a spec has no mode any more (soft training is the recipe's budget.mode)."""
+    import json
+
+    from msrnn_train import BudgetSpec
+
+    for mode in ("hard", "soft"):
+        (tmp_path / "msrnn_budget.json").write_text(json.dumps({
+            "policy": "h2o", "budget": 32, "sinks": 4, "recent": 8, "retention": "decay", "scorer_hidden": 0,
+            "mode": mode, "prefill_chunk": 64}))
+        spec = BudgetSpec.load(tmp_path)
+        assert spec == BudgetSpec(policy="h2o", budget=32, recent=8, prefill_chunk=64)
+        assert "mode" not in spec.to_dict() and not hasattr(spec, "mode")
+    with pytest.raises(TypeError):
+        BudgetSpec(policy="tova", budget=8, mode="soft")
+
+
+def test_budget_mode_selects_soft_training_and_is_not_saved_with_the_spec(tmp_path):
+    soft = load_recipe(write(tmp_path, {"budget": {"mode": "soft"}}))
+    assert soft.budget.mode == "soft"
+    assert soft.budget_spec() == load_recipe(None).budget_spec()  # the saved spec is the same either way
+    assert "mode" not in soft.budget_spec().to_dict()
+
+
+# ----------------------------------------------------------------------------- keys with no effect
+@pytest.mark.parametrize("raw, message", [
+    ({"loss": {"kl_weight": 0, "teacher": "base"}},
+     "loss.teacher: has no effect with loss.kl_weight 0 (no distillation)"),
+    ({"loss": {"kl_weight": 0, "teacher": "base", "kl_temperature": 2.0}},
+     "loss.teacher, loss.kl_temperature: have no effect with loss.kl_weight 0 (no distillation)"),
+    ({"soft": {"tau_end": 0.1}},
+     "soft.tau_end: has no effect with budget.mode hard (only budget.mode soft anneals a relaxation)"),
+    ({"soft": {"tau_start": 2.0, "hard_fraction": 0.5}},
+     "soft.tau_start, soft.hard_fraction: have no effect with budget.mode hard (only budget.mode soft anneals "
+     "a relaxation)"),
+    ({"soft": {"ramp_fraction": 0.3}},
+     "soft.ramp_fraction: has no effect without soft.budget_ramp_start (no budget ramp)"),
+    ({"budget": {"recent": 8}},
+     "budget.recent: has no effect with budget.policy 'tova' (it is h2o's protected recent window)"),
+    ({"budget": {"policy": "window", "sinks": 2}},
+     "budget.sinks: has no effect with budget.policy 'window' and no sinks in eval.policies"),
+    ({"budget": {"scorer_hidden": 16}},
+     "budget.scorer_hidden: has no effect with budget.policy 'tova' (they belong to a learned policy's scorer: "
+     "learned or learned_head)"),
+    ({"data": {"retrieval_tasks": ["mqar"]}},
+     "data.retrieval_tasks: has no effect without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid "
+     "auto:N probe"),
+    ({"budget": {"policy": "learned"}, "learned": {"relaxation": "decay", "tau": 0.5}},
+     "learned.tau: has no effect with learned.relaxation 'decay' (it is ste's temperature)"),
+    ({"budget": {"policy": "learned"}, "learned": {"capacity_weight": 2.0}},
+     "learned.capacity_weight: has no effect with learned.relaxation 'ste' (it weighs decay's capacity loss)"),
+    ({"budget": {"policy": "learned"}, "learned": {"relaxation": "none", "hard_fraction": 0.5}},
+     "learned.hard_fraction: has no effect with learned.relaxation 'none' (the exact process runs throughout)"),
+])
+def test_a_key_with_no_effect_is_warned_about_by_name(tmp_path, raw, message):
+    with pytest.warns(RecipeWarning) as record:
+        load_recipe(write(tmp_path, raw))
+    assert message in [str(w.message) for w in record]
+
+
+@pytest.mark.parametrize("raw", [
+    {"loss": {"kl_weight": 0.5, "teacher": "base", "kl_temperature": 2.0}},  # distillation on: both apply
+    {"budget": {"mode": "soft"}, "soft": {"tau_start": 2.0, "tau_end": 0.1, "hard_fraction": 0.5}},
+    {"soft": {"budget_ramp_start": 128, "ramp_fraction": 0.3}},  # the ramp runs in hard mode too
+    {"budget": {"policy": "h2o", "recent": 8}},
+    {"budget": {"policy": "sinks", "sinks": 2}},
+    {"budget": {"sinks": 2}, "eval": {"policies": ["tova", "sinks", "full"]}},  # the evaluated sinks use it
+    {"data": {"retrieval_tasks": ["mqar"], "retrieval_fraction": 0.5}},
+    {"data": {"retrieval_tasks": ["mqar"]}, "budget": {"hybrid": "auto:1"}},  # the probe set
+    {"budget": {"policy": "learned", "scorer_hidden": 16}, "learned": {"tau": 0.5}},
+    {"budget": {"policy": "learned"}, "learned": {"relaxation": "decay", "capacity_weight": 2.0}},
+])
+def test_a_key_that_applies_is_not_warned_about(tmp_path, raw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        load_recipe(write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_set_no_key_without_effect(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "tiny.yaml"], ids=lambda p: p.name)
+def test_shipped_recipes_are_short_and_list_only_changes(path):
+    """A shipped recipe names what it changes from the built-in default (each with a comment on why),
+    so it is read in one screen; tiny.yaml (the tests' run) is exempt."""
+    lines = path.read_text().splitlines()
+    assert len(lines) < 30, f"{path.name}: {len(lines)} lines"
+    if path.name != "smollm2_gutenberg.yaml":  # the default itself names a few keys, equal to the defaults
+        raw, default = yaml.safe_load(path.read_text()), Recipe().to_dict()
+        same = [f"{s}.{k}" for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()
+                if default[s][k] == v]
+        assert not same, f"{path.name} repeats defaults: {same}"

@@ -131,3 +131,21 @@ def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypat
     assert (weights == 4.0).any() and (weights == 1.0).all(dim=1).any()  # retrieval and LM rows were trained on
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["log_history"] if "loss" in h)
     assert json.loads((Path(summary["output_dir"]) / "msrnn_budget.json").read_text())["budget"] == spec.budget
+
+
+def test_a_hybrid_keeps_every_other_key_of_the_spec(tmp_path):
+    """budget.hybrid only unbounds layers: a learned policy's retention and scorer width, h2o's recent
+    window and the prefill chunk of the spec stay as they were."""
+    from msrnn_train.models import random_model
+    from msrnn_train.retrieval_data import resolve_hybrid
+
+    model, tok = random_model()
+    # (tiny.yaml trains soft-TOVA: a learned policy runs hard, with tiny's soft.tau_end back at its default)
+    recipe = tiny_recipe(tmp_path, **{"budget.policy": "learned", "budget.retention": "logit",
+                                      "budget.scorer_hidden": 8, "budget.hybrid": "first", "budget.mode": "hard",
+                                      "soft.tau_end": 0.05, "learned.relaxation": "decay"})
+    spec = BudgetSpec(policy="learned", budget=8, retention="logit", scorer_hidden=8, prefill_chunk=16)
+    hybrid = resolve_hybrid(recipe, model, tok, spec)
+    assert hybrid.budget == [None, 8]
+    assert {k: v for k, v in hybrid.to_dict().items() if k != "budget"} == \
+        {k: v for k, v in spec.to_dict().items() if k != "budget"}
