@@ -457,7 +457,7 @@ class Recipe:
              f"with budget.policy {b.policy!r} (it is {users('recent')}'s protected recent window)")
         eval_sinks = any("sinks" in POLICIES[p].spec_params for p in self.eval.policies if p in POLICIES)
         warn("budget", changed(b, ("sinks",)) if "sinks" not in own and not eval_sinks else [],
-             f"with budget.policy {b.policy!r} and no {users('sinks')} in eval.policies")
+             f"with budget.policy {b.policy!r} and no policy that keeps sinks in eval.policies ({users('sinks')})")
         learned_policy = b.policy in POLICIES and POLICIES[b.policy].carries_value
         warn("budget", changed(b, ("retention", "scorer_hidden")) if not learned_policy else [],
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "

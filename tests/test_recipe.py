@@ -309,7 +309,7 @@ def test_budget_mode_selects_soft_training_and_is_not_saved_with_the_spec(tmp_pa
     ({"budget": {"recent": 8}},
      "budget.recent: has no effect with budget.policy 'tova' (it is h2o's protected recent window)"),
     ({"budget": {"policy": "window", "sinks": 2}},
-     "budget.sinks: has no effect with budget.policy 'window' and no sinks in eval.policies"),
+     "budget.sinks: has no effect with budget.policy 'window' and no policy that keeps sinks in eval.policies ("),
     ({"budget": {"scorer_hidden": 16}},
      "budget.scorer_hidden: has no effect with budget.policy 'tova' (they belong to a learned policy's scorer: "
      "learned or learned_head)"),
@@ -326,7 +326,7 @@ def test_budget_mode_selects_soft_training_and_is_not_saved_with_the_spec(tmp_pa
 def test_a_key_with_no_effect_is_warned_about_by_name(tmp_path, raw, message):
     with pytest.warns(RecipeWarning) as record:
         load_recipe(write(tmp_path, raw))
-    assert message in [str(w.message) for w in record]
+    assert any(str(w.message).startswith(message) for w in record), [str(w.message) for w in record]
 
 
 @pytest.mark.parametrize("raw", [
