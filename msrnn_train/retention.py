@@ -177,6 +177,7 @@ def ste_keep(policy, logit, sched, new_valid, new_order, tau: float) -> tuple[to
     theta = prio.gather(3, victim.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     theta = torch.where(victim >= 0, theta, -torch.inf).unsqueeze(-1)
     p = torch.sigmoid((prio - theta) / tau)
+    p = torch.where(_protected(policy, new_order), 1.0, p)  # the first tokens are never dropped
     causal = _causal(new_valid, T, S)
     return torch.where(causal, p, 0.0), causal | sched.visible(new_valid)
 
@@ -192,7 +193,7 @@ def decay_bias(policy, logit, new_valid, new_order) -> tuple[torch.Tensor, torch
         log_keep = F.logsigmoid(logit).unsqueeze(2).expand(-1, -1, T, -1)
     causal = _causal(new_valid, T, S)
     diag = torch.eye(T, S, dtype=torch.bool, device=logit.device)
-    log_keep = torch.where(diag, 0.0, log_keep)
+    log_keep = torch.where(diag | _protected(policy, new_order), 0.0, log_keep)
     log_keep = torch.where(causal | diag, log_keep, -torch.inf)
     expected = torch.where(causal, log_keep.exp(), 0.0).sum(-1)
     return log_keep, expected
@@ -203,6 +204,11 @@ def capacity_excess(expected: torch.Tensor, budget: int, new_valid: torch.Tensor
     excess = F.relu(expected - budget) / budget  # (B, G, T)
     w = new_valid.unsqueeze(1).to(excess.dtype)
     return (excess * w).sum() / (w.sum() * excess.shape[1]).clamp_min(1)
+
+
+def _protected(policy, new_order):
+    """(B, 1, 1, S): keys the policy never drops (its first tokens)."""
+    return (new_order < policy.kept_first).view(new_order.shape[0], 1, 1, -1)
 
 
 def _causal(new_valid, T, S):

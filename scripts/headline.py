@@ -117,7 +117,7 @@ def arm_overrides(arm: str, budgets: list[int], args=None) -> dict:
             raise SystemExit("--arms: plain has no budget to sample; use 'plain'")
         over["budget.train_budgets"] = list(budgets)
     if base in LEARNED_ARMS and args is not None:
-        over.update({"budget.retention": args.retention, "learned.relaxation": args.relaxation,
+        over.update({"budget.retention": args.retention, "budget.sinks": args.sinks, "learned.relaxation": args.relaxation,
                      "learned.tau": args.tau, "learned.scorer_learning_rate": args.scorer_lr,
                      "learned.hard_fraction": args.hard_fraction})
         if len(budgets) > 1:
@@ -133,7 +133,7 @@ def adapters_of(arm: str, budgets: list[int], args=None) -> list[tuple[str, int 
         return [(f"plain-continued{args.extra_steps}", None, budgets)]
     if arm in LEARNED_ARMS:
         steps = f"{args.extra_steps}" if arm in CONTINUES else f"{args.steps}"
-        return [(f"{arm}-{args.relaxation}-{args.retention}-K{'+'.join(map(str, budgets))}-s{steps}",
+        return [(f"{arm}-{args.relaxation}-{args.retention}-sk{args.sinks}-K{'+'.join(map(str, budgets))}-s{steps}",
                  budgets[len(budgets) // 2], budgets)]
     if arm.endswith(MULTI):
         return [(arm, budgets[len(budgets) // 2], budgets)]
@@ -394,6 +394,7 @@ def main(argv=None):
     ap.add_argument("--relaxation", default="ste", help="learned arms: learned.relaxation (ste | decay)")
     ap.add_argument("--retention", default="decay", help="learned arms: budget.retention (decay | logit)")
     ap.add_argument("--tau", type=float, default=1.0, help="learned arms: learned.tau")
+    ap.add_argument("--sinks", type=int, default=4, help="learned arms: budget.sinks (first tokens never dropped)")
     ap.add_argument("--hard-fraction", type=float, default=0.25, help="learned arms: learned.hard_fraction")
     ap.add_argument("--scorer-lr", type=float, default=1e-2, help="learned arms: learned.scorer_learning_rate")
     ap.add_argument("--oracle", action="store_true", help="also evaluate the non-causal oracle on plain's weights")
@@ -458,7 +459,7 @@ def main(argv=None):
            "train_excludes": DEFAULT_HELDOUT + VALIDATION_BOOKS,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "eval_windows": args.eval_windows,
            "arm_overrides": {a: arm_overrides(a, budgets, args) for a in arms}, "extra_steps": args.extra_steps,
-           "learned": {"relaxation": args.relaxation, "retention": args.retention, "tau": args.tau,
+           "learned": {"relaxation": args.relaxation, "retention": args.retention, "tau": args.tau, "sinks": args.sinks,
                        "hard_fraction": args.hard_fraction, "scorer_lr": args.scorer_lr},
            **summarise(results, budgets, seeds, args), "wall_s": time.perf_counter() - t_start,
            "command": "python scripts/headline.py " + " ".join(sys.argv[1:] if argv is None else argv)}

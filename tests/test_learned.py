@@ -106,27 +106,31 @@ def test_decode_step_equals_scan(name):
         assert got == want, t
 
 
+@pytest.mark.parametrize("sinks", [4, 0])
 @pytest.mark.parametrize("form", ["decay", "logit"])
-def test_at_initialisation_the_rule_is_window(form):
+def test_at_initialisation_the_rule_is_sinks_or_window(form, sinks):
+    """Equal logits: the rule is `sinks` (window + the first tokens), or `window` with sinks 0."""
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 20))
-    apply_budget(model, BudgetSpec(policy="window", budget=5))
-    _, window = teacher_forced(model, ids)
-    apply_budget(model, BudgetSpec(policy="learned", budget=5, retention=form))
+    apply_budget(model, BudgetSpec(policy="sinks" if sinks else "window", budget=8, sinks=sinks))
+    _, start = teacher_forced(model, ids)
+    apply_budget(model, BudgetSpec(policy="learned", budget=8, retention=form, sinks=sinks))
     logits, learned = teacher_forced(model, ids)
-    for layer in window:
-        assert torch.equal(window[layer].evict, learned[layer].evict)
-    # ... and a trained (here: random) scorer changes which members are held
+    for layer in start:
+        assert torch.equal(start[layer].evict, learned[layer].evict)
+    # ... and a trained (here: random) scorer changes which members are held, never the first tokens
     _randomise(model)
     _, changed = teacher_forced(model, ids)
-    assert any(not torch.equal(window[i].evict, changed[i].evict) for i in window)
+    assert any(not torch.equal(start[i].evict, changed[i].evict) for i in start)
+    if sinks:
+        assert all((s.evict[..., :sinks] == NEVER).all() for s in changed.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3"])
 @pytest.mark.parametrize("name", LEARNED)
 def test_simulation_equals_bounded_decoding(arch, name):
     model = tiny_model(arch)
-    apply_budget(model, BudgetSpec(policy=name, budget=4))
+    apply_budget(model, BudgetSpec(policy=name, budget=4, sinks=1))
     _randomise(model, seed=4)
     ids, mask = padded_batch([18, 13], 18, side="left", seed=5)
     res = compare(model, ids, mask)
@@ -137,7 +141,7 @@ def test_simulation_equals_bounded_decoding(arch, name):
 
 def test_hybrid_and_prompt_then_token_by_token():
     model = tiny_model("llama")
-    apply_budget(model, BudgetSpec(policy="learned", budget={"1": None, "default": 4}))
+    apply_budget(model, BudgetSpec(policy="learned", budget={"1": None, "default": 4}, sinks=1))
     _randomise(model, seed=6)
     assert sorted(scorers(model)) == [0, 2]  # the full layer has no scorer
     ids, mask = padded_batch([20, 16], 20, side="left", seed=7)
@@ -147,7 +151,7 @@ def test_hybrid_and_prompt_then_token_by_token():
 
 def test_generate_holds_at_most_k():
     model = tiny_model("qwen2")
-    apply_budget(model, BudgetSpec(policy="learned_head", budget=3))
+    apply_budget(model, BudgetSpec(policy="learned_head", budget=3, sinks=1))
     _randomise(model, seed=8)
     ids = torch.randint(3, 128, (1, 7))
     cache = make_cache(model)
@@ -159,7 +163,7 @@ def test_generate_holds_at_most_k():
 @pytest.mark.parametrize("relaxation", ["ste", "decay"])
 def test_relaxations_reach_the_scorer(relaxation):
     model = tiny_model("llama")
-    apply_budget(model, BudgetSpec(policy="learned", budget=4))
+    apply_budget(model, BudgetSpec(policy="learned", budget=4, sinks=1))
     found = _randomise(model, seed=9, std=0.5)
     ids = torch.randint(3, 128, (2, 16))
     with torch.no_grad():
@@ -180,14 +184,14 @@ def test_relaxations_reach_the_scorer(relaxation):
 
 def test_scorers_round_trip_and_refuse_a_mismatch(tmp_path):
     model = tiny_model("llama")
-    apply_budget(model, BudgetSpec(policy="learned", budget=4))
+    apply_budget(model, BudgetSpec(policy="learned", budget=4, sinks=1))
     _randomise(model, seed=10)
     ids = torch.randint(3, 128, (1, 16))
     with torch.no_grad():
         want = model(input_ids=ids).logits
     assert save_scorers(model, tmp_path) == tmp_path / SCORER_FILENAME
     fresh = tiny_model("llama")
-    apply_budget(fresh, BudgetSpec(policy="learned", budget=4))
+    apply_budget(fresh, BudgetSpec(policy="learned", budget=4, sinks=1))
     with torch.no_grad():
         assert (fresh(input_ids=ids).logits - want).abs().max() > 1e-3  # untrained scorers: another schedule
     assert load_scorers(fresh, tmp_path)

@@ -118,7 +118,8 @@ def test_the_builtin_policies_declare_what_the_code_used_to_switch_on_by_name():
     # each takes only its own parameters from the spec; h2o's r defaults to K // 2 and follows K
     assert repr(make_policy("sinks", 6, sinks=2, recent=3)) == "Sinks(K=6, n_sinks=2)"
     assert repr(make_policy("tova", 6, sinks=2, recent=3)) == "TOVA(K=6)"
-    assert repr(make_policy("learned", 6, retention="logit")) == "Learned(K=6, form='logit')"
+    assert repr(make_policy("learned", 6, retention="logit")) == "Learned(K=6, form='logit', n_sinks=4)"
+    assert make_policy("learned", 6, sinks=8).kernel_args() == (5, 0)  # min(sinks, K - 1), as sinks
     h2o = make_policy("h2o", 6)
     assert h2o.kernel_args() == (0, 3)
     h2o.budget = 10  # the training-time budget ramp changes K in place

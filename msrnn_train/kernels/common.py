@@ -18,8 +18,9 @@ from ..schedule import NEVER, Slots
 #   WINDOW  lowest order first              SINKS  the same, never the first n_sinks tokens
 #   H2O     lowest accumulated mass first,  TOVA   lowest score (current query) first
 #           never the `recent` newest
-#   LEARNED_DECAY  lowest age * value first (value: log sigmoid of the learned logit, carried by the slot)
-#   LEARNED_VALUE  lowest value first                    (numba only; the Triton kernel has the first four)
+#   LEARNED_DECAY  lowest age * value first (value: log sigmoid of the learned logit, carried by the slot),
+#                  never the first n_sinks tokens
+#   LEARNED_VALUE  lowest value first, never the first n_sinks (numba only; the Triton kernel has the first four)
 WINDOW, SINKS, H2O, TOVA = KERNEL_WINDOW, KERNEL_SINKS, KERNEL_H2O, KERNEL_TOVA
 LEARNED_DECAY, LEARNED_VALUE = KERNEL_LEARNED_DECAY, KERNEL_LEARNED_VALUE
 

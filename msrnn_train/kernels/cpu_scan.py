@@ -84,7 +84,7 @@ def _steps(logits, t0, t1, valid, order_new, pos_new, src, order, pos, acc, evic
                                 if src[b, g, c] < 0:
                                     continue
                                 o = order[b, g, c]
-                                if code == SINKS and o < n_sinks:
+                                if (code == SINKS or code >= LEARNED_DECAY) and o < n_sinks:
                                     continue
                                 # the r most recent real tokens are always held (each was
                                 # protected on every step since it arrived): they are the safe ones
