@@ -133,7 +133,7 @@ def adapters_of(arm: str, budgets: list[int], args=None) -> list[tuple[str, int 
         return [(f"plain-continued{args.extra_steps}", None, budgets)]
     if arm in LEARNED_ARMS:
         steps = f"{args.extra_steps}" if arm in CONTINUES else f"{args.steps}"
-        lr = "" if args.scorer_lr == 1e-2 else f"-lr{args.scorer_lr:g}"
+        lr = ("" if args.scorer_lr == 1e-2 else f"-lr{args.scorer_lr:g}") + ("" if args.tau == 1.0 else f"-tau{args.tau:g}")
         return [(f"{arm}-{args.relaxation}-{args.retention}-sk{args.sinks}{lr}-K{'+'.join(map(str, budgets))}-s{steps}",
                  budgets[len(budgets) // 2], budgets)]
     if arm.endswith(MULTI):
