@@ -132,7 +132,7 @@ def adapters_of(arm: str, budgets: list[int], args=None) -> list[tuple[str, int 
     if arm == "plain-continued":
         return [(f"plain-continued{args.extra_steps}", None, budgets)]
     if arm in LEARNED_ARMS:
-        steps = f"{args.extra_steps}" if arm in CONTINUES else f"{args.steps}"
+        steps = f"{args.extra_steps}"  # every scorer trains --extra-steps (from plain's weights or the base model's)
         lr = ("" if args.scorer_lr == 1e-2 else f"-lr{args.scorer_lr:g}") + ("" if args.tau == 1.0 else f"-tau{args.tau:g}")
         return [(f"{arm}-{args.relaxation}-{args.retention}-sk{args.sinks}{lr}-K{'+'.join(map(str, budgets))}-s{steps}",
                  budgets[len(budgets) // 2], budgets)]
@@ -152,6 +152,8 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, in
     steps = args.steps
     if init is not None:
         overrides = {**overrides, "lora.init_adapter": str(init)}
+        steps = args.extra_steps
+    elif overrides.get("budget.policy") == "learned":  # a scorer on the base model: as many steps as on plain's
         steps = args.extra_steps
     cuda = torch.cuda.is_available()
     over = {"data.seq_len": args.seq_len, "data.heldout": DEFAULT_HELDOUT + VALIDATION_BOOKS,
