@@ -436,6 +436,10 @@ def main(argv=None):
             if arm in CONTINUES:  # continues from plain's adapter of the same seed
                 init = train_adapter("plain", seed, None, arm_overrides("plain", budgets), args)
             for name, k, ks in adapters_of(arm, budgets, args):
+                done = Path(args.work_dir) / f"T{args.seq_len}-s{args.steps}" / f"{name}-seed{seed}" / "headline_done.json"
+                if args.only == "eval" and not done.is_file():
+                    print(f"[headline] --only eval: {name} seed {seed} is not trained; left out", flush=True)
+                    continue
                 folder = train_adapter(name, seed, k, arm_overrides(arm, budgets, args), args, init=init)
                 if args.only == "train":
                     continue
