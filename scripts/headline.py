@@ -323,7 +323,7 @@ def markdown(doc: dict) -> str:
                  f"that continue from plain), lr {doc['lr']}, seeds {doc['seeds']}; `arm+policy` rows are "
                  f"training-free policies run on that arm's weights, other bounded arms use {doc['policy']} or their "
                  "own learned policy. Mean ± std over seeds.", "",
-             "| arm | K | full-state ppl | bounded ppl (K) | plain at 2K |", "|---|---|---|---|---|"]
+             "| arm | K | full-state ppl | bounded ppl (K) | the same policy at 2K |", "|---|---|---|---|---|"]
     for r in doc["records"]:
         two = f"{r['ppl_2k_mean']:.2f} ± {r['ppl_2k_std']:.2f}" if "ppl_2k_mean" in r else ""
         lines.append(f"| {r['arm']} | {r['budget']} | {r['ppl_full_mean']:.2f} ± {r['ppl_full_std']:.2f} | "
@@ -347,35 +347,47 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """Perplexity against K per arm (mean ± std over seeds), with each arm's full-state line."""
+    """Perplexity against K (mean ± std over seeds): one panel per set of starting weights (plain
+    LoRA's; the untuned base model's when base-scorer ran), each with its training-free policies
+    (thin), the learned or trained arm (thick) and the full state (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    arms = list(dict.fromkeys(r["arm"] for r in doc["records"]))
-    for i, arm in enumerate(arms):
-        rs = sorted((r for r in doc["records"] if r["arm"] == arm), key=lambda r: r["budget"])
-        color = f"C{i}"
-        ax.errorbar([r["budget"] for r in rs], [r["ppl_bounded_mean"] for r in rs],
-                    yerr=[r["ppl_bounded_std"] for r in rs], marker="o", capsize=3, color=color,
-                    label=f"{arm}: at K" if "+" in arm or arm in LEARNED_ARMS else f"{arm}: {doc['policy']}-K")
-        if "+" in arm and not arm.endswith(("+tova",)):  # one full-state line per set of weights
-            continue
-        full_m = statistics.fmean(r["ppl_full_mean"] for r in rs)
-        full_s = max(r["ppl_full_std"] for r in rs)
-        ax.axhline(full_m, color=color, ls="--", lw=1, label=f"{arm}: full state ({full_m:.2f} ± {full_s:.2f})")
-        ax.axhspan(full_m - full_s, full_m + full_s, color=color, alpha=0.12)
-    ax.set_xscale("log", base=2)
-    ks = sorted({r["budget"] for r in doc["records"]})
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("states per layer K")
-    ax.set_ylabel("perplexity (held-out books)" if doc["split"] == "test" else "perplexity (validation books)")
-    ax.set_title(f"SmolLM2-135M, T={doc['seq_len']}: trained under the budget vs plain LoRA")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    labels = list(dict.fromkeys(r["arm"] for r in doc["records"]))
+    panels = [("plain LoRA's weights", [a for a in labels if a.startswith("plain+") or (a in ARMS and a != "plain"
+                                                                                         and a != "base-scorer"
+                                                                                         and a != "plain-continued")]),
+              ("the untuned base model", [a for a in labels if a.startswith("base")])]
+    panels = [(t, arms) for t, arms in panels if arms]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    colors = {"tova": "C0", "h2o": "C1", "sinks": "C2", "window": "C7", "oracle": "C3"}
+    for ax, (title, arms) in zip(axes[0], panels):
+        full = None
+        for i, arm in enumerate(arms):
+            rs = sorted((r for r in doc["records"] if r["arm"] == arm), key=lambda r: r["budget"])
+            policy = arm.split("+", 1)[1] if "+" in arm else None
+            learned = policy is None
+            ax.errorbar([r["budget"] for r in rs], [r["ppl_bounded_mean"] for r in rs],
+                        yerr=[r["ppl_bounded_std"] for r in rs], marker="o" if learned else ".", capsize=3,
+                        lw=2.6 if learned else 1.2, ls="--" if policy == "oracle" else "-",
+                        color="C4" if learned else colors.get(policy, f"C{i}"),
+                        label=(f"{arm} (learned policy)" if arm in LEARNED_ARMS else arm)
+                        + (" (seed 0, non-causal reference)" if policy == "oracle" else ""))
+            full = full or (statistics.fmean(r["ppl_full_mean"] for r in rs), max(r["ppl_full_std"] for r in rs))
+        if full:
+            ax.axhline(full[0], color="black", ls="--", lw=1, label=f"full state ({full[0]:.2f} ± {full[1]:.2f})")
+        ax.set_xscale("log", base=2)
+        ks = sorted({r["budget"] for r in doc["records"]})
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("states per layer K")
+        ax.set_ylabel("perplexity (held-out books)" if doc["split"] == "test" else "perplexity (validation books)")
+        ax.set_title(f"{title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5)
+    fig.suptitle(f"SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split: training-free policies vs the learned one")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -449,7 +461,7 @@ def main(argv=None):
                     for kk in ks:
                         got = ev["by_policy"][pol]
                         rec = {"full": ev["full"], "bounded": got[str(kk)]}
-                        if str(2 * kk) in got:
+                        if str(2 * kk) in got and "+" in label:  # a training-free policy at 2K: the "<= 2K" check
                             rec["2k"] = got[str(2 * kk)]
                         results.setdefault(label, {}).setdefault(seed, {})[kk] = rec
                     print(f"[headline] {name} seed {seed} {label}: full {ev['full']:.3f}  "
