@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-# The embedded default recipe at demo size (about 5 minutes on 2 CPU cores): T = 256, 30 steps.
+# The embedded default recipe at demo size (about 5 minutes on 2 CPU cores): T = 256, 30 steps of plain
+# LoRA, then 80 of its scorer.
 DEMO_OVERRIDES = {
     "data.seq_len": 256,
     "training.max_steps": 30,
@@ -41,7 +42,8 @@ PLAIN_OVERRIDES = {"budget.policy": "full", "budget.mode": "hard", "budget.train
 
 # the learned retention policy on plain's weights (the winner of results/screen, scripts/headline.py's
 # plain-scorer arm): only the scorer trains, KL to plain's own full-state prediction
-SCORER_OVERRIDES = {"budget.policy": "learned", "budget.mode": "hard", "budget.budget": 32,
+SCORER_OVERRIDES = {"training.max_steps": 80, "training.save_steps": 40,  # the scorer needs more steps than LoRA
+                    "budget.policy": "learned", "budget.mode": "hard", "budget.budget": 32,
                     "budget.train_budgets": [16, 32, 64], "learned.relaxation": "decay",
                     "learned.train_lora": False, "learned.scorer_learning_rate": 1e-2,
                     "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0,
