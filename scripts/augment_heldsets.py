@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="comma list of policy:augment_tokens:chunk_words; policy one of full, tova, window, "
                          "tova_pin (chunk pinned), tova_pinq (chunk + question pinned); augment_tokens 0: K")
-    ap.add_argument("--out", default=None, help="write <out>.json")
+    ap.add_argument("--out", default=None, help="write <out>.json (the summary)")
+    ap.add_argument("--raw", action="store_true", help="also put every prompt's per-layer counts in the JSON (~2 MB)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -253,8 +254,8 @@ def main(argv=None) -> int:
           + f". Cells: mean over prompts, min / median / max over the {n_layers} layers.\n")
     print(table(results))
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"args": vars(args), "summary": results, "prompts": raw,
-                                                         "categories": CATEGORIES}, indent=1))
+        doc = {"args": vars(args), "summary": results, "categories": CATEGORIES, **({"prompts": raw} if args.raw else {})}
+        Path(args.out + ".json").write_text(json.dumps(doc, indent=1))
     return 0
 
 
