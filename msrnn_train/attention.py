@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, emits_soft_rows,
                        rolling_schedule, unbounded_schedule)
 from .kernels import default_scan
-from .retention import retention_logits
+from .retention import capacity_excess, decay_bias, relaxed_attention, retention_logits, ste_keep
 
 ATTN_NAME = "msrnn"
 
@@ -137,8 +137,6 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
 def _relaxed(layer, ctrl, query, key, value, sched, new_valid, new_order, scaling, carried):
     """Training a learned policy (retention.py): the straight-through hard attention ("ste") or
     the soft retention decay with its capacity term ("decay"), so gradients reach the scorer."""
-    from .retention import capacity_excess, decay_bias, relaxed_attention, ste_keep
-
     if ctrl.relaxation == "ste":
         hard = dense_masked_attention(query, key, value, sched, new_valid, scaling, 0.0, layer.groups)
         keep, allowed = ste_keep(layer.policy, carried, sched, new_valid, new_order, ctrl.relax_tau)

@@ -30,17 +30,21 @@ def _randomise(model, seed=0, std=2.0):
     return found
 
 
+def _scan_inputs(name, form, T, K, lengths, seed):
+    """A learned policy and fresh random queries/keys over a left-padded batch (Hq 4, Hkv 2)."""
+    torch.manual_seed(seed)
+    policy = make_policy(name, K, retention=form)
+    G = 2 if policy.head_wise else 1
+    q, k = torch.randn(len(lengths), 4, T, 8), torch.randn(len(lengths), 2, T, 8)
+    valid = padded_batch(lengths, T, side="left", seed=seed + 1)[1].bool()
+    return policy, G, q, k, valid, valid.long().cumsum(-1) - 1
+
+
 @pytest.mark.parametrize("form", ["decay", "logit"])
 @pytest.mark.parametrize("name", LEARNED)
 def test_reference_equals_scan_on_random_values(name, form):
-    torch.manual_seed(1)
-    B, Hq, Hkv, T, D, K = 3, 4, 2, 24, 8, 5
-    policy = make_policy(name, K, retention=form)
-    G = Hkv if policy.head_wise else 1
-    q, k = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D)
-    _, valid = padded_batch([T, T - 5, T - 11], T, side="left", seed=2)
-    valid = valid.bool()
-    order = valid.long().cumsum(-1) - 1
+    B, T, K = 3, 24, 5
+    policy, G, q, k, valid, order = _scan_inputs(name, form, T, K, [T, T - 5, T - 11], seed=1)
     values = torch.randn(B, G, T) * 3
     ref = reference_schedule(policy, K, q, k, 0.3, valid, head_wise=policy.head_wise, values=values)
     s = scan(policy, K, LogitRows(q, k, 0.3), valid, order, torch.arange(T), groups=G, new_value=values)
@@ -58,14 +62,8 @@ def test_reference_equals_scan_on_random_values(name, form):
 def test_numba_scan_equals_torch_scan(name, form):
     from msrnn_train.kernels.cpu_scan import fast_scan
 
-    torch.manual_seed(12)
-    B, Hq, Hkv, T, D, K = 3, 4, 2, 90, 8, 7
-    policy = make_policy(name, K, retention=form)
-    G = Hkv if policy.head_wise else 1
-    q, k = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D)
-    _, valid = padded_batch([T, T - 20, T - 41], T, side="left", seed=13)
-    valid = valid.bool()
-    order = valid.long().cumsum(-1) - 1
+    B, T, K = 3, 90, 7
+    policy, G, q, k, valid, order = _scan_inputs(name, form, T, K, [T, T - 20, T - 41], seed=12)
     values = policy.carried_value(torch.randn(B, G, T) * 3)
     args = (policy, K, LogitRows(q, k, 0.3, block=16), valid, order, torch.arange(T))
     for window in (None, 11):

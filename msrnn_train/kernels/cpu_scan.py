@@ -140,10 +140,10 @@ def fast_scan(policy, budget, logits, new_valid, new_order, new_pos, init: Slots
     block = logits.block if logits is not None else max(T, 1)
     per_group = Hq // groups
     empty = np.zeros((B, Hq, 1, 1), dtype=np.float32)
-    values = (np.zeros((1, 1, 1), dtype=np.float32) if new_value is None or code < LEARNED_DECAY
-              else np.ascontiguousarray(new_value.detach().float().cpu().expand(B, groups, T).numpy()))
-    if new_value is None and code >= LEARNED_DECAY:
-        values = np.zeros((B, groups, T), dtype=np.float32)
+    values = np.zeros((1, 1, 1), dtype=np.float32)  # what each new token carries (learned policies only)
+    if code >= LEARNED_DECAY:
+        values = (np.zeros((B, groups, T), dtype=np.float32) if new_value is None
+                  else np.ascontiguousarray(new_value.detach().float().cpu().expand(B, groups, T).numpy()))
     emit = bool(soft_rows and emits_soft_rows(policy, budget))
     runner = torch.full((B, groups, P + T) if emit else (1, 1, 1), -1, dtype=torch.long)
     lse = torch.zeros((B, Hq, T) if emit else (1, 1, 1), dtype=torch.float32)
