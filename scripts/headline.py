@@ -117,7 +117,7 @@ def arm_overrides(arm: str, budgets: list[int], args=None) -> dict:
             raise SystemExit("--arms: plain has no budget to sample; use 'plain'")
         over["budget.train_budgets"] = list(budgets)
     if base in LEARNED_ARMS and args is not None:
-        over.update({"budget.retention": args.retention, "budget.sinks": args.sinks, "learned.relaxation": args.relaxation,
+        over.update({"budget.policy": args.scorer_policy, "budget.retention": args.retention, "budget.sinks": args.sinks, "learned.relaxation": args.relaxation,
                      "learned.tau": args.tau, "learned.scorer_learning_rate": args.scorer_lr,
                      "learned.hard_fraction": args.hard_fraction})
         if len(budgets) > 1:
@@ -134,7 +134,8 @@ def adapters_of(arm: str, budgets: list[int], args=None) -> list[tuple[str, int 
     if arm in LEARNED_ARMS:
         steps = f"{args.extra_steps}"  # every scorer trains --extra-steps (from plain's weights or the base model's)
         lr = ("" if args.scorer_lr == 1e-2 else f"-lr{args.scorer_lr:g}") + ("" if args.tau == 1.0 else f"-tau{args.tau:g}")
-        return [(f"{arm}-{args.relaxation}-{args.retention}-sk{args.sinks}{lr}-K{'+'.join(map(str, budgets))}-s{steps}",
+        head = "-head" if args.scorer_policy == "learned_head" else ""
+        return [(f"{arm}{head}-{args.relaxation}-{args.retention}-sk{args.sinks}{lr}-K{'+'.join(map(str, budgets))}-s{steps}",
                  budgets[len(budgets) // 2], budgets)]
     if arm.endswith(MULTI):
         return [(arm, budgets[len(budgets) // 2], budgets)]
@@ -153,7 +154,7 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, in
     if init is not None:
         overrides = {**overrides, "lora.init_adapter": str(init)}
         steps = args.extra_steps
-    elif overrides.get("budget.policy") == "learned":  # a scorer on the base model: as many steps as on plain's
+    elif overrides.get("budget.policy", "").startswith("learned"):  # a scorer on the base model: as many steps as on plain's
         steps = args.extra_steps
     cuda = torch.cuda.is_available()
     over = {"data.seq_len": args.seq_len, "data.heldout": DEFAULT_HELDOUT + VALIDATION_BOOKS,
@@ -179,22 +180,60 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, in
     return out
 
 
-def eval_windows(args, tokenizer) -> torch.Tensor:
+def eval_windows(args, tokenizer, spread: int = 0) -> torch.Tensor:
+    """The split's evaluation windows: spread 0 is the recipe's own held-out set (--eval-windows
+    spread evenly over the books' windows, as `build_windows` does); spread s > 0 takes the windows
+    s/S of a step further along (S = --eval-spreads), so the spreads are disjoint and together
+    cover S times the tokens without re-evaluating spread 0."""
     from msrnn_train.data import build_windows
 
     books = VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT
+    if spread == 0:
+        probe = load_recipe(args.recipe, {"data.seq_len": args.seq_len, "data.heldout": books,
+                                          "eval.max_windows": args.eval_windows})
+        return build_windows(probe, tokenizer)[1]
     probe = load_recipe(args.recipe, {"data.seq_len": args.seq_len, "data.heldout": books,
-                                      "eval.max_windows": args.eval_windows})
-    _, windows = build_windows(probe, tokenizer)
-    return windows
+                                      "eval.max_windows": 10 ** 9})  # every held-out window, in order
+    every = build_windows(probe, tokenizer)[1]
+    n = args.eval_windows
+    first = set(torch.linspace(0, every.shape[0] - 1, n).round().long().tolist())  # spread 0's windows
+    step = (every.shape[0] - 1) / (n - 1)
+    idx = sorted({round((i + spread / args.eval_spreads) * step) for i in range(n - 1)})
+    if first & set(idx):
+        raise SystemExit(f"--eval-spreads {args.eval_spreads}: too many spreads for {every.shape[0]} windows")
+    return every[torch.tensor(idx, dtype=torch.long)]
+
+
+def _merge_ppl(parts: list[tuple[float, int]]) -> float:
+    """Perplexity over disjoint sets of windows, each (ppl, predicted tokens): every window starts
+    from an empty state, so the token-weighted mean NLL is exact."""
+    return math.exp(sum(math.log(p) * t for p, t in parts) / sum(t for _, t in parts))
 
 
 def evaluate_adapter(folder: Path, ks: list[int], with_2k: bool, args, policies: list[str] | None = None) -> dict:
-    """{"full": ppl, "K": {k: ppl}, "by_policy": {policy: {k: ppl}}} of one adapter on the split's
-    windows (cached in the folder). `policies`: the bounded policies to run (default --policy); a
-    learned policy runs with the adapter's own saved spec (its retention form), K changed."""
+    """{"full": ppl, "K": {k: ppl}, "by_policy": {policy: {k: ppl}}, "tokens", "windows"} of one
+    adapter on the split's windows, every spread (--eval-spreads) merged exactly."""
+    parts = [_evaluate_spread(folder, ks, with_2k, args, policies, s) for s in range(args.eval_spreads)]
+    if len(parts) == 1:
+        return parts[0]
+    res = {"full": _merge_ppl([(r["full"], r["tokens"]) for r in parts]), "tokens": sum(r["tokens"] for r in parts),
+           "windows": sum(r["windows"] for r in parts), "by_policy": {}}
+    for p, d in parts[0]["by_policy"].items():
+        for k in d:
+            if all(str(k) in r["by_policy"].get(p, {}) for r in parts):
+                res["by_policy"].setdefault(p, {})[k] = _merge_ppl([(r["by_policy"][p][k], r["tokens"]) for r in parts])
+    res["K"] = res["by_policy"].get((policies or [args.policy])[0], {})
+    return res
+
+
+def _evaluate_spread(folder: Path, ks: list[int], with_2k: bool, args, policies: list[str] | None,
+                     spread: int) -> dict:
+    """evaluate_adapter on one spread of windows (cached in the folder). `policies`: the bounded
+    policies to run (default --policy); a learned policy runs with the adapter's own saved spec
+    (its retention form), K changed."""
     policies = policies or [args.policy]
-    cache = folder / f"headline_eval_{args.split}_w{args.eval_windows}.json"
+    suffix = "" if spread == 0 else f"_s{spread}of{args.eval_spreads}"
+    cache = folder / f"headline_eval_{args.split}_w{args.eval_windows}{suffix}.json"
     res = json.loads(cache.read_text()) if cache.is_file() else {}
     eval_ks = sorted(set(ks) | ({2 * k for k in ks} if with_2k else set()))
     by = res.get("by_policy", {args.policy: res["K"]} if "K" in res else {})
@@ -207,7 +246,7 @@ def evaluate_adapter(folder: Path, ks: list[int], with_2k: bool, args, policies:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_bounded(folder, device=device)
     own = Spec.load(folder)
-    windows = eval_windows(args, tok)
+    windows = eval_windows(args, tok, spread)
 
     def spec(p, k):
         return Spec.from_dict({**own.to_dict(), "budget": k}) if p == own.policy else BudgetSpec(policy=p, budget=k)
@@ -227,19 +266,26 @@ def evaluate_adapter(folder: Path, ks: list[int], with_2k: bool, args, policies:
 
 
 def evaluate_oracle(folder: Path, ks: list[int], args) -> dict:
-    """{str(K): ppl} of the non-causal oracle rule on an adapter's weights (cached in the folder)."""
-    cache = folder / f"headline_oracle_{args.split}_w{args.eval_windows}.json"
-    res = json.loads(cache.read_text()) if cache.is_file() else {}
-    todo = [k for k in ks if str(k) not in res]
-    if todo:
-        from msrnn_train.hub import load_bounded
-        from msrnn_train.oracle import oracle_perplexity
+    """{str(K): ppl} of the non-causal oracle rule on an adapter's weights (cached in the folder
+    per spread; the spreads merged as in evaluate_adapter)."""
+    parts = []
+    for spread in range(args.eval_spreads):
+        suffix = "" if spread == 0 else f"_s{spread}of{args.eval_spreads}"
+        cache = folder / f"headline_oracle_{args.split}_w{args.eval_windows}{suffix}.json"
+        res = json.loads(cache.read_text()) if cache.is_file() else {}
+        todo = [k for k in ks if str(k) not in res]
+        if todo or "tokens" not in res:
+            from msrnn_train.hub import load_bounded
+            from msrnn_train.oracle import oracle_perplexity
 
-        model, tok = load_bounded(folder, device="cuda" if torch.cuda.is_available() else "cpu")
-        res.update(oracle_perplexity(model, eval_windows(args, tok), todo))
-        cache.write_text(json.dumps(res, indent=1) + "\n")
-        del model
-    return res
+            model, tok = load_bounded(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+            windows = eval_windows(args, tok, spread)
+            res.update(oracle_perplexity(model, windows, todo) if todo else {})
+            res["tokens"] = int(windows.shape[0] * (windows.shape[1] - 1))  # no padding: every window full
+            cache.write_text(json.dumps(res, indent=1) + "\n")
+            del model
+        parts.append(res)
+    return {str(k): _merge_ppl([(r[str(k)], r["tokens"]) for r in parts]) for k in ks}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -255,9 +301,9 @@ def eval_plan(arm: str, args) -> list[tuple[str, str]]:
     if arm in ("plain", "plain-continued"):
         return [(f"{arm}+{h}", h) for h in heur]
     if arm == "base-scorer":
-        return [(arm, "learned")] + [(f"base+{h}", h) for h in heur]
+        return [(arm, args.scorer_policy)] + [(f"base+{h}", h) for h in heur]
     if arm in LEARNED_ARMS:
-        return [(arm, "learned")]
+        return [(arm, args.scorer_policy)]
     return [(arm, args.policy)]
 
 
@@ -318,7 +364,8 @@ def summarise(results: dict, budgets: list[int], seeds: list[int], args) -> dict
 
 def markdown(doc: dict) -> str:
     lines = [f"# Training under the budget vs plain LoRA: SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split",
-             "", f"Books evaluated: {', '.join(doc['eval_books'])}; {doc['eval_windows']} windows, "
+             "", f"Books evaluated: {', '.join(doc['eval_books'])}; {doc.get('eval_windows_total', doc['eval_windows'])} windows"
+                 f"{' (' + str(doc['eval_spreads']) + ' disjoint spreads)' if doc.get('eval_spreads', 1) > 1 else ''}, "
                  f"{doc['eval_tokens']} predicted tokens; {doc['steps']} steps (+{doc.get('extra_steps', 0)} for the arms "
                  f"that continue from plain), lr {doc['lr']}, seeds {doc['seeds']}; `arm+policy` rows are "
                  f"training-free policies run on that arm's weights, other bounded arms use {doc['policy']} or their "
@@ -408,6 +455,8 @@ def main(argv=None):
     ap.add_argument("--extra-steps", type=int, default=60, help="steps of the arms that continue from plain")
     ap.add_argument("--relaxation", default="ste", help="learned arms: learned.relaxation (ste | decay)")
     ap.add_argument("--retention", default="decay", help="learned arms: budget.retention (decay | logit)")
+    ap.add_argument("--scorer-policy", default="learned", choices=("learned", "learned_head"),
+                    help="learned arms: one retention logit per layer (learned) or per KV head (learned_head)")
     ap.add_argument("--tau", type=float, default=1.0, help="learned arms: learned.tau")
     ap.add_argument("--sinks", type=int, default=4, help="learned arms: budget.sinks (first tokens never dropped)")
     ap.add_argument("--hard-fraction", type=float, default=0.25, help="learned arms: learned.hard_fraction")
@@ -419,6 +468,9 @@ def main(argv=None):
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--train-batch-size", type=int, default=1, help="training windows per step")
     ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-spreads", type=int, default=1,
+                    help="evaluate S disjoint spreads of --eval-windows windows each (spread 0 is the recipe's own "
+                         "held-out set), merged exactly: more tokens without re-running the first spread")
     ap.add_argument("--batch-size", type=int, default=1, help="evaluation batch size")
     ap.add_argument("--only", choices=("train", "eval"), default=None,
                     help="only train the adapters, or only evaluate those already trained")
@@ -457,6 +509,7 @@ def main(argv=None):
                     continue
                 plan = eval_plan(arm, args)
                 ev = evaluate_adapter(folder, ks, with_2k=arm == "plain", args=args, policies=[p for _, p in plan])
+                eval_size = (ev["tokens"], ev["windows"])
                 for label, pol in plan:
                     for kk in ks:
                         got = ev["by_policy"][pol]
@@ -478,13 +531,13 @@ def main(argv=None):
            "eval_books": VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT,
            "train_excludes": DEFAULT_HELDOUT + VALIDATION_BOOKS,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "eval_windows": args.eval_windows,
+           "eval_spreads": args.eval_spreads,
            "arm_overrides": {a: arm_overrides(a, budgets, args) for a in arms}, "extra_steps": args.extra_steps,
-           "learned": {"relaxation": args.relaxation, "retention": args.retention, "tau": args.tau, "sinks": args.sinks,
+           "learned": {"policy": args.scorer_policy, "relaxation": args.relaxation, "retention": args.retention, "tau": args.tau, "sinks": args.sinks,
                        "hard_fraction": args.hard_fraction, "scorer_lr": args.scorer_lr},
            **summarise(results, budgets, seeds, args), "wall_s": time.perf_counter() - t_start,
            "command": "python scripts/headline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    first = next(iter(Path(args.work_dir).glob(f"T{args.seq_len}-s{args.steps}/*/headline_eval_{args.split}_*.json")))
-    doc["eval_tokens"] = json.loads(first.read_text())["tokens"]
+    doc["eval_tokens"], doc["eval_windows_total"] = eval_size
     stem = Path(args.out) if args.out else ROOT / "results" / ("headline" if args.split == "test"
                                                                else "headline_validation")
     stem.parent.mkdir(parents=True, exist_ok=True)
