@@ -41,9 +41,9 @@ EXAMPLES = """examples:
   python -m msrnn_train.evaluate --model smollm2 --adapter runs/tova128 --json eval.json --plot eval.png
   # against the control: plain LoRA on the same data, side by side, with the budget benefit per K
   python -m msrnn_train.evaluate --adapter runs/tova-multi --baseline-adapter runs/plain --budgets 16,32,64
-  # in-context retrieval (associative recall, needle in a haystack), hybrids with full layers
-  python -m msrnn_train.evaluate --tasks retrieval --policies full,tova,sinks,h2o --budgets 64,128,256 \\
-      --hybrid-layers "middle;last" --hybrid-budgets 64,128 --json retrieval.json --plot retrieval.png
+  # in-context retrieval beyond the state: MQAR, K x full layers (the budget.hybrid notation) x augmentation
+  python -m msrnn_train.evaluate --retrieval --retrieval-tasks mqar --retrieval-length 512 --policies tova \\
+      --budgets 32,64 --full-layers "none;auto:1;middle" --augment bounded --json retrieval.json --plot retrieval.png
   # long greedy generation through the bounded cache vs the full state
   python -m msrnn_train.evaluate --tasks generation --policies full,tova,window --budgets 64 --gen-tokens 256
 
@@ -57,9 +57,30 @@ class ArgError(ValueError):
     """A bad command line; the message names the option and what is allowed."""
 
 
+# options of the removed associative-recall / needle retrieval (issue 23), each with what replaces it
+REMOVED_OPTIONS = {
+    "--hybrid-layers": "--full-layers (the budget.hybrid notation: ';'-separated choices such as 'middle;last;3+17')",
+    "--hybrid-policies": "--policies (the retrieval grid runs the first bounded policy)",
+    "--hybrid-budgets": "--budgets",
+    "--recall-pairs": "--retrieval --retrieval-tasks mqar with --retrieval-length",
+    "--recall-distance": "--retrieval (the answer's source lies 5-50 % deep in every task)",
+    "--needle-words": "--retrieval --retrieval-tasks needles with --retrieval-length",
+    "--needle-distance": "--retrieval (the answer's source lies 5-50 % deep in every task)",
+    "--chat": "--retrieval (prompts are scored as plain text; there is no chat-template option)",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage first)
         raise ArgError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        for token in sys.argv[1:] if args is None else args:
+            flag = str(token).split("=", 1)[0]
+            if flag in REMOVED_OPTIONS:
+                raise ArgError(f"{flag}: removed with the old associative-recall/needle retrieval; use "
+                               f"{REMOVED_OPTIONS[flag]}")
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,49 +112,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=int, default=None, help="sink positions of 'sinks' (default: 4)")
     p.add_argument("--recent", type=int, default=None, help="h2o's recent window r (default: K/2)")
     p.add_argument("--tasks", default=None,
-                   help="comma list of: ppl, retrieval (associative recall + needle in a haystack), generation "
-                        "(long greedy generation, repetition statistics) (default: ppl, or none with --retrieval)")
+                   help="comma list of: ppl, generation (long greedy generation, repetition statistics) "
+                        "(default: ppl, or none with --retrieval; retrieval is --retrieval)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
-    p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG (retrieval accuracy: "
-                                                 "<stem>_retrieval.png beside it, or this file without ppl)")
+    p.add_argument("--plot", default=None, help="draw perplexity vs budget to this PNG (--retrieval's recall vs K: "
+                                                 "<stem>_recall.png beside it, or this file without ppl)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r = p.add_argument_group("retrieval (--tasks retrieval)")
-    r.add_argument("--retrieval-n", type=int, default=16, help="instances per task")
-    r.add_argument("--recall-pairs", type=int, default=30, help="key-value pairs per recall instance")
-    r.add_argument("--recall-distance", type=int, default=None,
-                   help="pairs listed after the queried one (default: pairs - 4, i.e. far from the question)")
-    r.add_argument("--needle-words", type=int, default=300, help="filler words of a needle instance")
-    r.add_argument("--needle-distance", type=int, default=None,
-                   help="filler words after the needle (default: 3/4 of --needle-words)")
-    r.add_argument("--hybrid-layers", default="middle;last",
-                   help="hybrids: ';'-separated sets of full layers, each a '+'-joined list of layer indices or "
-                        "first/middle/last (e.g. 'middle;last;10+20'); '' for none")
-    r.add_argument("--hybrid-policies", default=None,
-                   help="policies for the hybrids (default: the first bounded policy)")
-    r.add_argument("--hybrid-budgets", default=None, help="budgets for the hybrids (default: all of --budgets)")
-    r.add_argument("--chat", action="store_true", help="wrap retrieval prompts in the chat template")
-    r.add_argument("--retrieval-batch-size", type=int, default=8, help="instances per forward pass")
     s = p.add_argument_group("retrieval beyond the state (--retrieval): MQAR, key-value lookup, multi-key needle, "
                              "variable tracking; K x full layers x (base / trained) x (with / without augmentation)")
     s.add_argument("--retrieval", action="store_true",
-                   help="run the retrieval suite (accuracy with 95%% Wilson intervals; uses --retrieval-n, "
-                        "--retrieval-batch-size, the first bounded policy of --policies and --budgets)")
+                   help="run the retrieval grid (accuracy with 95%% Wilson intervals) for the first bounded policy of "
+                        "--policies and its --budgets")
     s.add_argument("--retrieval-tasks", default="mqar,kv,needles,vartrack", help="comma list of tasks")
     s.add_argument("--retrieval-length", type=int, default=512, help="prompt length in tokens (aim for 4-16x K)")
     s.add_argument("--retrieval-difficulty", default=None,
                    help="one number for every task, or task=N pairs (e.g. 'mqar=4,kv=16'); default: each task's own")
+    s.add_argument("--retrieval-n", type=int, default=16, help="instances per task")
     s.add_argument("--retrieval-seed", type=int, default=0, help="seed of the instances")
+    s.add_argument("--retrieval-batch-size", type=int, default=8, help="instances per forward pass")
     s.add_argument("--full-layers", default="none",
-                   help="';'-separated choices of unbounded layers: none, auto:N (the N layers whose heads put most "
-                        "attention on the answer's source over a probe set), random:N, first/middle/last, 3+17")
+                   help="';'-separated hybrids, each in the notation of a recipe's budget.hybrid: none, auto:N (the N "
+                        "layers whose heads put most attention on the answer's source over a probe set of "
+                        "--retrieval-tasks), random:N, first/middle/last, an index, 3+17")
     s.add_argument("--augment", default="both", choices=("off", "on", "both", "bounded"),
                    help="retrieval augmentation (BM25 chunks re-inserted before the question) of the bounded model: "
                         "without, with, both; 'bounded': both for the all-bounded model, without for hybrids")
-    s.add_argument("--no-full-state", action="store_true", help="leave out the full-state row (measured elsewhere)")
     s.add_argument("--augment-tokens", type=int, default=None, help="tokens re-inserted at most (default: K)")
+    s.add_argument("--no-full-state", action="store_true", help="leave out the full-state row (measured elsewhere)")
     g = p.add_argument_group("long generation (--tasks generation)")
     g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
     g.add_argument("--gen-prompts", type=int, default=3, help="number of prompts (held-out Gutenberg passages)")
@@ -181,24 +189,25 @@ def check_args(args) -> BudgetSpec | None:
     from .recipe import DTYPES
 
     tasks = _tasks_of(args)
-    unknown = tasks - {"ppl", "retrieval", "generation"}
+    if "retrieval" in tasks:
+        raise ArgError("--tasks retrieval: removed with the old associative-recall/needle retrieval; use --retrieval "
+                       "(with --retrieval-tasks, --full-layers)")
+    unknown = tasks - {"ppl", "generation"}
     if unknown or not (tasks or args.retrieval):
-        raise ArgError(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, retrieval, generation")
+        raise ArgError(f"--tasks: unknown task(s) {sorted(unknown)}; allowed: ppl, generation (retrieval: --retrieval)")
     if args.baseline_adapter and not args.adapter:
         raise ArgError("--baseline-adapter: compares two adapters; give the tuned one with --adapter too")
     if args.baseline_adapter and not (Path(args.baseline_adapter) / "adapter_config.json").is_file():
         raise ArgError(f"--baseline-adapter: no adapter (adapter_config.json) in {args.baseline_adapter}")
-    for p in _csv(args.policies) + _csv(args.hybrid_policies):
+    for p in _csv(args.policies):
         if p not in POLICIES:
             raise ArgError(f"--policies: unknown policy {p!r}; allowed: {', '.join(POLICIES)}")
     if args.policies is not None and not _csv(args.policies):
         raise ArgError(f"--policies: empty; allowed: {', '.join(POLICIES)}")
     budgets = _ints("--budgets", args.budgets, 1)
-    _ints("--hybrid-budgets", args.hybrid_budgets, 1)
     for option, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
                                ("--max-windows", args.max_windows, 0), ("--sinks", args.sinks, 0),
                                ("--recent", args.recent, 0), ("--retrieval-n", args.retrieval_n, 1),
-                               ("--recall-pairs", args.recall_pairs, 1), ("--needle-words", args.needle_words, 1),
                                ("--retrieval-batch-size", args.retrieval_batch_size, 1),
                                ("--gen-tokens", args.gen_tokens, 1), ("--gen-prompts", args.gen_prompts, 1),
                                ("--gen-prompt-words", args.gen_prompt_words, 1)):
@@ -316,28 +325,6 @@ def _grid(args, spec: BudgetSpec | None):
     return specs
 
 
-def _retrieval(args, model, tokenizer, specs, adapter_on, progress) -> list[dict]:
-    from .retrieval import associative_recall, evaluate_retrieval, hybrid_spec, needle_in_haystack
-
-    pairs = args.recall_pairs
-    dist = args.recall_distance if args.recall_distance is not None else max(0, pairs - 4)
-    nd = args.needle_distance if args.needle_distance is not None else (3 * args.needle_words) // 4
-    tasks = {"recall": associative_recall(args.retrieval_n, pairs=pairs, distance=dist),
-             "needle": needle_in_haystack(args.retrieval_n, context_words=args.needle_words, distance_words=nd)}
-    n_layers = model.config.num_hidden_layers
-    bounded = [s for s in specs if s.policy != "full" and isinstance(s.budget, int)]
-    hybrid_policies = _csv(args.hybrid_policies) or ([bounded[0].policy] if bounded else [])
-    hybrid_budgets = [int(b) for b in _csv(args.hybrid_budgets)] or [s.budget for s in bounded]
-    all_specs = list(specs)
-    for layers in [x for x in (args.hybrid_layers or "").split(";") if x.strip()]:
-        for s in bounded:
-            if s.policy in hybrid_policies and s.budget in hybrid_budgets:
-                all_specs.append(hybrid_spec(s.policy, s.budget, n_layers, layers.split("+"), sinks=s.sinks,
-                                             recent=s.recent))
-    return evaluate_retrieval(model, tokenizer, tasks, all_specs, args.retrieval_batch_size, args.chat,
-                              progress=progress, adapter_on=adapter_on)
-
-
 def baseline_records(model, folder, windows, specs, batch_size, progress) -> list[dict]:
     """The same specs with a second adapter loaded beside the first (peft multi-adapter, no
     second copy of the base weights); the first adapter is active again afterwards."""
@@ -353,7 +340,7 @@ def baseline_records(model, folder, windows, specs, batch_size, progress) -> lis
 
 def _suite_args(args) -> dict:
     """The --retrieval options, checked (task names, difficulties, full-layer choices)."""
-    from .retrieval import parse_hybrid
+    from .hybrid import parse_hybrid
     from .retrieval_tasks import TASKS
 
     tasks = _csv(args.retrieval_tasks)
@@ -380,7 +367,8 @@ def _suite_args(args) -> dict:
 
 
 def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, beside: bool) -> list[dict]:
-    from .retrieval import grid_table, probe_instances, retrieval_grid
+    from .hybrid import parse_hybrid, probe_instances
+    from .retrieval import grid_table, retrieval_grid
     from .retrieval_tasks import make_task
 
     tasks = {t: make_task(t, args.retrieval_n, args.retrieval_length, suite["difficulty"][t],
@@ -389,7 +377,7 @@ def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, bes
     policy = bounded[0].policy if bounded else "tova"
     budgets = list(dict.fromkeys(s.budget for s in bounded if s.policy == policy))
     probe = probe_instances(tokenizer, tasks=tuple(suite["tasks"]), length=min(256, args.retrieval_length)) \
-        if any(h.startswith("auto:") for h in suite["hybrids"]) else None
+        if any(parse_hybrid(h)[0] == "auto" for h in suite["hybrids"]) else None
     records: list[dict] = []
 
     def save(partial):  # a long run keeps what it measured so far
@@ -487,33 +475,9 @@ def _main(argv=None) -> int:
                                title=f"{Path(args.model).name}: perplexity vs budget "
                                      f"({args.text}, {args.seq_len}-token windows)")
             print(f"\nplot: {args.plot}")
-    if "retrieval" in tasks:
-        from .retrieval import retrieval_table
-
-        retrieval = []
-        for adapter_on, adapted in passes:
-            recs = _retrieval(args, model, tokenizer, specs, adapter_on, progress)
-            for r in recs:
-                if adapted is not None:
-                    r["adapted"] = adapted
-            retrieval += recs
-        out["retrieval"] = retrieval
-        print("\n## In-context retrieval (teacher-forced greedy check of the answer tokens)\n")
-        for adapted in ([False, True] if adapter else [None]):
-            recs = [r for r in retrieval if r.get("adapted") == adapted]
-            if adapter:
-                print(f"\n### {'adapted' if adapted else 'base'}\n")
-            print(retrieval_table(recs))
-        if args.plot:
-            from .plots import plot_retrieval
-
-            path = Path(args.plot)
-            rpath = path.with_name(path.stem + "_retrieval" + path.suffix) if "ppl" in tasks else path
-            plot_retrieval(retrieval, rpath)
-            print(f"\nplot: {rpath}")
     if suite is not None:
         out["retrieval_suite"] = _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress,
-                                                  "ppl" in tasks or "retrieval" in tasks)
+                                                  "ppl" in tasks)
     if "generation" in tasks:
         prompts = default_prompts(args.gen_prompts, args.gen_prompt_words)
         gen_specs = [s for s in specs if s.policy != "full"]

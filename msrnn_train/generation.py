@@ -120,6 +120,10 @@ def generation_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The passkey-retrieval filler (Mohtashami & Jaggi, 2023): the prompts when no book is at hand.
+GENERATED_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
 def default_prompts(n: int = 3, words: int = 120, seed: int = 0) -> list[str]:
     """``n`` passages of held-out Gutenberg text (``words`` words each) to continue; generated
     filler sentences when the books are not available."""
@@ -131,8 +135,6 @@ def default_prompts(n: int = 3, words: int = 120, seed: int = 0) -> list[str]:
         books = gutenberg_books()
         names = [b for b in DEFAULT_HELDOUT if b in books] or sorted(books)
     except Exception:  # noqa: BLE001
-        from .retrieval import GENERATED_FILLER
-
         return [" ".join((GENERATED_FILLER + " ").split() * 8)[: words * 6]] * n
     rng = random.Random(seed)
     prompts = []

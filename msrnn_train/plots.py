@@ -1,7 +1,8 @@
 """Figures of the evaluation: perplexity vs budget, retrieval accuracy vs budget.
 
 Matplotlib with the Agg backend (no display needed). Budgets on a log-2 x axis; the
-full-state model is a dashed horizontal line; base model solid, adapted model dashed.
+full-state model is a dashed horizontal line; base model solid, adapted model dashed
+(perplexity), configurations with their 95 % intervals (retrieval, `plot_recall_vs_budget`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocat
 
 POLICY_COLORS = {"tova": "tab:blue", "tova_head": "tab:cyan", "sinks": "tab:green", "h2o": "tab:orange",
                  "window": "tab:red"}
-
-
-POLICY_MARKERS = {"tova": "o", "tova_head": "P", "sinks": "s", "h2o": "D", "window": "v"}
 
 
 def _color(policy: str, i: int) -> str:
@@ -118,37 +116,6 @@ def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
-
-
-def plot_retrieval(records: list[dict], path, title: str | None = None) -> Path:
-    """Retrieval accuracy against budget, one panel per task: one line per policy (solid),
-    hybrids with full layers dotted, the full-state accuracy as a dashed horizontal line.
-    With adapted records, only the adapted ones are drawn dashed beside the base ones."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), dpi=120, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        recs = [r for r in records if r["task"] == task]
-        lines: dict[tuple, list[tuple[int, float]]] = {}
-        for r in recs:
-            if r["policy"] == "full":
-                ax.axhline(100 * r["accuracy"], color="black" if not r.get("adapted") else "gray", ls="--",
-                           label=f"full state{' (adapted)' if r.get('adapted') else ''}")
-                continue
-            key = (r["policy"], tuple(r.get("full_layers") or ()), bool(r.get("adapted")))
-            lines.setdefault(key, []).append((r["budget"], 100 * r["accuracy"]))
-        budgets = sorted({b for v in lines.values() for b, _ in v})
-        for i, ((policy, full_layers, adapted), pts) in enumerate(lines.items()):
-            xs, ys = zip(*sorted(pts))
-            style = ":" if full_layers else "--" if adapted else "-"
-            label = policy + (f" + full layer{'s' if len(full_layers) > 1 else ''} {list(full_layers)}"
-                              if full_layers else "") + (" (adapted)" if adapted else "")
-            # overlapping lines stay visible: a marker shape per policy, decreasing sizes, some alpha
-            ax.plot(xs, ys, style, marker="^" if full_layers else POLICY_MARKERS.get(policy, "o"),
-                    ms=max(4, 10 - 1.5 * i), alpha=0.85, lw=2, label=label,
-                    color=_color(policy, 0) if not full_layers else f"C{(i + 4) % 10}")
-        dist = [r["distance_tokens"] for r in recs]
-        _accuracy_axis(ax, budgets, f"{task} (answer ≈{sum(dist) / len(dist):.0f} tokens back)")
-    return _save(fig, path, suptitle=title)
 
 
 def _config_label(r: dict) -> str:

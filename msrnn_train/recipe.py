@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError, RecipeWarning
+from .hybrid import parse_hybrid
 from .policies import POLICIES
 from .retention import RELAXATIONS
 from .spec import BudgetError, BudgetSpec
@@ -310,12 +311,10 @@ class Recipe:
                 raise RecipeError("budget.train_budgets: cannot be combined with soft.budget_ramp_start; "
                                   "set one of them to null")
         if b.hybrid is not None:
-            from .retrieval import parse_hybrid
-
             try:
-                parse_hybrid(str(b.hybrid))
+                parse_hybrid(b.hybrid)
             except ValueError as err:
-                raise RecipeError(f"budget.{err}") from None
+                raise RecipeError(f"budget.hybrid: {err}") from None
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
                 raise RecipeError(f"budget.hybrid: {b.hybrid!r} keeps some layers unbounded and bounds the others to "
                                   f"one integer budget.budget (got policy={b.policy!r}, budget={b.budget!r})")
@@ -462,7 +461,7 @@ class Recipe:
         warn("budget", changed(b, ("retention", "scorer_hidden")) if not learned_policy else [],
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
-        probe = str(b.hybrid).startswith("auto:")
+        probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"
         warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe else [],
              "without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid auto:N probe")
         if learned_policy:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .hybrid import resolve_hybrid  # noqa: F401 - train.py reads a recipe's hybrid from here (defined in hybrid.py)
 from .losses import IGNORE_INDEX
+from .retrieval_tasks import encode, make_task
 
 
 def retrieval_row(task: str, seed: int, seq_len: int, tokenizer, answer_weight: float = 1.0,
@@ -21,9 +23,6 @@ def retrieval_row(task: str, seed: int, seq_len: int, tokenizer, answer_weight: 
     """One generated instance as a training row of exactly ``seq_len`` tokens: prompt + answer
     (padded on the right with unscored tokens), labels, and loss weights (``answer_weight`` on
     the answer tokens)."""
-    from .retrieval import encode
-    from .retrieval_tasks import make_task
-
     length = seq_len - 4
     while True:
         inst = make_task(task, 1, max(length, 16), seed=seed, tokenizer=tokenizer, filler=filler)[0]
@@ -82,24 +81,3 @@ def training_dataset(recipe, windows: torch.Tensor, tokenizer):
         return WindowDataset(windows)
     return RetrievalMixDataset(windows, tokenizer, d.retrieval_fraction, d.retrieval_tasks,
                                recipe.loss.answer_weight, seed=recipe.training.seed)
-
-
-def resolve_hybrid(recipe, model, tokenizer, spec):
-    """The spec with ``budget.hybrid``'s layers unbounded (``auto:N`` probes the model on
-    generated instances of ``data.retrieval_tasks``); the spec unchanged without a hybrid."""
-    from .retrieval import choose_full_layers, hybrid_spec, probe_instances
-    from .spec import BudgetSpec
-
-    choice = recipe.budget.hybrid
-    if choice is None:
-        return spec
-    probe = None
-    if str(choice).startswith("auto:"):
-        probe = probe_instances(tokenizer, tasks=tuple(recipe.data.retrieval_tasks),
-                                length=min(256, recipe.data.seq_len))
-    layers = choose_full_layers(choice, model, tokenizer, probe=probe, seed=recipe.training.seed)
-    if not layers:
-        return spec
-    hybrid = hybrid_spec(spec.policy, spec.budget, model.config.num_hidden_layers, layers, sinks=spec.sinks,
-                         recent=spec.recent)
-    return BudgetSpec.from_dict({**spec.to_dict(), "budget": hybrid.budget})  # retention, scorer_hidden, ... kept

@@ -29,6 +29,8 @@ deep), so at least half the prompt separates it from the question: no recency ru
 Every instance's ``meta`` holds ``evidence`` (the substring holding the answer; it occurs
 once), ``source`` (the answer's character span inside the prompt: where a retrieving head
 should look) and ``question`` (the prompt's tail after the material to be searched).
+`encode` tokenizes an instance as the scorer (`retrieval.py`), the layer probe (`hybrid.py`)
+and the training rows (`retrieval_data.py`) all read it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ KEY_WORDS = (
 class Instance:
     """One retrieval question: the model sees ``prompt`` and must continue with ``answer``."""
 
-    task: str  # "recall" or "needle"
+    task: str  # a name of `TASKS`, or any label (e.g. "custom" in the tests)
     prompt: str
     answer: str
     meta: dict = field(default_factory=dict)
@@ -334,6 +336,36 @@ def make_task(task: str, n: int, length: int, difficulty: int | None = None, see
     count = words if tokenizer is None else token_counter(tokenizer)
     diff = DEFAULT_DIFFICULTY[task] if difficulty is None else difficulty
     return TASKS[task](n, length, diff, seed=seed, count=count, filler=filler)
+
+
+@dataclass
+class Encoded:
+    ids: list[int]  # prompt + answer, tokenized as one text
+    answer_start: int  # index of the first answer token
+    evidence_end: int  # index just after the statement that holds the answer (the prompt's end if unknown)
+
+
+def encode(instance: Instance, tokenizer) -> Encoded:
+    """Tokenize prompt + answer as one text (the tokenizer's default settings, special tokens
+    included) and locate the answer and the end of ``meta["evidence"]``."""
+    prompt = instance.prompt
+    text = prompt + instance.answer
+    evidence = instance.meta.get("evidence")
+    evidence_char = prompt.index(evidence) + len(evidence) if evidence and evidence in prompt else len(prompt)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        # a token straddling the prompt/answer boundary counts as an answer token
+        start = next(i for i, (a, b) in enumerate(offsets) if b > len(prompt) and b > a)
+        evidence_end = next((i for i, (a, b) in enumerate(offsets) if b > evidence_char and b > a), len(ids))
+    except (NotImplementedError, StopIteration, KeyError, TypeError, ValueError):  # slow tokenizers
+        head = tokenizer(prompt)["input_ids"]
+        ids = list(head) + tokenizer(instance.answer, add_special_tokens=False)["input_ids"]
+        start = len(head)
+        evidence_end = len(tokenizer(prompt[:evidence_char])["input_ids"])
+    if start >= len(ids):
+        raise ValueError(f"the answer {instance.answer!r} has no tokens")
+    return Encoded(ids, start, evidence_end)
 
 
 def answer_is_unique(inst: Instance) -> bool:

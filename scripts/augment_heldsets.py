@@ -34,8 +34,7 @@ from msrnn_train.controller import budget_scope, record_schedules
 from msrnn_train.models import load_model
 from msrnn_train.policies.base import register
 from msrnn_train.policies.tova import TOVA
-from msrnn_train.retrieval import encode
-from msrnn_train.retrieval_tasks import make_task, token_counter
+from msrnn_train.retrieval_tasks import encode, make_task, token_counter
 from msrnn_train.spec import BudgetSpec
 
 N_SINKS = 4  # "first tokens": the attention-sink candidates

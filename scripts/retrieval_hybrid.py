@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     from msrnn_train.evaluate import evaluate_specs
     from msrnn_train.hub import load_bounded
     from msrnn_train.models import load_model
-    from msrnn_train.retrieval import grid_table, hybrid_spec, probe_instances, retrieval_grid
+    from msrnn_train.hybrid import hybrid_spec, probe_instances
+    from msrnn_train.retrieval import grid_table, retrieval_grid
     from msrnn_train.retrieval_tasks import make_task
     from msrnn_train.spec import BudgetSpec
 

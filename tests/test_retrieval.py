@@ -1,96 +1,40 @@
-"""In-context retrieval: generators (deterministic, answers checkable and unique), the
-teacher-forced scorer against real greedy decoding through a bounded cache, hybrids, and -
-slow - the real SmolLM2 model solving easy instances with its full state."""
+"""In-context retrieval: the teacher-forced scorer against real greedy decoding through a bounded
+cache, `encode`, the one hybrid notation (the recipe's budget.hybrid and evaluate --full-layers read
+the same strings with the same parser), the removed retrieval interface refused by name, and -
+slow - the real SmolLM2 model solving easy MQAR with its full state and failing with a small window."""
 
-import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_model
 from test_evaluate import tiny_text, tiny_tokenizer
 
-from msrnn_train.compat import cache_kwargs
 from msrnn_train import BudgetSpec, apply_budget, get_budget, make_cache, remove_budget
-from msrnn_train.retrieval import (
-    GENERATED_FILLER,
-    KEY_WORDS,
-    NEEDLE,
-    Instance,
-    accuracy,
-    associative_recall,
-    encode,
-    evaluate_retrieval,
-    hybrid_spec,
-    needle_in_haystack,
-    solved,
-)
+from msrnn_train.compat import cache_kwargs
+from msrnn_train.eval_cli import REMOVED_OPTIONS, ArgError, _suite_args, build_parser, main
+from msrnn_train.hybrid import HYBRID_NAMES, hybrid_spec, parse_hybrid
+from msrnn_train.recipe import Recipe, RecipeError, load_recipe
+from msrnn_train.retrieval import accuracy, retrieval_grid, solved
+from msrnn_train.retrieval_tasks import Instance, encode, make_task
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
-# ----------------------------------------------------------------------------- generators
-def test_recall_is_deterministic_and_seeded():
-    a = associative_recall(5, pairs=12, seed=3)
-    assert a == associative_recall(5, pairs=12, seed=3)
-    assert [x.prompt for x in a] != [x.prompt for x in associative_recall(5, pairs=12, seed=4)]
-    assert len({x.prompt for x in a}) == 5
-
-
-@pytest.mark.parametrize("pairs,distance", [(1, 0), (8, 0), (8, 7), (30, 26), (20, None)])
-def test_recall_answer_is_unique_and_at_the_stated_distance(pairs, distance):
-    for inst in associative_recall(10, pairs=pairs, distance=distance, seed=1):
-        body, _, query = inst.prompt.rpartition("\n\n")
-        lines = [ln for ln in body.splitlines() if re.fullmatch(r"[a-z]+: \d+", ln)]
-        kv = [ln.split(": ") for ln in lines]
-        keys, values = [k for k, _ in kv], [v for _, v in kv]
-        assert len(kv) == pairs and len(set(keys)) == pairs and len(set(values)) == pairs
-        assert set(keys) <= set(KEY_WORDS) and all(len(v) == 2 for v in values)
-        *demos, query = query.split("\n")
-        assert len(demos) == min(2, pairs - 1)
-        for demo in demos:  # answered queries of other keys, true to the list
-            k, v = demo.split(": ")
-            assert values[keys.index(k)] == v
-        assert query.endswith(": ")
-        key = query[:-2]
-        assert key not in [d.split(": ")[0] for d in demos]
-        assert keys.count(key) == 1
-        i = keys.index(key)
-        assert values[i] == inst.answer  # the only value that answers the question
-        assert pairs - 1 - i == inst.meta["distance"]
-        if distance is not None:
-            assert inst.meta["distance"] == distance
-
-
-def test_recall_rejects_impossible_settings():
-    with pytest.raises(ValueError):
-        associative_recall(1, pairs=5, distance=5)
-    with pytest.raises(ValueError):
-        associative_recall(1, pairs=20, value_digits=1)
-
-
-@pytest.mark.parametrize("filler", [GENERATED_FILLER, None])
-def test_needle_once_with_checkable_answer_and_distance(filler):
-    insts = needle_in_haystack(6, context_words=200, distance_words=150, seed=2, filler=filler)
-    assert insts == needle_in_haystack(6, context_words=200, distance_words=150, seed=2, filler=filler)
-    for inst in insts:
-        assert re.fullmatch(r"\d{4}", inst.answer)
-        needles = re.findall(r"The secret number is (\d+)\.", inst.prompt)
-        assert needles == [inst.answer]  # exactly one needle; it holds the answer
-        after = inst.prompt.split(NEEDLE.format(number=inst.answer))[1].split("\n\nWhat is")[0]
-        assert len(after.split()) == inst.meta["distance"]
-        assert 150 <= inst.meta["distance"] <= 180  # moved back to a sentence end, at most 30 words
-        assert inst.prompt.endswith("The secret number is ")
-    if filler is None:
-        assert insts[0].meta["filler"].startswith(("gutenberg:", "generated"))
-
-
+# ----------------------------------------------------------------------------- encode
 def test_encode_locates_answer_and_evidence():
     tok = tiny_tokenizer()
-    inst = associative_recall(1, pairs=4, distance=1)[0]
-    inst = Instance("recall", inst.prompt, inst.answer, inst.meta)
+    inst = make_task("mqar", 1, 40, difficulty=2)[0]
     enc = encode(inst, tok)
     assert tok.decode(enc.ids[enc.answer_start:]).replace(" ", "") == inst.answer
     assert enc.ids[:enc.answer_start] == tok(inst.prompt)["input_ids"]
-    # evidence: the queried line ends 1 pair (4 tokens: key, ':', two digits) + blank before the question
+    # the evidence (the asked pair's line) ends before the demo queries and the question
+    evidence_end_char = inst.prompt.index(inst.meta["evidence"]) + len(inst.meta["evidence"])
+    assert enc.evidence_end == len(tok(inst.prompt[:evidence_end_char])["input_ids"])
     assert 0 < enc.evidence_end < enc.answer_start
+    custom = encode(Instance("custom", "the king : ", "4"), tok)  # no evidence known: the prompt's end
+    assert custom.evidence_end == custom.answer_start
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -139,44 +83,116 @@ def test_scorer_sees_the_budget():
     assert solved(model, tok, insts, progress=False) != [True] * 5
 
 
+# ----------------------------------------------------------------------------- one hybrid notation
 def test_hybrid_spec_and_labels():
     spec = hybrid_spec("tova", 64, 30, ["middle"])
     assert spec.budget == [64] * 15 + [None] + [64] * 14
     assert spec.layer_budget(15) is None and spec.layer_budget(0) == 64
     assert hybrid_spec("sinks", 8, 4, ["last", 0]).budget == [None, 8, 8, None]
+    assert hybrid_spec("tova", 8, 4, "-1").budget == [8, 8, 8, None]
     assert spec.label == "tova-64+full[15]"
-    assert BudgetSpec(policy="h2o", budget=32).label == "h2o-32"
-    assert BudgetSpec(policy="full").label == "full"
     with pytest.raises(ValueError):
         hybrid_spec("tova", 8, 4, [4])
 
 
-def test_evaluate_retrieval_records_and_restores_spec():
-    tok = tiny_tokenizer()
-    model = tiny_model()
-    model.resize_token_embeddings(len(tok))
-    own = BudgetSpec(policy="h2o", budget=5)
-    apply_budget(model, own)
-    tasks = {"custom": _greedy_instances(model, tok, n=3)}
-    specs = [BudgetSpec(policy="full"), BudgetSpec(policy="h2o", budget=5), hybrid_spec("tova", 3, 3, ["last"])]
-    recs = evaluate_retrieval(model, tok, tasks, specs, batch_size=2, progress=False)
-    assert [(r["label"], r["budget"], r["full_layers"]) for r in recs] == [
-        ("full", None, []), ("h2o-5", 5, []), ("tova-3+full[2]", 3, [2])]
-    assert recs[1]["accuracy"] == 1.0  # the answers are h2o-5's own greedy continuations
-    assert get_budget(model) == own
+def test_parse_hybrid_reads_every_form():
+    assert parse_hybrid(None) == parse_hybrid("none") == ("none", [])
+    assert parse_hybrid("auto:3") == ("auto", 3) and parse_hybrid("random:1") == ("random", 1)
+    assert parse_hybrid("middle") == ("fixed", ["middle"])
+    assert parse_hybrid("0+last") == ("fixed", ["0", "last"])
+    assert parse_hybrid(17) == parse_hybrid("17") == ("fixed", ["17"])  # YAML reads `hybrid: 17` as an int
+    assert parse_hybrid(-1) == ("fixed", ["-1"])
+    for bad in ("auto:x", "auto:0", "some", "3+x", "first+", "auto:", ""):
+        with pytest.raises(ValueError, match="auto:N|N >= 1"):
+            parse_hybrid(bad)
+
+
+def _recipe_hybrid(value):
+    """budget.hybrid read by the recipe (None: accepted), else its one-line error. The value goes
+    in as the string a quoted YAML value gives (an unquoted `3` is an int: the same layer)."""
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    raw["budget"]["hybrid"] = value
+    try:
+        Recipe.from_dict(raw)
+    except RecipeError as err:
+        return str(err)
+    return None
+
+
+def _cli_hybrid(value):
+    """--full-layers read by the command line (None: accepted), else its one-line error."""
+    args = build_parser().parse_args(["--retrieval", "--full-layers", value])
+    try:
+        _suite_args(args)
+    except ArgError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("value", ["none", "auto:1", "auto:12", "random:2", "first", "middle", "last", "3", "-1",
+                                   "3+17", "0+last", "auto:0", "auto:x", "random:", "some", "3+x", "first+",
+                                   "middle;last"])
+def test_recipe_and_cli_accept_the_same_hybrid_strings(value):
+    """budget.hybrid and --full-layers: the same strings accepted, the same message for the others
+    (the CLI's ';' joins several hybrids for a grid; the recipe takes one)."""
+    recipe, cli = _recipe_hybrid(value), _cli_hybrid(value)
+    if ";" in value:
+        assert cli is None and recipe is not None and "budget.hybrid:" in recipe
+        return
+    try:
+        parse_hybrid(value)
+        expected = None
+    except ValueError as err:
+        expected = str(err)
+    assert recipe == (None if expected is None else f"budget.hybrid: {expected}")
+    assert cli == (None if expected is None else f"--full-layers: {expected}")
+    if expected is None and value.lstrip("-").isdigit():  # unquoted in YAML or on the command line: an int
+        assert load_recipe(TINY_RECIPE, {"budget.hybrid": value}).budget.hybrid == int(value)
+        assert _recipe_hybrid(int(value)) is None and parse_hybrid(int(value)) == parse_hybrid(value)
+
+
+def test_help_lists_one_retrieval_interface():
+    parser = build_parser()
+    text = parser.format_help()
+    for flag in REMOVED_OPTIONS:
+        assert flag not in text
+    groups = [g for g in parser._action_groups if "retrieval" in (g.title or "")]
+    assert len(groups) == 1
+    ours = {o for a in groups[0]._group_actions for o in a.option_strings}
+    assert {"--retrieval", "--retrieval-tasks", "--retrieval-n", "--retrieval-batch-size", "--full-layers",
+            "--augment"} <= ours
+    named = {o for a in parser._actions for o in a.option_strings if "retrieval" in o or "full-layers" in o}
+    assert named <= ours  # no retrieval option outside the one group
+    assert "budget.hybrid" in text and all(n.split(":")[0] in text for n in HYBRID_NAMES[:3])
+
+
+@pytest.mark.parametrize("flag", list(REMOVED_OPTIONS))
+def test_removed_retrieval_options_are_refused_naming_the_replacement(flag, monkeypatch, capsys):
+    import msrnn_train.models
+
+    monkeypatch.setattr(msrnn_train.models, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    argv = [flag] if flag == "--chat" else [f"{flag}=middle" if flag == "--hybrid-layers" else flag, "4"]
+    code = main(["--model", "random:tiny-llama", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    replacement = REMOVED_OPTIONS[flag].split()[0]
+    assert err[0].startswith(f"evaluate: error: {flag}: removed") and f"use {replacement}" in err[0]
+    assert replacement in build_parser()._option_string_actions  # the replacement exists
+
+
+def test_tasks_retrieval_is_refused_naming_retrieval(monkeypatch, capsys):
+    code = main(["--tasks", "ppl,retrieval"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("evaluate: error: --tasks retrieval: removed") and "use --retrieval" in err
 
 
 # ----------------------------------------------------------------------------- the real model
 @pytest.mark.slow
-def test_smollm2_full_state_solves_easy_instances_and_a_small_window_does_not(smollm2):
+def test_smollm2_full_state_solves_easy_mqar_and_a_small_window_does_not(smollm2):
     model, tok = smollm2
-    recall = associative_recall(12, pairs=8, distance=5, seed=0)
-    needle = needle_in_haystack(8, context_words=250, distance_words=180, seed=0)
-    assert accuracy(model, tok, recall, progress=False)["accuracy"] >= 0.6
-    full = accuracy(model, tok, needle, progress=False)
-    assert full["accuracy"] >= 0.75 and full["distance_tokens"] > 200
-    # the needle is ~250 tokens back: a 16-state window cannot hold it
-    res = evaluate_retrieval(model, tok, {"needle": needle}, [BudgetSpec(policy="window", budget=16)],
-                             progress=False)
-    assert res[0]["accuracy"] <= 0.25
+    tasks = {"mqar": make_task("mqar", 12, 256, difficulty=4, tokenizer=tok)}
+    recs = retrieval_grid(model, tok, tasks, [16], policy="window", augment=(False,), progress=False)
+    full, window = recs
+    assert full["budget"] is None and full["accuracy"] >= 0.75 and full["distance_tokens"] > 100
+    assert window["budget"] == 16 and window["accuracy"] <= 0.25  # the source is > 100 tokens back
     assert get_budget(model) is None

@@ -14,18 +14,16 @@ from test_evaluate import _tiny_model_dir, tiny_text, tiny_tokenizer
 from msrnn_train import BudgetSpec, apply_budget, get_budget
 from msrnn_train.augment import ChunkStore, augment
 from msrnn_train.eval_cli import main
-from msrnn_train.retrieval import (
-    Instance,
+from msrnn_train.hybrid import (
     choose_full_layers,
-    encode,
-    parse_hybrid,
+    eager_attention,
+    probe_instances,
     rank_layers,
-    retrieval_grid,
     retrieval_head_scores,
     source_positions,
-    wilson,
 )
-from msrnn_train.retrieval_tasks import TASKS, answer_is_unique, make_task, token_counter, words
+from msrnn_train.retrieval import retrieval_grid, wilson
+from msrnn_train.retrieval_tasks import TASKS, Instance, answer_is_unique, encode, make_task, token_counter, words
 
 # real-looking prose without downloads: sentences of varied words (the books are used by default)
 FILLER = " ".join(f"{w.capitalize()} {tiny_text(7, seed=i)}." for i, w in enumerate(tiny_text(600, seed=1).split()))
@@ -188,9 +186,7 @@ def test_probe_mass_is_a_softmax_share_and_leaves_the_model_as_it_was():
     enc = encode(one, tok)
     s = retrieval_head_scores(model, tok, [one])
     # against the plain attention probabilities of the eager model
-    from msrnn_train.retrieval import _eager_attention
-
-    with _eager_attention(model), torch.no_grad():
+    with eager_attention(model), torch.no_grad():
         att = model(input_ids=torch.tensor([enc.ids]), output_attentions=True).attentions
     ref = torch.stack([a[0, :, enc.answer_start - 1, 1] for a in att])
     assert torch.allclose(s, ref, atol=1e-6) and (s > 0).all() and (s < 1).all()
@@ -208,12 +204,19 @@ def test_rank_and_choice_of_full_layers():
     probe = [Instance("custom", f"{tiny_text(12, seed=i)} : ", "4", {"source": [0, 9]}) for i in range(3)]
     auto = choose_full_layers("auto:2", model, tok, probe=probe)
     assert auto == sorted(rank_layers(retrieval_head_scores(model, tok, probe))[:2])
-    assert parse_hybrid("auto:3") == ("auto", 3) and parse_hybrid(None) == ("none", [])
-    for bad in ("auto:x", "some", "auto:0"):
-        with pytest.raises(ValueError, match="hybrid"):
-            parse_hybrid(bad)
     with pytest.raises(ValueError, match="of 4 layers"):
         choose_full_layers("auto:5", model, tok, probe=probe)
+    with pytest.raises(ValueError, match="out of range"):
+        choose_full_layers("0+4", model)
+
+
+def test_probe_set_draws_each_named_task_apart_from_the_evaluation_seed():
+    tok = tiny_tokenizer()
+    probe = probe_instances(tok, n=4, length=60, tasks=("mqar",))  # (kv, needles, vartrack read the books)
+    assert [i.task for i in probe] == ["mqar"] * 4 and all(i.meta["seed"] == 10_000 for i in probe)
+    assert [i.prompt for i in probe] != [i.prompt for i in make_task("mqar", 4, 60, tokenizer=tok)]
+    with pytest.raises(ValueError, match="no task"):
+        probe_instances(tok, tasks=())
 
 
 # ----------------------------------------------------------------------------- the grid and the CLI

@@ -104,7 +104,7 @@ def test_recipe_warns_about_an_answer_weight_without_retrieval_rows(tmp_path):
 # ----------------------------------------------------------------------------- a tiny run
 def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypatch):
     import msrnn_train.train as T
-    from msrnn_train.retrieval import choose_full_layers, probe_instances
+    from msrnn_train.hybrid import choose_full_layers, probe_instances
 
     seen = {}
     real = T.BoundedTrainer.compute_loss
@@ -136,8 +136,8 @@ def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypat
 def test_a_hybrid_keeps_every_other_key_of_the_spec(tmp_path):
     """budget.hybrid only unbounds layers: a learned policy's retention and scorer width, h2o's recent
     window and the prefill chunk of the spec stay as they were."""
+    from msrnn_train.hybrid import resolve_hybrid
     from msrnn_train.models import random_model
-    from msrnn_train.retrieval_data import resolve_hybrid
 
     model, tok = random_model()
     # (tiny.yaml trains soft-TOVA: a learned policy runs hard, with tiny's soft.tau_end back at its default)
