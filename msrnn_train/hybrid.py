@@ -6,7 +6,7 @@ command line (``python -m msrnn_train.evaluate --full-layers``, several choices 
 * ``null`` / ``"none"`` - no full layer (all bounded);
 * ``"auto:N"`` - the N layers whose heads put the most attention on the answer's source over a
   probe set of generated retrieval prompts (`probe_instances`; the recipe's
-  ``data.retrieval_tasks``);
+  ``budget.hybrid_probe_tasks``);
 * ``"random:N"`` - N layers drawn with a seed;
 * ``"first"``, ``"middle"``, ``"last"``, an index (``3``, ``-1``), or several joined by ``+``
   (``"3+17"``, ``"0+last"``).
@@ -160,13 +160,13 @@ def choose_full_layers(choice, model, tokenizer=None, probe: list[Instance] | No
 # ----------------------------------------------------------------------------- a recipe's hybrid
 def resolve_hybrid(recipe, model, tokenizer, spec: BudgetSpec) -> BudgetSpec:
     """The spec with ``budget.hybrid``'s layers unbounded (``auto:N`` probes the model on
-    generated instances of ``data.retrieval_tasks``); the spec unchanged without a hybrid."""
+    generated instances of ``budget.hybrid_probe_tasks``); the spec unchanged without a hybrid."""
     choice = recipe.budget.hybrid
     if choice is None:
         return spec
     probe = None
     if parse_hybrid(choice)[0] == "auto":
-        probe = probe_instances(tokenizer, tasks=tuple(recipe.data.retrieval_tasks), length=min(256, recipe.data.seq_len))
+        probe = probe_instances(tokenizer, tasks=tuple(recipe.probe_tasks()), length=min(256, recipe.data.seq_len))
     layers = choose_full_layers(choice, model, tokenizer, probe=probe, seed=recipe.training.seed)
     if not layers:
         return spec

@@ -6,7 +6,7 @@ A recipe is a few flat sections whose names follow `transformers.TrainingArgumen
     model:    {source, dtype, attn_implementation}
     data:     {source, seq_len, heldout, ...}
     budget:   {policy, budget, sinks, recent, retention, scorer_hidden} -> msrnn_train.BudgetSpec;
-              {mode, train_budgets, hybrid}: how training runs it
+              {mode, train_budgets, hybrid, hybrid_probe_tasks}: how training runs it
     lora:     {r, alpha, dropout, target_modules, bias}
     loss:     {lm_weight, kl_weight, kl_temperature}
     soft:     {tau_start, tau_end, hard_fraction, budget_ramp_start, ramp_fraction}
@@ -42,6 +42,7 @@ from .errors import RecipeError, RecipeWarning
 from .hybrid import parse_hybrid
 from .policies import POLICIES
 from .retention import RELAXATIONS
+from .retrieval_tasks import TASKS
 from .spec import BudgetError, BudgetSpec
 
 RECIPE_FILENAME = "recipe.yaml"
@@ -82,13 +83,15 @@ class DataConfig:
     retrieval_fraction: float = knob(0.0, (
         "share of the training rows that are generated retrieval prompts of seq_len tokens (0: none)"))
     retrieval_tasks: list[str] = knob(factory=lambda: ["mqar", "kv", "needles", "vartrack"], help=(
-        "their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack; also the auto:N probe set"))
+        "their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack"))
 
 
 @dataclass
 class BudgetConfig:
     policy: str = knob("tova", "full | window | sinks | h2o | tova | tova_head")
-    budget: Any = knob(64, 'K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded')
+    budget: Any = knob(64, (
+        'K: an int, a per-layer list, or {layer: K, "default": K}; a hybrid (some layers unbounded) is written '
+        "as budget.hybrid (null layers here still load, with a warning)"))
     sinks: int = knob(4, "sinks (window+i) keeps the first i positions")
     recent: int | None = knob(None, "h2o's protected recent window (null: K // 2)")
     retention: str = knob("decay", (
@@ -104,9 +107,11 @@ class BudgetConfig:
         "adapter serves a range of budgets; `budget` stays the K saved with the adapter"))
     hybrid: str | int | None = knob(None, (
         'layers kept unbounded (a hybrid): null (none), "auto:N" (the N layers whose heads put most attention'
-        " on the answer's source over generated data.retrieval_tasks prompts), \"random:N\", "
-        '"first"/"middle"/"last", or indices joined by "+" ("3+17"); needs one integer budget for the other '
-        "layers"))
+        " on the answer's source over generated hybrid_probe_tasks prompts), \"random:N\", "
+        '"first"/"middle"/"last", an index, or several joined by "+" ("3+17"); needs one integer budget for the '
+        "other layers. The one notation for a hybrid: evaluate --full-layers reads the same strings"))
+    hybrid_probe_tasks: list[str] | None = knob(None, (
+        "the tasks of hybrid auto:N's probe set: mqar, kv, needles, vartrack (null: data.retrieval_tasks)"))
 
 
 @dataclass
@@ -237,6 +242,11 @@ class Recipe:
         return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, retention=b.retention,
                           scorer_hidden=b.scorer_hidden)
 
+    def probe_tasks(self) -> list[str]:
+        """The tasks of budget.hybrid auto:N's probe set: budget.hybrid_probe_tasks, else data.retrieval_tasks."""
+        b = self.budget
+        return list(b.hybrid_probe_tasks if b.hybrid_probe_tasks is not None else self.data.retrieval_tasks)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -275,8 +285,6 @@ class Recipe:
 
         if not 0.0 <= d.retrieval_fraction < 1.0:
             raise RecipeError(f"data.retrieval_fraction: must be in [0, 1), got {d.retrieval_fraction}")
-        from .retrieval_tasks import TASKS
-
         for i, task in enumerate(d.retrieval_tasks):
             _one_of(f"data.retrieval_tasks[{i}]", task, tuple(TASKS))
         if d.retrieval_fraction > 0 and not d.retrieval_tasks:
@@ -318,6 +326,20 @@ class Recipe:
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
                 raise RecipeError(f"budget.hybrid: {b.hybrid!r} keeps some layers unbounded and bounds the others to "
                                   f"one integer budget.budget (got policy={b.policy!r}, budget={b.budget!r})")
+        if b.hybrid_probe_tasks is not None:
+            if not b.hybrid_probe_tasks:
+                raise RecipeError(f"budget.hybrid_probe_tasks: empty; name at least one of {', '.join(TASKS)}, or "
+                                  "null (data.retrieval_tasks)")
+            for i, task in enumerate(b.hybrid_probe_tasks):
+                _one_of(f"budget.hybrid_probe_tasks[{i}]", task, tuple(TASKS))
+        if b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto" and not self.probe_tasks():
+            raise RecipeError(f"budget.hybrid_probe_tasks: {b.hybrid!r} probes the model, but data.retrieval_tasks "
+                              f"(its default) is empty; name at least one of {', '.join(TASKS)}")
+        as_hybrid = _null_layers_as_hybrid(b.budget) if b.policy != "full" else None
+        if as_hybrid is not None:
+            warnings.warn(f"budget.budget: {b.budget} makes a hybrid with null layers; write it as budget.budget: "
+                          f"{as_hybrid[0]} with budget.hybrid: \"{as_hybrid[1]}\" (the one documented notation; this "
+                          "form still loads)", RecipeWarning, stacklevel=2)
         if b.policy != "full" and isinstance(b.budget, dict) and "default" not in b.budget:
             warnings.warn(f"budget.budget: the map {b.budget} has no 'default', so every layer it does not name "
                           "is unbounded (full state); add e.g. default: 64 to bound them", RecipeWarning, stacklevel=2)
@@ -462,8 +484,12 @@ class Recipe:
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
         probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"
-        warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe else [],
-             "without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid auto:N probe")
+        probe_reads_data = probe and b.hybrid_probe_tasks is None
+        warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe_reads_data else [],
+             "without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid auto:N probe that reads it "
+             "(budget.hybrid_probe_tasks: null)")
+        warn("budget", ["hybrid_probe_tasks"] if b.hybrid_probe_tasks is not None and not probe else [],
+             "without budget.hybrid auto:N (only auto:N probes the model)")
         if learned_policy:
             warn("learned", changed(ln, ("tau",)) if ln.relaxation != "ste" else [],
                  f"with learned.relaxation {ln.relaxation!r} (it is ste's temperature)")
@@ -471,6 +497,25 @@ class Recipe:
                  f"with learned.relaxation {ln.relaxation!r} (it weighs decay's capacity loss)")
             warn("learned", changed(ln, ("hard_fraction",)) if ln.relaxation == "none" else [],
                  "with learned.relaxation 'none' (the exact process runs throughout)")
+
+
+def _null_layers_as_hybrid(budget) -> tuple[int, str] | None:
+    """(K, budget.hybrid choice) for a per-layer budget whose layers are either one K or null
+    (unbounded), i.e. a hybrid that budget.hybrid writes; None for anything else."""
+    def unbounded(v):
+        return v is None or v in ("full", "inf")
+
+    if isinstance(budget, list):
+        layers = dict(enumerate(budget))
+    elif isinstance(budget, dict) and isinstance(budget.get("default"), int):
+        layers = {k: v for k, v in budget.items() if k != "default"}
+    else:
+        return None
+    full = sorted(int(k) for k, v in layers.items() if unbounded(v))
+    ks = {v for v in layers.values() if not unbounded(v)} | ({budget["default"]} if isinstance(budget, dict) else set())
+    if not full or len(ks) != 1 or any(isinstance(k, bool) or not isinstance(k, int) for k in ks):
+        return None
+    return ks.pop(), "+".join(map(str, full))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 """Training for retrieval: the answer-weighted loss, generated retrieval rows mixed into the LM
 data, the recipe keys (data.retrieval_fraction, data.retrieval_tasks, loss.answer_weight,
-budget.hybrid) and a tiny run with a probed hybrid (tiny random model)."""
+budget.hybrid, budget.hybrid_probe_tasks, the null-layer budget map's warning) and a tiny run with a
+probed hybrid (tiny random model)."""
 
 import json
 import re
@@ -14,10 +15,11 @@ from conftest import tiny_recipe
 
 from msrnn_train import BudgetSpec
 from msrnn_train.losses import causal_lm_loss, weighted_causal_lm_loss
-from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
+from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
 from msrnn_train.retrieval_data import RetrievalMixDataset, retrieval_row
 
 
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, token caches in a temp folder
 
 
@@ -88,10 +90,74 @@ def test_mix_dataset_holds_the_fraction_and_is_deterministic():
     ({"loss.answer_weight": -1.0}, "loss.answer_weight"),
     ({"budget.hybrid": "auto:x"}, "budget.hybrid"),
     ({"budget.hybrid": "auto:1", "budget.budget": [8, None]}, "budget.hybrid"),
+    ({"budget.hybrid": "auto:1", "budget.hybrid_probe_tasks": ["mqar", "needle"]},
+     r"^budget.hybrid_probe_tasks\[1\]: 'needle' is not allowed. Did you mean 'needles'\? "
+     r"Allowed: mqar, kv, needles, vartrack$"),
+    ({"budget.hybrid": "auto:1", "budget.hybrid_probe_tasks": []},
+     r"^budget.hybrid_probe_tasks: empty; name at least one of mqar, kv, needles, vartrack, or null"),
+    ({"budget.hybrid": "auto:1", "data.retrieval_tasks": []},
+     r"^budget.hybrid_probe_tasks: 'auto:1' probes the model, but data.retrieval_tasks \(its default\) is empty"),
+    ({"budget.hybrid_probe_tasks": "mqar"}, "^budget.hybrid_probe_tasks: expected a list"),
 ])
 def test_recipe_rejects_bad_retrieval_keys(override, match):
-    with pytest.raises(RecipeError, match=match):
-        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", override)
+    with pytest.raises(RecipeError, match=match) as err:
+        load_recipe(TINY, override)
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_the_probe_set_has_its_own_key_and_defaults_to_the_training_tasks(tmp_path, monkeypatch):
+    """budget.hybrid_probe_tasks picks auto:N's probe set; unset, it is data.retrieval_tasks (as
+    before the key existed), so an old recipe probes as it did."""
+    import msrnn_train.hybrid as H
+    from msrnn_train.models import random_model
+
+    old = load_recipe(TINY, {"budget.hybrid": "auto:1", "data.retrieval_tasks": ["mqar"], "data.seq_len": 64})
+    assert old.budget.hybrid_probe_tasks is None and old.probe_tasks() == ["mqar"]
+    new = load_recipe(TINY, {"budget.hybrid": "auto:1", "budget.hybrid_probe_tasks": ["kv", "mqar"]})
+    assert new.probe_tasks() == ["kv", "mqar"] and new.data.retrieval_tasks == ["mqar", "kv", "needles", "vartrack"]
+    asked = []
+    real = H.probe_instances
+    monkeypatch.setattr(H, "probe_instances", lambda tok, tasks, length: asked.append((tasks, length)) or
+                        real(tok, tasks=("mqar",), length=length))
+    model, tok = random_model()
+    spec = BudgetSpec(policy="tova", budget=8)
+    for recipe in (old, new):
+        assert H.resolve_hybrid(recipe, model, tok, spec).budget.count(None) == 1
+    assert asked == [(("mqar",), 64), (("kv", "mqar"), 64)]
+
+
+@pytest.mark.parametrize("raw,probe", [({"budget.hybrid_probe_tasks": ["mqar"]}, False),
+                                       ({"budget.hybrid_probe_tasks": ["mqar"], "budget.hybrid": "middle"}, False),
+                                       ({"budget.hybrid_probe_tasks": ["mqar"], "budget.hybrid": "auto:1"}, True)])
+def test_probe_tasks_without_an_auto_hybrid_are_warned_about(raw, probe):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_recipe(TINY, raw)
+    said = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    assert any(m.startswith("budget.hybrid_probe_tasks: has no effect without budget.hybrid auto:N") for m in said) \
+        != probe, said
+
+
+@pytest.mark.parametrize("budget,hybrid", [([8, None], (8, "1")), ({"0": None, "default": 8}, (8, "0")),
+                                           ({"0": "full", "1": 8, "default": 8}, (8, "0")),
+                                           ([None, 8, None, 8], (8, "0+2")),
+                                           ([8, 4], None), ([8, None, 4], None),
+                                           ({"0": None, "1": 4, "default": 8}, None), ({"1": None}, None), (8, None)])
+def test_a_null_layer_budget_loads_and_is_warned_toward_budget_hybrid(budget, hybrid):
+    """A per-layer budget whose layers are one K or null is a hybrid that budget.hybrid writes: it
+    still loads, unchanged, with one warning naming the budget.hybrid equivalent. Budgets that
+    budget.hybrid cannot write (different K per layer) get no such warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = Recipe.from_dict({"budget": {"budget": budget}})  # the built-in default, K = 8 where bounded
+    assert recipe.budget.budget == budget and recipe.budget_spec().budget == budget
+    said = [str(w.message) for w in caught if "budget.hybrid" in str(w.message)]
+    if hybrid is None:
+        assert said == []
+    else:
+        assert said == [f"budget.budget: {budget} makes a hybrid with null layers; write it as budget.budget: "
+                        f"{hybrid[0]} with budget.hybrid: \"{hybrid[1]}\" (the one documented notation; this form "
+                        "still loads)"]
 
 
 def test_recipe_warns_about_an_answer_weight_without_retrieval_rows(tmp_path):
