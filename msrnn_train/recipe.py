@@ -307,15 +307,6 @@ class Recipe:
             raise RecipeError(
                 f"budget.mode: 'soft' relaxes TOVA's evictions and needs policy {' or '.join(relaxable)}; "
                 f"policy {b.policy!r} has no relaxation: use mode: hard")
-        if not 0.0 < b.ramp_fraction <= 1.0:
-            raise RecipeError(f"budget.ramp_fraction: must be in (0, 1], got {b.ramp_fraction}")
-        if b.ramp_start is not None:
-            if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
-                raise RecipeError("budget.ramp_start: a budget ramp needs one integer budget.budget "
-                                  f"(got policy={b.policy!r}, budget={b.budget!r}); set it to null")
-            if b.ramp_start < b.budget:
-                raise RecipeError(f"budget.ramp_start: the ramp starts large and ends at budget.budget="
-                                  f"{b.budget}; got {b.ramp_start} < {b.budget}")
         if b.train_budgets is not None:
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
                 raise RecipeError("budget.train_budgets: multi-budget training needs a bounded policy and one "
@@ -401,6 +392,15 @@ class Recipe:
                               f"tau_start={s.tau_start}, tau_end={s.tau_end}")
         if not 0.0 <= s.hard_fraction < 1.0:
             raise RecipeError(f"soft.hard_fraction: must be in [0, 1), got {s.hard_fraction}")
+        if not 0.0 < b.ramp_fraction <= 1.0:
+            raise RecipeError(f"budget.ramp_fraction: must be in (0, 1], got {b.ramp_fraction}")
+        if b.ramp_start is not None:
+            if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
+                raise RecipeError("budget.ramp_start: a budget ramp needs one integer budget.budget "
+                                  f"(got policy={b.policy!r}, budget={b.budget!r}); set it to null")
+            if b.ramp_start < b.budget:
+                raise RecipeError(f"budget.ramp_start: the ramp starts large and ends at budget.budget="
+                                  f"{b.budget}; got {b.ramp_start} < {b.budget}")
 
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps"):
