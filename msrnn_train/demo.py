@@ -46,8 +46,9 @@ SCORER_OVERRIDES = {"training.max_steps": 80, "training.save_steps": 40,  # the 
                     "budget.policy": "learned", "budget.mode": "hard", "budget.budget": 32,
                     "budget.train_budgets": [16, 32, 64], "learned.relaxation": "decay",
                     "learned.train_lora": False, "learned.scorer_learning_rate": 1e-2,
-                    "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0,
-                    "soft.budget_ramp_start": None, "eval.policies": ["full", "learned"], "eval.at_start": False}
+                    "loss.bounded_lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
+                    "loss.full_lm_weight": 0.0, "budget.ramp_start": None, "eval.policies": ["full", "learned"],
+                    "eval.at_start": False}
 
 
 def comparison_table(plain: list[dict], learned: list[dict], untuned: list[dict] | None = None) -> str:

@@ -8,7 +8,7 @@
   shrink with T, as in Hinton et al.). The teacher is the same model with the adapter
   disabled and no budget: the full-state model the student should imitate.
 
-Both are means over the scored positions, so `lm_weight * CE + kl_weight * KL` mixes
+Both are means over the scored positions, so `bounded_lm_weight * CE + kl_weight * KL` mixes
 quantities of the same scale (nats per token).
 """
 
@@ -73,7 +73,7 @@ def bounded_objective(model, batch: Mapping[str, torch.Tensor], cfg,
                       capacity_fn: Callable[[], torch.Tensor | None] | None = None, capacity_weight: float = 1.0):
     """The training objective of one micro-batch, summed in this order::
 
-        lm_weight * CE(bounded student)          (weighted by batch["loss_weight"] when given)
+        bounded_lm_weight * CE(bounded student)  (weighted by batch["loss_weight"] when given)
       + capacity_weight * capacity               (a learned policy's decay relaxation; when capacity_fn gives one)
       + full_lm_weight * CE(full-state pass, adapter on, with gradients)   (when full_lm_weight > 0)
       + kl_weight * KL(full-state teacher || student)                      (when kl_weight > 0)
@@ -82,7 +82,7 @@ def bounded_objective(model, batch: Mapping[str, torch.Tensor], cfg,
     * `batch` - ``input_ids`` LongTensor[B, T]; optional ``labels`` [B, T] (unshifted, -100 = not
       scored; default ``input_ids``), ``attention_mask`` [B, T], ``loss_weight`` FloatTensor[B, T]
       (the weight of the prediction of each label: retrieval rows' answer tokens);
-    * `cfg` - the loss section (`recipe.LossConfig`): ``lm_weight``, ``full_lm_weight``,
+    * `cfg` - the loss section (`recipe.LossConfig`): ``bounded_lm_weight``, ``full_lm_weight``,
       ``kl_weight``, ``kl_temperature``, ``teacher`` (``base`` | ``self``);
     * `teacher_fn(input_ids, attention_mask, adapter)` - full-state logits [B, T, V] without
       gradient, the adapter off (``adapter=False``, teacher ``base``) or on (``self``), e.g.
@@ -104,7 +104,7 @@ def bounded_objective(model, batch: Mapping[str, torch.Tensor], cfg,
     capacity = capacity_fn() if capacity_fn is not None else None
     lm = causal_lm_loss(outputs.logits, labels) if batch.get("loss_weight") is None else \
         weighted_causal_lm_loss(outputs.logits, labels, batch["loss_weight"])
-    loss = cfg.lm_weight * lm
+    loss = cfg.bounded_lm_weight * lm
     if capacity is not None:
         loss = loss + capacity_weight * capacity
     full_lm = teacher = kl = None

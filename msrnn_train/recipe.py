@@ -6,10 +6,11 @@ A recipe is a few flat sections whose names follow `transformers.TrainingArgumen
     model:    {source, dtype, attn_implementation}
     data:     {source, seq_len, heldout, ...}
     budget:   {policy, budget, sinks, recent, retention, scorer_hidden} -> msrnn_train.BudgetSpec;
-              {mode, train_budgets, hybrid, hybrid_probe_tasks}: how training runs it
+              {mode, ramp_start, ramp_fraction, train_budgets, hybrid, hybrid_probe_tasks}: how training
+              runs it (K over the steps, the unbounded layers)
     lora:     {r, alpha, dropout, target_modules, bias}
-    loss:     {lm_weight, kl_weight, kl_temperature}
-    soft:     {tau_start, tau_end, hard_fraction, budget_ramp_start, ramp_fraction}
+    loss:     {bounded_lm_weight, full_lm_weight, kl_weight, kl_temperature, teacher}: one weight per pass
+    soft:     {tau_start, tau_end, hard_fraction}: soft-TOVA's temperature schedule (budget.mode soft)
     learned:  {relaxation, tau, capacity_weight, hard_fraction, train_lora, scorer_learning_rate}
     training: {output_dir, max_steps, learning_rate, ...}      -> TrainingArguments
     eval:     {every_n_steps, policies, budgets, max_windows, batch_size, at_start}
@@ -21,7 +22,9 @@ The dataclass defaults *are* the embedded-default recipe (`recipes/smollm2_guten
 the real SmolLM2-135M on the Gutenberg books, TOVA with K = T/8, a run of a few minutes on a
 laptop CPU. `load_recipe(path, overrides)` reads a YAML file, applies `--key value` overrides
 (dotted keys for sections: `budget.budget=32`), checks every key, type and cross-field rule,
-and raises one `RecipeError` whose message names the key and what is allowed.
+and raises one `RecipeError` whose message names the key and what is allowed. A key renamed since
+a recipe was written (`RENAMED`) is read under its new name, with one warning naming both, so old
+recipes and the recipe.yaml of saved runs keep loading.
 """
 
 from __future__ import annotations
@@ -102,9 +105,13 @@ class BudgetConfig:
         "training only (not saved with the adapter; inference is always the exact process): hard: the exact "
         "process throughout (the measured default, results/headline_validation.md); soft: anneal the soft-TOVA "
         "relaxation to hard (soft.tau_start, tau_end, hard_fraction)"))
+    ramp_start: int | None = knob(None, (
+        "budget ramp (training only): K starts here and falls linearly to `budget` (null: no ramp; not with "
+        "train_budgets)"))
+    ramp_fraction: float = knob(0.5, "the ramp reaches `budget` after this fraction of the steps")
     train_budgets: list[int] | None = knob(None, (
         "multi-budget training: each optimizer step samples K from this list (null: always `budget`), so one "
-        "adapter serves a range of budgets; `budget` stays the K saved with the adapter"))
+        "adapter serves a range of budgets; `budget` stays the K saved with the adapter (not with ramp_start)"))
     hybrid: str | int | None = knob(None, (
         'layers kept unbounded (a hybrid): null (none), "auto:N" (the N layers whose heads put most attention'
         " on the answer's source over generated hybrid_probe_tasks prompts), \"random:N\", "
@@ -129,26 +136,30 @@ class LoraConfigSection:
 
 @dataclass
 class LossConfig:
-    lm_weight: float = knob(1.0, "cross-entropy of the bounded student on the next token")
-    kl_weight: float = knob(1.0, "KL(full-state teacher || bounded student); 0 turns the teacher off")
+    """One weight per pass (losses.bounded_objective): the bounded pass (the student, under the budget),
+    the full-state pass (adapter on, no budget) and the KL that ties the two."""
+
+    bounded_lm_weight: float = knob(1.0, "cross-entropy of the bounded pass (the student, under the budget)")
+    full_lm_weight: float = knob(1.0, (
+        "cross-entropy of the full-state pass (adapter on, no budget), so full-state quality keeps up"))
+    kl_weight: float = knob(1.0, (
+        "KL(full-state teacher || bounded student): the bounded pass imitates a full-state one; 0 turns the "
+        "teacher off"))
     kl_temperature: float = knob(1.0, "softmax temperature of the distillation (the KL is scaled by T^2)")
     teacher: str = knob("self", (
         "the distillation teacher: base = the adapter off, full state (anchors to the base model); self = the"
         " adapter on, full state, detached (the bounded pass imitates the current full-state model)"))
-    full_lm_weight: float = knob(1.0, (
-        "cross-entropy of the full-state pass (adapter on), so full-state quality keeps up"))
     answer_weight: float = knob(1.0, (
         "weight of the answer tokens' cross-entropy in retrieval rows (data.retrieval_fraction)"))
 
 
 @dataclass
 class SoftConfig:
+    """soft-TOVA's temperature schedule (budget.mode soft); how K varies is the budget section's."""
+
     tau_start: float = knob(1.0, "soft-TOVA temperature at step 0 ...")
     tau_end: float = knob(0.05, "... annealed geometrically to this ...")
     hard_fraction: float = knob(0.25, "... and the last fraction of the steps runs the exact (hard) process")
-    budget_ramp_start: int | None = knob(None, (
-        "optional budget ramp: K starts here and falls linearly to budget.budget"))
-    ramp_fraction: float = knob(0.5, "over this fraction of the steps")
 
 
 @dataclass
@@ -261,7 +272,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> "Recipe":
-        recipe = _build(cls, raw or {}, "")
+        """A recipe from its sections (old key names read as their new ones, see `RENAMED`), validated."""
+        recipe = _build(cls, rename_old_keys(raw or {}), "")
         recipe.validate()
         return recipe
 
@@ -315,8 +327,8 @@ class Recipe:
                                   "or null")
             for i, k in enumerate(b.train_budgets):
                 _at_least(f"budget.train_budgets[{i}]", k, 1)
-            if s.budget_ramp_start is not None:
-                raise RecipeError("budget.train_budgets: cannot be combined with soft.budget_ramp_start; "
+            if b.ramp_start is not None:
+                raise RecipeError("budget.train_budgets: cannot be combined with budget.ramp_start; "
                                   "set one of them to null")
         if b.hybrid is not None:
             try:
@@ -382,7 +394,7 @@ class Recipe:
                               f"{LORA_TARGETS}")
         _one_of("lora.bias", lo.bias, ("none", "all", "lora_only"))
 
-        for key in ("lm_weight", "kl_weight", "full_lm_weight"):
+        for key in ("bounded_lm_weight", "full_lm_weight", "kl_weight"):
             if getattr(ls, key) < 0:
                 raise RecipeError(f"loss.{key}: must be >= 0, got {getattr(ls, key)}")
         if ls.answer_weight < 0:
@@ -390,8 +402,8 @@ class Recipe:
         if ls.answer_weight != 1.0 and d.retrieval_fraction == 0:
             warnings.warn("loss.answer_weight: has no effect without retrieval rows (data.retrieval_fraction: 0)",
                           RecipeWarning, stacklevel=2)
-        if ls.lm_weight == 0 and ls.kl_weight == 0 and ls.full_lm_weight == 0:
-            raise RecipeError("loss: lm_weight, kl_weight and full_lm_weight are all 0; nothing to train")
+        if ls.bounded_lm_weight == 0 and ls.full_lm_weight == 0 and ls.kl_weight == 0:
+            raise RecipeError("loss: bounded_lm_weight, full_lm_weight and kl_weight are all 0; nothing to train")
         _one_of("loss.teacher", ls.teacher, TEACHERS)
 
         if ls.kl_temperature <= 0:
@@ -402,15 +414,15 @@ class Recipe:
                               f"tau_start={s.tau_start}, tau_end={s.tau_end}")
         if not 0.0 <= s.hard_fraction < 1.0:
             raise RecipeError(f"soft.hard_fraction: must be in [0, 1), got {s.hard_fraction}")
-        if not 0.0 < s.ramp_fraction <= 1.0:
-            raise RecipeError(f"soft.ramp_fraction: must be in (0, 1], got {s.ramp_fraction}")
-        if s.budget_ramp_start is not None:
+        if not 0.0 < b.ramp_fraction <= 1.0:
+            raise RecipeError(f"budget.ramp_fraction: must be in (0, 1], got {b.ramp_fraction}")
+        if b.ramp_start is not None:
             if b.policy == "full" or not isinstance(b.budget, int) or isinstance(b.budget, bool):
-                raise RecipeError("soft.budget_ramp_start: a budget ramp needs one integer budget.budget "
+                raise RecipeError("budget.ramp_start: a budget ramp needs one integer budget.budget "
                                   f"(got policy={b.policy!r}, budget={b.budget!r}); set it to null")
-            if s.budget_ramp_start < b.budget:
-                raise RecipeError(f"soft.budget_ramp_start: the ramp starts large and ends at budget.budget="
-                                  f"{b.budget}; got {s.budget_ramp_start} < {b.budget}")
+            if b.ramp_start < b.budget:
+                raise RecipeError(f"budget.ramp_start: the ramp starts large and ends at budget.budget="
+                                  f"{b.budget}; got {b.ramp_start} < {b.budget}")
 
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps"):
@@ -471,8 +483,8 @@ class Recipe:
              "with loss.kl_weight 0 (no distillation)")
         warn("soft", changed(s, ("tau_start", "tau_end", "hard_fraction")) if b.mode == "hard" else [],
              "with budget.mode hard (only budget.mode soft anneals a relaxation)")
-        warn("soft", changed(s, ("ramp_fraction",)) if s.budget_ramp_start is None else [],
-             "without soft.budget_ramp_start (no budget ramp)")
+        warn("budget", changed(b, ("ramp_fraction",)) if b.ramp_start is None else [],
+             "without budget.ramp_start (no budget ramp)")
         own = POLICIES[b.policy].spec_params if b.policy in POLICIES else {}
         warn("budget", ["recent"] if b.recent is not None and "recent" not in own else [],
              f"with budget.policy {b.policy!r} (it is {users('recent')}'s protected recent window)")
@@ -518,6 +530,51 @@ def _null_layers_as_hybrid(budget) -> tuple[int, str] | None:
     return ks.pop(), "+".join(map(str, full))
 
 
+# ----------------------------------------------------------------------------- renamed keys
+# old dotted key -> its new name. Old recipes and saved runs' recipe.yaml keep loading: each old key
+# is read as its new one, with one RecipeWarning naming both; setting both is an error.
+RENAMED = {
+    "soft.budget_ramp_start": "budget.ramp_start",  # how K varies lives in `budget` (issue 23)
+    "soft.ramp_fraction": "budget.ramp_fraction",
+    "loss.lm_weight": "loss.bounded_lm_weight",  # each loss weight names its pass
+}
+
+
+def rename_old_keys(raw: dict, warn: bool = True) -> dict:
+    """A copy of the recipe mapping `raw` with every old key of `RENAMED` moved to its new name
+    (a RecipeWarning each when `warn`); a recipe that sets both names of one key is a RecipeError."""
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in RENAMED.items():
+        (old_sec, old_key), (new_sec, new_key) = old.split("."), new.split(".")
+        section = out.get(old_sec)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        if not isinstance(out.get(new_sec) or {}, dict):
+            continue  # not a section: _build names the problem
+        target = out[new_sec] = out.get(new_sec) or {}
+        if new_key in target:
+            raise RecipeError(f"{old}: set together with {new}, its new name; keep only {new}")
+        target[new_key] = section.pop(old_key)
+        if warn:
+            warnings.warn(f"recipe: {old} is now {new}; read as such", RecipeWarning, stacklevel=3)
+    return out
+
+
+def _rename_old_overrides(pairs: dict) -> dict:
+    """`rename_old_keys` for dotted override keys: an old name overrides the recipe's new one."""
+    out = {}
+    for key, value in pairs.items():
+        new = RENAMED.get(key)
+        if new is not None:
+            if new in pairs:
+                raise RecipeError(f"{key}: set together with {new}, its new name; keep only {new}")
+            warnings.warn(f"recipe: {key} is now {new}; read as such", RecipeWarning, stacklevel=3)
+        out[new or key] = value
+    return out
+
+
 # ----------------------------------------------------------------------------- loading
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
     """Read a recipe (None: the embedded default), apply overrides, validate; raises RecipeError.
@@ -549,8 +606,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
                               "recipes/smollm2_gutenberg.yaml), or give no recipe path to run the embedded default")
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+        raw = rename_old_keys(raw)  # before the overrides, which may name a key by either name
     if overrides:
-        pairs = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides)
+        pairs = _rename_old_overrides(
+            parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides))
         for key, value in pairs.items():
             _set_dotted(raw, key, _yaml_scalar(value) if isinstance(value, str) else value)
     recipe = Recipe.from_dict(raw)

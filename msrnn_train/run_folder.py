@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import RecipeError, log
-from .recipe import RECIPE_FILENAME, Recipe
+from .recipe import RECIPE_FILENAME, Recipe, rename_old_keys
 from .spec import SPEC_FILENAME, BudgetError, BudgetSpec, budget_key
 
 REPLACED = ".replaced-run"  # another run's checkpoints, set aside by training.overwrite_output_dir
@@ -80,11 +80,17 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 
 def _saved_recipe(folder: Path) -> dict | None:
+    """The recipe a run saved, its keys under today's names (a run saved before a rename compares equal)."""
     try:
         raw = yaml.safe_load((folder / RECIPE_FILENAME).read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    return raw if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return rename_old_keys(raw, warn=False)
+    except RecipeError:  # both names of a key: compared as it is (the difference is then named)
+        return raw
 
 
 def resolve_resume(recipe: Recipe, out: Path) -> Path | None:

@@ -182,11 +182,3 @@ def tau_at(step: int, total: int, start: float, end: float, hard_fraction: float
         return None
     frac = step / anneal
     return math.exp(math.log(start) + frac * (math.log(end) - math.log(start)))
-
-
-def budget_at(step: int, total: int, start: int, end: int, ramp_fraction: float = 0.5) -> int:
-    """Budget ramp: linear from `start` states down to `end` over the first ramp_fraction of training."""
-    ramp = max(1, int(total * ramp_fraction))
-    if step >= ramp:
-        return end
-    return int(round(start + (end - start) * step / ramp))

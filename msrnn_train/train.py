@@ -5,17 +5,18 @@
     python -m msrnn_train.train RECIPE.yaml --validate     # every check that needs no weights; print the recipe
     python -m msrnn_train.train                            # the embedded default (SmolLM2 on Gutenberg)
 
-One run, top to bottom (`train()`):
-  1. setup    - the recipe is validated before anything loads; seeds, output folder, W&B;
-  2. model    - the base model, a LoRA adapter (peft), the budget (apply_budget);
-  3. data     - documents -> held-out split by document -> cached tokens -> fixed windows;
-  4. train    - transformers.Trainer with the bounded LM loss, optionally an LM term on the full-state
-                pass and a KL from a full-state teacher (the same weights, no budget; adapter off or
-                on), soft-TOVA annealed to hard, K fixed or sampled per step (multi-budget);
-  5. save     - adapter, tokenizer, msrnn_budget.json, recipe.yaml: `hub.load_bounded(dir)`
-                restores the bounded model in one call;
-  6. evaluate - held-out perplexity under the budget, before and after; a model card;
-  7. push     - optionally to the Hugging Face Hub.
+One run, in named stages (`train()` runs `BoundedRun`'s, top to bottom):
+  setup    - every check that needs no weights (`preflight`, also `--validate`), seeds, output folder,
+             W&B; the base model and tokenizer, a LoRA adapter (peft), the budget (apply_budget);
+             documents -> held-out split by document -> cached tokens -> fixed windows;
+  evaluate - held-out perplexity under the budget before training (the baseline) ...
+  train    - transformers.Trainer with the bounded LM loss, optionally an LM term on the full-state
+             pass and a KL from a full-state teacher (the same weights, no budget; adapter off or
+             on), soft-TOVA annealed to hard, K fixed, ramped or sampled per step (multi-budget);
+  save     - adapter, tokenizer, msrnn_budget.json, recipe.yaml: `hub.load_bounded(dir)` restores
+             the bounded model in one call;
+  evaluate - ... and after it;
+  publish  - eval_results.json, a model card, optionally a push to the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -196,141 +197,219 @@ def _check_writable_dir(key: str, path: Path) -> None:
         raise RecipeError(f"{key}: {probe} is not writable by this user; give a writable folder")
 
 
-# ============================================================================ the run
+# ============================================================================ the run, in stages
 def train(recipe: Recipe, callbacks: list | tuple = ()) -> dict:
-    """Run one recipe; returns a summary (output_dir, eval records before/after, throughput)."""
-    # ---------------------------------------------------------------- 1. setup
-    t_cfg = recipe.training
-    out = Path(t_cfg.output_dir)
-    texts, resume, replaced = preflight(recipe)  # bad data, a taken output folder, ... stop here
-    spec = recipe.budget_spec()
-    args = training_arguments(recipe)
-    args.distributed_state.wait_for_everyone()  # every rank decided on the same files before any are written
-    set_seed(t_cfg.seed)
-    is_main = args.process_index == 0
-    # ZeRO-3 shards the weights: every forward pass is a collective (all ranks evaluate, rank 0
-    # writes), and weights loaded under zero.Init have no gather hooks until the engine exists.
-    zero3 = _zero3_enabled(recipe)
-    evaluates = is_main or zero3
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        set_aside(out, replaced)
-        if not (out / "adapter_config.json").exists():  # marks the folder as this run's; an adapter
-            recipe.save(out)  # already there keeps its own recipe until this run's adapter replaces it
-    use_wandb = setup_wandb(recipe, out, resuming=resume is not None) if is_main else wandb_wanted(recipe)
-    args.report_to = ["wandb"] if use_wandb else []
+    """Run one recipe, stage by stage (`BoundedRun`); returns a summary (output_dir, eval records
+    before/after, throughput, the model and tokenizer)."""
+    run = BoundedRun(recipe, callbacks)
+    run.setup()
+    run.evaluate("before")
+    run.train()
+    run.save()
+    run.evaluate("after")
+    return run.publish()
 
-    # ---------------------------------------------------------------- 2. model
-    try:
-        model, tokenizer = load_base_model(recipe.model.source, recipe.model.dtype,
-                                           attn_implementation=recipe.model.attn_implementation)
-    except (OSError, RuntimeError, ValueError) as err:
-        if isinstance(err, RecipeError):
-            raise
-        raise RecipeError(f"model.source: {recipe.model.source!r} could not be loaded: {err}") from None
-    try:
-        spec.validate_for(model.config)
-    except BudgetError as err:
-        raise RecipeError(f"budget.{err}") from None
-    model.config.use_cache = False
-    model = add_lora(model, recipe)
-    if recipe.budget.hybrid is not None:  # which layers stay unbounded (auto:N probes the model)
-        spec = resolve_hybrid(recipe, model, tokenizer, spec)
-        log(f"budget.hybrid {recipe.budget.hybrid!r}: unbounded layers "
-            f"{[i for i, k in enumerate(spec.budget) if k is None]}")
-    apply_budget(model, spec)
-    if resume is not None:
-        load_scorers(model, resume)  # a learned policy's scorer as the checkpoint left it (the LoRA: the Trainer)
-    elif recipe.lora.init_adapter:
-        load_scorers(model, recipe.lora.init_adapter)  # its learned scorer, if it has one
-    model.to(args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
 
-    # ---------------------------------------------------------------- 3. data
-    train_windows, eval_windows = build_windows(recipe, tokenizer, texts)
-    log(f"data: {len(train_windows)} training windows, {len(eval_windows)} held-out windows of "
-        f"{recipe.data.seq_len} tokens")
-    if len(train_windows) == 0:
-        raise RecipeError(f"data.seq_len: no training document is {recipe.data.seq_len} tokens long")
-    before = []
-    if recipe.eval.at_start and len(eval_windows) and is_main and not zero3:
-        before = _load_json(out / _EVAL_BEFORE) if resume is not None else None
-        if not before:
-            before = evaluate_grid(model, eval_windows, recipe, spec, desc="before")
-            _write_json(out / _EVAL_BEFORE, before)
-        _print_records("held-out perplexity before training", before)
-    args.distributed_state.wait_for_everyone()  # other ranks wait for the baseline evaluation
+class BoundedRun:
+    """One training run in named stages (torchtune's recipe class): `setup` (run folder, model and
+    tokenizer, adapter, budget, data), `evaluate("before")`, `train`, `save` (the adapter folder),
+    `evaluate("after")`, `publish` (results, model card, W&B, the Hub). The parts it wires live in
+    the library; which rank does what, ZeRO-3 included, is decided once, in `_ranks`."""
 
-    # ---------------------------------------------------------------- 4. train
-    schedule = BudgetScheduleCallback(recipe, spec)
-    cbs = [schedule, SaveSpecCallback(recipe, spec)]
-    if t_cfg.gradient_checkpointing and recipe.loss.full_lm_weight > 0:
-        cbs.append(CheckpointingCallback(recipe))
-    trainer = BoundedTrainer(
-        model=model, args=args, train_dataset=training_dataset(recipe, train_windows, tokenizer),
-        data_collator=default_data_collator,
-        processing_class=tokenizer, callbacks=[*cbs, *callbacks], recipe=recipe, schedule=schedule)
-    periodic = periodic_eval_callback(recipe, eval_windows, tokenizer, before) if evaluates else None
-    if periodic is not None:
-        periodic.attach(trainer)  # its metrics go through trainer.log (console, W&B, log_history)
-    t0 = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_seconds = time.perf_counter() - t0
-    check_loss_curve(trainer.state.log_history, recipe, model.config.vocab_size)  # a diverged run is not saved
-    set_soft_temperature(model, None)
-    apply_budget(trainer.accelerator.unwrap_model(model), spec)  # the exact, full-K process from here on
-    get_controller(trainer.accelerator.unwrap_model(model)).relaxation = None
+    def __init__(self, recipe: Recipe, callbacks: list | tuple = ()):
+        self.recipe, self.callbacks = recipe, list(callbacks)
+        self.out = Path(recipe.training.output_dir)
+        self.before: list[dict] = []  # held-out records of the untrained model ...
+        self.after: list[dict] = []  # ... and of the trained one
+        self.summary: dict = {}
 
-    # ---------------------------------------------------------------- 5. save
-    summary = {"output_dir": str(out), "train_metrics": train_output.metrics, "train_seconds": train_seconds,
-               "tokens_per_second": trainer.tokens_seen * args.world_size / max(train_seconds, 1e-9),
-               "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history,
-               "before": before, "after": [], "model": model, "tokenizer": tokenizer}
-    trainer.accelerator.wait_for_everyone()
-    save_outputs(trainer, tokenizer, recipe, spec, out)  # every rank: ZeRO-3 gathers the LoRA weights collectively
-    if is_main and replaced is not None:
-        shutil.rmtree(out / REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_run()
+        self.model, self.tokenizer = self._setup_model()
+        self.model = add_lora(self.model, self.recipe)  # the adapter (lora section; lora.init_adapter's weights)
+        self._setup_budget()
+        self.model.to(self.args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
+        self._setup_data()
 
-    # ---------------------------------------------------------------- 6. evaluate
-    if len(eval_windows) and evaluates:
-        if zero3 and recipe.eval.at_start and not before:  # the untrained model = the base (LoRA starts at B = 0)
-            before = _load_json(out / _EVAL_BEFORE) or evaluate_grid(model, eval_windows, recipe, spec,
-                                                                     desc="before", adapter_on=False)
-            if is_main:
-                _write_json(out / _EVAL_BEFORE, before)
-        final = [r for r in getattr(periodic, "final_records", None) or [] if r.get("adapted", True)]
-        after = [{k: v for k, v in r.items() if k != "adapted"} for r in final] or \
-            evaluate_grid(model, eval_windows, recipe, spec, desc="after")
-        summary["after"], summary["before"] = after, before
-        if is_main:
-            _print_records("held-out perplexity after training", after, before)
-    if is_main:
-        _write_json(out / EVAL_FILENAME, {k: summary[k] for k in ("before", "after", "train_metrics", "train_seconds",
-                                                                  "tokens_per_second", "peak_memory_mb")})
-        (out / "README.md").write_text(model_card(recipe, spec, summary["after"], base_model_id(recipe.model.source),
-                                                  baseline_records=before))
-        log(f"saved the bounded adapter to {out}  (reload: msrnn_train.hub.load_bounded({str(out)!r}))")
-        log(f"throughput {summary['tokens_per_second']:.1f} tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB, "
-            f"{train_seconds:.1f} s")
-        if use_wandb:
-            finish_wandb(summary)
+    def _setup_run(self) -> None:
+        """Every check that needs no weights (`preflight`: bad data, a taken output folder, ... stop
+        here), the TrainingArguments, the seed, the output folder and W&B."""
+        r = self.recipe
+        self.texts, self.resume, self.replaced = preflight(r)
+        self.spec = r.budget_spec()
+        self.args = training_arguments(r)
+        self.args.distributed_state.wait_for_everyone()  # every rank decided on the same files before any are written
+        set_seed(r.training.seed)
+        self._ranks()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            set_aside(self.out, self.replaced)
+            if not (self.out / "adapter_config.json").exists():  # marks the folder as this run's; an adapter
+                r.save(self.out)  # already there keeps its own recipe until this run's adapter replaces it
+        self.use_wandb = setup_wandb(r, self.out, resuming=self.resume is not None) if self.is_main \
+            else wandb_wanted(r)
+        self.args.report_to = ["wandb"] if self.use_wandb else []
 
-    # ---------------------------------------------------------------- 7. push
-    if recipe.hub.push_to_hub and is_main:
+    def _ranks(self) -> None:
+        """Which rank does what: the one place DeepSpeed ZeRO-3 changes the run. Rank 0 writes every
+        file. ZeRO-3 shards the weights, so every forward pass is a collective: all ranks evaluate
+        (rank 0 still writes); and weights loaded under zero.Init have no gather hooks until the
+        Trainer's engine exists, so the untrained baseline waits until after training, measured with
+        the adapter off (the untrained model is the base: LoRA starts at B = 0). Saving is every
+        rank's under any launch (`trainer.save_outputs` gathers ZeRO-3's shards collectively)."""
+        self.is_main = self.args.process_index == 0
+        zero3 = False
+        if self.recipe.deepspeed:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            zero3 = is_deepspeed_zero3_enabled()
+        self.evaluates = self.is_main or zero3  # the ranks that run evaluation forwards
+        self.baseline_after_training = zero3
+
+    def _setup_model(self):
+        """The base model and its tokenizer (model section); the budget must fit its config."""
+        m = self.recipe.model
         try:
-            summary["hub_url"] = push_adapter(out, recipe.hub.repo_id, private=recipe.hub.private)
-        except HubPushError as err:
-            log(str(err))
-            summary["push_error"] = str(err)
-    trainer.accelerator.wait_for_everyone()
-    return summary
+            model, tokenizer = load_base_model(m.source, m.dtype, attn_implementation=m.attn_implementation)
+        except (OSError, RuntimeError, ValueError) as err:
+            if isinstance(err, RecipeError):
+                raise
+            raise RecipeError(f"model.source: {m.source!r} could not be loaded: {err}") from None
+        try:
+            self.spec.validate_for(model.config)
+        except BudgetError as err:
+            raise RecipeError(f"budget.{err}") from None
+        model.config.use_cache = False
+        return model, tokenizer
 
+    def _setup_budget(self) -> None:
+        """The bounded process on the adapted model (budget section): which layers stay unbounded
+        (budget.hybrid; auto:N probes the model), then `apply_budget`; a learned policy's scorer
+        as the resumed checkpoint (or lora.init_adapter) left it (the LoRA weights: the Trainer / add_lora)."""
+        r = self.recipe
+        if r.budget.hybrid is not None:
+            self.spec = resolve_hybrid(r, self.model, self.tokenizer, self.spec)
+            log(f"budget.hybrid {r.budget.hybrid!r}: unbounded layers "
+                f"{[i for i, k in enumerate(self.spec.budget) if k is None]}")
+        apply_budget(self.model, self.spec)
+        if self.resume is not None:
+            load_scorers(self.model, self.resume)
+        elif r.lora.init_adapter:
+            load_scorers(self.model, r.lora.init_adapter)
 
-def _zero3_enabled(recipe: Recipe) -> bool:
-    if not recipe.deepspeed:
-        return False
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    def _setup_data(self) -> None:
+        """Documents -> held-out split by document -> cached tokens -> fixed windows (data section)."""
+        seq_len = self.recipe.data.seq_len
+        self.train_windows, self.eval_windows = build_windows(self.recipe, self.tokenizer, self.texts)
+        log(f"data: {len(self.train_windows)} training windows, {len(self.eval_windows)} held-out windows of "
+            f"{seq_len} tokens")
+        if len(self.train_windows) == 0:
+            raise RecipeError(f"data.seq_len: no training document is {seq_len} tokens long")
 
-    return is_deepspeed_zero3_enabled()
+    # ---------------------------------------------------------------- train
+    def train(self) -> None:
+        """`BoundedTrainer` with the budget's schedule (soft temperature, ramp or sampled K) and the
+        periodic evaluation; a diverged run stops here, unsaved. Afterwards the model runs the
+        exact, full-K process."""
+        r = self.recipe
+        schedule = BudgetScheduleCallback(r, self.spec)
+        cbs = [schedule, SaveSpecCallback(r, self.spec)]
+        if r.training.gradient_checkpointing and r.loss.full_lm_weight > 0:
+            cbs.append(CheckpointingCallback(r))
+        self.trainer = trainer = BoundedTrainer(
+            model=self.model, args=self.args, train_dataset=training_dataset(r, self.train_windows, self.tokenizer),
+            data_collator=default_data_collator,
+            processing_class=self.tokenizer, callbacks=[*cbs, *self.callbacks], recipe=r, schedule=schedule)
+        self.periodic = periodic_eval_callback(r, self.eval_windows, self.tokenizer, self.before) \
+            if self.evaluates else None
+        if self.periodic is not None:
+            self.periodic.attach(trainer)  # its metrics go through trainer.log (console, W&B, log_history)
+        t0 = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        seconds = time.perf_counter() - t0
+        check_loss_curve(trainer.state.log_history, r, self.model.config.vocab_size)  # a diverged run is not saved
+        set_soft_temperature(self.model, None)
+        bare = trainer.accelerator.unwrap_model(self.model)
+        apply_budget(bare, self.spec)  # the exact, full-K process from here on
+        get_controller(bare).relaxation = None
+        self.summary = {
+            "output_dir": str(self.out), "train_metrics": output.metrics, "train_seconds": seconds,
+            "tokens_per_second": trainer.tokens_seen * self.args.world_size / max(seconds, 1e-9),
+            "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history,
+            "before": self.before, "after": [], "model": self.model, "tokenizer": self.tokenizer}
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self, when: str) -> list[dict]:
+        """Held-out perplexity under the budget (`trainer.evaluate_grid`: the training spec and
+        recipe.eval's grid, exact process), `before` or `after` training; rank 0 prints it. The
+        untrained baseline is measured once (eval_before.json keeps it for a resumed run); after
+        training, the periodic evaluation's final records are reused when there are any."""
+        r, windows = self.recipe, self.eval_windows
+        if when == "before":
+            if r.eval.at_start and len(windows) and self.is_main and not self.baseline_after_training:
+                self.before = self._baseline()
+                _print_records("held-out perplexity before training", self.before)
+            self.args.distributed_state.wait_for_everyone()  # other ranks wait for the baseline evaluation
+            return self.before
+        if not (len(windows) and self.evaluates):
+            return self.after
+        if self.baseline_after_training and r.eval.at_start and not self.before:
+            self.before = self._baseline()
+        final = [rec for rec in getattr(self.periodic, "final_records", None) or [] if rec.get("adapted", True)]
+        self.after = [{k: v for k, v in rec.items() if k != "adapted"} for rec in final] or \
+            evaluate_grid(self.model, windows, r, self.spec, desc="after")
+        if self.is_main:
+            _print_records("held-out perplexity after training", self.after, self.before)
+        return self.after
+
+    def _baseline(self) -> list[dict]:
+        """The untrained model's records: eval_before.json's when a resumed run (or a late ZeRO-3
+        baseline) finds it, else measured (adapter off when measured after training) and written."""
+        late = self.baseline_after_training
+        cached = _load_json(self.out / _EVAL_BEFORE) if self.resume is not None or late else None
+        if cached:
+            return cached
+        records = evaluate_grid(self.model, self.eval_windows, self.recipe, self.spec, desc="before",
+                                adapter_on=not late)
+        if self.is_main:
+            _write_json(self.out / _EVAL_BEFORE, records)
+        return records
+
+    # ---------------------------------------------------------------- save
+    def save(self) -> None:
+        """The adapter folder `hub.load_bounded` reloads: adapter, tokenizer, msrnn_budget.json,
+        recipe.yaml (`trainer.save_outputs`, on every rank); a replaced run's checkpoints go now."""
+        self.trainer.accelerator.wait_for_everyone()
+        save_outputs(self.trainer, self.tokenizer, self.recipe, self.spec, self.out)
+        if self.is_main and self.replaced is not None:
+            shutil.rmtree(self.out / REPLACED, ignore_errors=True)  # the replaced run's checkpoints: now superseded
+
+    # ---------------------------------------------------------------- publish
+    def publish(self) -> dict:
+        """eval_results.json and the model card (README.md) beside the adapter, the W&B summary, and
+        optionally the push to the Hub (a failed push is reported in the summary, not raised)."""
+        r, out, summary = self.recipe, self.out, self.summary
+        summary["before"], summary["after"] = self.before, self.after
+        if self.is_main:
+            _write_json(out / EVAL_FILENAME, {k: summary[k] for k in ("before", "after", "train_metrics",
+                                                                      "train_seconds", "tokens_per_second",
+                                                                      "peak_memory_mb")})
+            (out / "README.md").write_text(model_card(r, self.spec, self.after, base_model_id(r.model.source),
+                                                      baseline_records=self.before))
+            log(f"saved the bounded adapter to {out}  (reload: msrnn_train.hub.load_bounded({str(out)!r}))")
+            log(f"throughput {summary['tokens_per_second']:.1f} tokens/s, peak memory "
+                f"{summary['peak_memory_mb']:.0f} MB, {summary['train_seconds']:.1f} s")
+            if self.use_wandb:
+                finish_wandb(summary)
+        if r.hub.push_to_hub and self.is_main:
+            try:
+                summary["hub_url"] = push_adapter(out, r.hub.repo_id, private=r.hub.private)
+            except HubPushError as err:
+                log(str(err))
+                summary["push_error"] = str(err)
+        self.trainer.accelerator.wait_for_everyone()
+        return summary
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

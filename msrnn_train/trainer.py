@@ -33,7 +33,7 @@ from .losses import bounded_objective
 from .models import base_model_id
 from .recipe import Recipe
 from .retention import save_scorers, scorers
-from .soft import budget_at, tau_at
+from .soft import tau_at
 from .spec import BudgetSpec, budget_key, budget_label
 
 
@@ -49,7 +49,8 @@ def _unwrap(model):
 
 # ----------------------------------------------------------------------------- training
 class BudgetScheduleCallback(TrainerCallback):
-    """Before every optimizer step: soft-TOVA's temperature and the budget ramp's K."""
+    """Before every optimizer step: soft-TOVA's temperature (recipe.soft) and K (recipe.budget: the
+    ramp's or a multi-budget run's sample)."""
 
     def __init__(self, recipe: Recipe, spec: BudgetSpec):
         self.recipe, self.spec = recipe, spec
@@ -57,24 +58,33 @@ class BudgetScheduleCallback(TrainerCallback):
         self.k: int | None = spec.budget if isinstance(spec.budget, int) and spec.policy != "full" else None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        s, total, step = self.recipe.soft, self.recipe.training.max_steps, state.global_step
+        s, b, total, step = self.recipe.soft, self.recipe.budget, self.recipe.training.max_steps, state.global_step
         bounded = _unwrap(model)
         if get_budget(bounded) is None or get_budget(bounded).to_dict() != self.spec.to_dict():
             apply_budget(bounded, self.spec)  # an evaluation in between may have left another spec
         self.tau = tau_at(step, total, s.tau_start, s.tau_end, s.hard_fraction) \
-            if self.recipe.budget.mode == "soft" else None
+            if b.mode == "soft" else None
         set_soft_temperature(bounded, self.tau)
         ln = self.recipe.learned  # a learned policy: relaxed until the last hard_fraction of the steps
         ctrl = get_controller(bounded)
         # (training the scorer alone, the hard process has nothing to train: the relaxation runs to the end)
         relaxed = ln.relaxation != "none" and (step < round(total * (1.0 - ln.hard_fraction)) or not ln.train_lora)
         ctrl.relaxation, ctrl.relax_tau = (ln.relaxation if relaxed else None), ln.tau
-        if s.budget_ramp_start is not None:
-            self.k = budget_at(step, total, s.budget_ramp_start, self.recipe.budget.budget, s.ramp_fraction)
+        if b.ramp_start is not None:
+            self.k = budget_at(step, total, b.ramp_start, b.budget, b.ramp_fraction)
             set_layer_budget(bounded, self.k)
-        elif self.recipe.budget.train_budgets:
-            self.k = sampled_budget(self.recipe.budget.train_budgets, self.recipe.training.seed, step)
+        elif b.train_budgets:
+            self.k = sampled_budget(b.train_budgets, self.recipe.training.seed, step)
             set_layer_budget(bounded, self.k)
+
+
+def budget_at(step: int, total: int, start: int, end: int, ramp_fraction: float = 0.5) -> int:
+    """The budget ramp's K at a step (budget.ramp_start): linear from `start` states down to `end`
+    over the first ramp_fraction of training, then `end`."""
+    ramp = max(1, int(total * ramp_fraction))
+    if step >= ramp:
+        return end
+    return int(round(start + (end - start) * step / ramp))
 
 
 def sampled_budget(budgets: list[int], seed: int, step: int) -> int:
@@ -182,7 +192,7 @@ def check_loss_curve(log_history: list[dict], recipe: Recipe, vocab_size: int | 
 
 
 class BoundedTrainer(Trainer):
-    """Trainer whose loss is `losses.bounded_objective`: `lm_weight * CE(bounded student) +
+    """Trainer whose loss is `losses.bounded_objective`: `bounded_lm_weight * CE(bounded student) +
     full_lm_weight * CE(full-state pass, adapter on) + kl_weight * KL(full-state teacher || student)`
     (+ a learned policy's capacity term). The teacher is the same weights with no budget and the
     adapter off (`loss.teacher: base`) or on and detached (`self`): no copy."""

@@ -78,27 +78,27 @@ ARMS = {
     # the former default: soft + KL to the base model (adapter off)
     "soft-kl-base": {"budget.mode": "soft", "loss.kl_weight": 1.0, "loss.teacher": "base", "loss.full_lm_weight": 0.0},
     # bounded LM + full-state LM (adapter on)
-    "hard-full": {"budget.mode": "hard", "loss.lm_weight": 1.0, "loss.kl_weight": 0.0, "loss.full_lm_weight": 1.0},
+    "hard-full": {"budget.mode": "hard", "loss.bounded_lm_weight": 1.0, "loss.kl_weight": 0.0, "loss.full_lm_weight": 1.0},
     # bounded LM + full-state LM + KL(bounded || the model's own full-state prediction)
-    "hard-full-self": {"budget.mode": "hard", "loss.lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
+    "hard-full-self": {"budget.mode": "hard", "loss.bounded_lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
                        "loss.full_lm_weight": 1.0},
     # KL to self only, plus the full-state LM (no bounded LM term)
-    "hard-self": {"budget.mode": "hard", "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
+    "hard-self": {"budget.mode": "hard", "loss.bounded_lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
                   "loss.full_lm_weight": 1.0},
 }
 ARMS.update({
     # issue 22, arm 3: plain's weights, only the learned scorer trains (KL to plain's own full-state prediction)
     "plain-scorer": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": False,
-                     "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0},
+                     "loss.bounded_lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self", "loss.full_lm_weight": 0.0},
     # arm 4: the same, with LoRA training continued (bounded LM + full-state LM + KL to self)
     "plain-scorer-lora": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": True,
-                          "loss.lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
+                          "loss.bounded_lm_weight": 1.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
                           "loss.full_lm_weight": 1.0},
     # arm 5: plain trained for as many extra steps as arms 3-4 (controls for the extra compute)
     "plain-continued": dict(ARMS["plain"]),
     # arm 6: TRIM-KV's setting: the scorer on the untuned base model (LoRA stays zero), KL to its full state
     "base-scorer": {"budget.policy": "learned", "budget.mode": "hard", "learned.train_lora": False,
-                    "loss.lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "base", "loss.full_lm_weight": 0.0},
+                    "loss.bounded_lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "base", "loss.full_lm_weight": 0.0},
 })
 CONTINUES = ("plain-scorer", "plain-scorer-lora", "plain-continued")  # start from plain's adapter (same seed)
 LEARNED_ARMS = ("plain-scorer", "plain-scorer-lora", "base-scorer")  # one scorer per seed serves every K
@@ -161,7 +161,7 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, in
             "training.max_steps": steps, "training.output_dir": str(out), "training.seed": seed,
             "training.save_steps": max(steps // 2, 1), "training.resume_from_checkpoint": True,
             "eval.at_start": False, "eval.max_windows": 0, "eval.every_n_steps": 0, "wandb.mode": "disabled",
-            "soft.budget_ramp_start": None,
+            "budget.ramp_start": None,
             "training.learning_rate": args.lr, "training.gradient_accumulation_steps": args.grad_accum,
             "training.per_device_train_batch_size": args.train_batch_size,
             "training.gradient_checkpointing": cuda,

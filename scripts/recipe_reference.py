@@ -51,6 +51,12 @@ def render() -> str:
             cells = [f"`{name}.{g.name}`", f"`{t}`", f"`{_default(g)}`", _help(g)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+    lines += ["## Renamed keys", "",
+              "A recipe (or a saved run's recipe.yaml) that uses an old name still loads: the key is read under its",
+              "new name, with one `RecipeWarning` naming both; setting both names is an error.", "",
+              "| old | new |", "| --- | --- |"]
+    lines += [f"| `{old}` | `{new}` |" for old, new in R.RENAMED.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -166,7 +166,7 @@ def ws(tmp_path_factory):
         p[name] = folder
 
     # the folder of another run (budget 4, on the corpus above), with a complete and a half-written checkpoint
-    other = tiny_recipe(d, **{"budget.budget": 4, "soft.budget_ramp_start": None})
+    other = tiny_recipe(d, **{"budget.budget": 4, "budget.ramp_start": None})
     p["other_run"] = d / "other_run"
     ckpt = p["other_run"] / "checkpoint-4"
     peft_model.save_pretrained(ckpt)
@@ -231,7 +231,7 @@ def test_bad_input(case, ws, tmp_path, monkeypatch, capsys):
         recipe = str(ROOT / "recipes" / "tiny.yaml")
         if tokens and not tokens[0].startswith("--"):
             recipe = tokens.pop(0)
-        argv = [recipe, "--data.source", str(ws["corpus"]), "--data.heldout", "1", "--soft.budget_ramp_start",
+        argv = [recipe, "--data.source", str(ws["corpus"]), "--data.heldout", "1", "--budget.ramp_start",
                 "null", "--eval.max_windows", "0", "--training.output_dir", str(tmp_path / "out"),
                 "--wandb.mode", "disabled", *tokens]
         rc = train_mod.main(argv)

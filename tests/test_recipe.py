@@ -116,12 +116,16 @@ def test_impossible_budget_stops(tmp_path, budget, fragment):
 
 
 def test_budget_ramp_must_start_above_k(tmp_path):
-    msg = error_of(tmp_path, {"budget": {"budget": 64}, "soft": {"budget_ramp_start": 32}})
-    assert msg.startswith("soft.budget_ramp_start:") and "64" in msg
+    msg = error_of(tmp_path, {"budget": {"budget": 64, "ramp_start": 32}})
+    assert msg.startswith("budget.ramp_start:") and "64" in msg
+    assert error_of(tmp_path, {"budget": {"ramp_start": 128, "ramp_fraction": 0}}).startswith("budget.ramp_fraction")
+    assert error_of(tmp_path, {"budget": {"ramp_start": 128, "train_budgets": [32, 64]}}).startswith(
+        "budget.train_budgets: cannot be combined with budget.ramp_start")
 
 
 def test_other_cross_field_rules(tmp_path):
-    assert error_of(tmp_path, {"loss": {"lm_weight": 0, "kl_weight": 0, "full_lm_weight": 0}}).startswith("loss:")
+    assert error_of(tmp_path, {"loss": {"bounded_lm_weight": 0, "kl_weight": 0, "full_lm_weight": 0}}).startswith(
+        "loss: bounded_lm_weight, full_lm_weight and kl_weight are all 0")
     assert error_of(tmp_path, {"soft": {"tau_start": 0.1, "tau_end": 1.0}}).startswith("soft.tau_start/tau_end")
     assert error_of(tmp_path, {"hub": {"push_to_hub": True}}).startswith("hub.repo_id: required")
     assert error_of(tmp_path, {"training": {"lr_scheduler_type": "cosin"}}).startswith(
@@ -232,6 +236,86 @@ def test_runs_as_script_path_and_as_module(tmp_path):
     assert bad.returncode == 2 and "budget.policy: unknown policy 'lru'" in bad.stderr
 
 
+# ----------------------------------------------------------------------------- renamed keys
+RENAMES = [("soft", "budget_ramp_start", 128, "budget", "ramp_start"),
+           ("soft", "ramp_fraction", 0.3, "budget", "ramp_fraction"),
+           ("loss", "lm_weight", 0.5, "loss", "bounded_lm_weight")]
+
+
+def test_every_renamed_key_is_tested():
+    from msrnn_train.recipe import RENAMED
+
+    assert RENAMED == {f"{s}.{k}": f"{ns}.{nk}" for s, k, _, ns, nk in RENAMES}
+
+
+def renamed_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "is now" in str(w.message)]
+
+
+@pytest.mark.parametrize("sec, key, value, new_sec, new_key", RENAMES, ids=lambda x: str(x))
+def test_an_old_key_loads_under_its_new_name_with_one_warning(tmp_path, sec, key, value, new_sec, new_key):
+    raw = {sec: {key: value}} if key != "ramp_fraction" else {"budget": {"ramp_start": 128}, sec: {key: value}}
+    with pytest.warns(RecipeWarning) as record:
+        recipe = load_recipe(write(tmp_path, raw))
+    assert renamed_warnings(record) == [f"recipe: {sec}.{key} is now {new_sec}.{new_key}; read as such"]
+    assert getattr(getattr(recipe, new_sec), new_key) == value
+    assert key not in recipe.to_dict()[sec]  # saved under the new name only
+    # as an override (CLI tokens or dotted keys): the same, and it overrides the file's new name
+    new_raw = {new_sec: {new_key: value}} if key != "ramp_fraction" else {"budget": {"ramp_start": 128,
+                                                                                     "ramp_fraction": value}}
+    other = 0.75 if isinstance(value, float) else 256
+    with pytest.warns(RecipeWarning) as record:
+        overridden = load_recipe(write(tmp_path, new_raw), [f"--{sec}.{key}", str(other)])
+    assert renamed_warnings(record) == [f"recipe: {sec}.{key} is now {new_sec}.{new_key}; read as such"]
+    assert getattr(getattr(overridden, new_sec), new_key) == other
+
+
+@pytest.mark.parametrize("sec, key, value, new_sec, new_key", RENAMES, ids=lambda x: str(x))
+def test_an_old_and_a_new_name_of_one_key_together_are_one_error(tmp_path, sec, key, value, new_sec, new_key):
+    both = {sec: {key: value}}
+    both.setdefault(new_sec, {})[new_key] = value
+    msg = error_of(tmp_path, both)
+    assert msg == f"{sec}.{key}: set together with {new_sec}.{new_key}, its new name; keep only {new_sec}.{new_key}"
+    with pytest.raises(RecipeError, match=f"^{sec}.{key}: set together with {new_sec}.{new_key}"):
+        load_recipe(write(tmp_path, {"training": {"max_steps": 3}}), {f"{sec}.{key}": value,
+                                                                      f"{new_sec}.{new_key}": value})
+
+
+def old_layout(recipe: Recipe) -> dict:
+    """`recipe` as a recipe.yaml saved before the renames (every key, the old names)."""
+    raw = recipe.to_dict()
+    raw["soft"]["budget_ramp_start"] = raw["budget"].pop("ramp_start")
+    raw["soft"]["ramp_fraction"] = raw["budget"].pop("ramp_fraction")
+    raw["loss"] = {("lm_weight" if k == "bounded_lm_weight" else k): v for k, v in raw["loss"].items()}
+    return raw
+
+
+def test_a_saved_run_of_an_older_version_loads_and_resumes(tmp_path):
+    """recipe.yaml in an adapter or checkpoint folder written before the renames: it loads as the
+    same recipe, and the output folder's checks (resume, claim) see no difference."""
+    from msrnn_train.run_folder import _saved_recipe, recipe_differences
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    saved = write(tmp_path, old_layout(recipe), "recipe.yaml")
+    with pytest.warns(RecipeWarning) as record:
+        assert load_recipe(saved) == recipe
+    assert len(renamed_warnings(record)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)  # the folder checks read it quietly
+        assert recipe_differences(_saved_recipe(tmp_path), recipe) == []
+
+
+def test_validate_reads_an_old_key_says_so_and_prints_the_new_one(tmp_path, capsys):
+    from msrnn_train.train import main
+
+    capsys.readouterr()
+    assert main([str(ROOT / "recipes" / "tiny.yaml"), "--validate", "--soft.budget_ramp_start", "24",
+                 "--training.output_dir", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["budget"]["ramp_start"] == 24
+    assert "warning: recipe: soft.budget_ramp_start is now budget.ramp_start; read as such" in err
+
+
 # ----------------------------------------------------------------------------- the normal form of a budget
 @pytest.mark.parametrize("budget, per_layer, label", [
     (64, [64, 64, 64, 64], "tova-64"),
@@ -304,8 +388,8 @@ def test_budget_mode_selects_soft_training_and_is_not_saved_with_the_spec(tmp_pa
     ({"soft": {"tau_start": 2.0, "hard_fraction": 0.5}},
      "soft.tau_start, soft.hard_fraction: have no effect with budget.mode hard (only budget.mode soft anneals "
      "a relaxation)"),
-    ({"soft": {"ramp_fraction": 0.3}},
-     "soft.ramp_fraction: has no effect without soft.budget_ramp_start (no budget ramp)"),
+    ({"budget": {"ramp_fraction": 0.3}},
+     "budget.ramp_fraction: has no effect without budget.ramp_start (no budget ramp)"),
     ({"budget": {"recent": 8}},
      "budget.recent: has no effect with budget.policy 'tova' (it is h2o's protected recent window)"),
     ({"budget": {"policy": "window", "sinks": 2}},
@@ -332,7 +416,7 @@ def test_a_key_with_no_effect_is_warned_about_by_name(tmp_path, raw, message):
 @pytest.mark.parametrize("raw", [
     {"loss": {"kl_weight": 0.5, "teacher": "base", "kl_temperature": 2.0}},  # distillation on: both apply
     {"budget": {"mode": "soft"}, "soft": {"tau_start": 2.0, "tau_end": 0.1, "hard_fraction": 0.5}},
-    {"soft": {"budget_ramp_start": 128, "ramp_fraction": 0.3}},  # the ramp runs in hard mode too
+    {"budget": {"ramp_start": 128, "ramp_fraction": 0.3}},  # the ramp runs in hard mode too
     {"budget": {"policy": "h2o", "recent": 8}},
     {"budget": {"policy": "sinks", "sinks": 2}},
     {"budget": {"sinks": 2}, "eval": {"policies": ["tova", "sinks", "full"]}},  # the evaluated sinks use it

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, toke
 
 def recipe_for(tmp_path, out="out", **overrides):
     """conftest's tiny recipe (4 documents), 4 steps, no evaluation, no W&B."""
-    base = {"soft.budget_ramp_start": None, "training.max_steps": 4, "eval.max_windows": 0, "wandb.mode": "disabled"}
+    base = {"budget.ramp_start": None, "training.max_steps": 4, "eval.max_windows": 0, "wandb.mode": "disabled"}
     return tiny_recipe(tmp_path, out, corpus={"n_docs": 4, "words": 400}, **{**base, **overrides})
 
 

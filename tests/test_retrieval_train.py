@@ -182,7 +182,7 @@ def test_tiny_run_mixes_retrieval_rows_under_a_probed_hybrid(tmp_path, monkeypat
     monkeypatch.setattr(T.BoundedTrainer, "compute_loss", spy)
     recipe = tiny_recipe(tmp_path, **{"data.seq_len": 256, "data.max_train_windows": 6, "data.retrieval_fraction": 0.5,
                                       "data.retrieval_tasks": ["mqar"], "loss.answer_weight": 4.0,
-                                      "budget.hybrid": "auto:1", "budget.budget": 16, "soft.budget_ramp_start": 32,
+                                      "budget.hybrid": "auto:1", "budget.budget": 16, "budget.ramp_start": 32,
                                       "training.max_steps": 3, "training.save_steps": 3, "eval.budgets": [16],
                                       "eval.max_windows": 1, "eval.at_start": False})
     summary = T.train(recipe)

@@ -10,7 +10,8 @@ from msrnn_train.flex import flex_masked_attention
 from msrnn_train.policies import make_policy
 from msrnn_train.schedule import LogitRows, scan
 from msrnn_train.controller import set_soft_temperature
-from msrnn_train.soft import budget_at, soft_keep_logits, tau_at
+from msrnn_train.soft import soft_keep_logits, tau_at
+from msrnn_train.trainer import budget_at
 
 RELAXABLE = bounded_policies(lambda cls: cls.relaxable)  # the policies soft mode relaxes
 

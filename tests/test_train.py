@@ -121,7 +121,7 @@ def test_self_teacher_is_the_adapted_model_with_the_full_state():
 @pytest.mark.parametrize("teacher", ["base", "self"])
 def test_bounded_objective_is_the_sum_of_its_terms(teacher):
     """losses.bounded_objective (the trainer's and the benchmark's objective) is the hand-assembled
-    lm_weight * CE(bounded) + capacity + full_lm_weight * CE(full state, adapter on) + kl_weight * KL
+    bounded_lm_weight * CE(bounded) + capacity + full_lm_weight * CE(full state, adapter on) + kl_weight * KL
     to the named teacher, with answer weights; without the full-state pass the self teacher is a
     separate full-state forward with the adapter on."""
     import dataclasses
@@ -137,7 +137,7 @@ def test_bounded_objective_is_the_sum_of_its_terms(teacher):
     labels = ids.clone()
     labels[:, :5] = -100
     weight = 1.0 + torch.rand(2, 32, generator=g)
-    cfg = LossConfig(lm_weight=0.7, full_lm_weight=0.5, kl_weight=0.3, kl_temperature=2.0, teacher=teacher)
+    cfg = LossConfig(bounded_lm_weight=0.7, full_lm_weight=0.5, kl_weight=0.3, kl_temperature=2.0, teacher=teacher)
     calls = []
 
     def teacher_fn(i, m, adapter):
@@ -206,7 +206,7 @@ def test_run_with_checkpointing_and_a_full_state_lm_term(tmp_path):
     context function (a plain re-enable would raise CheckpointError at the first backward)."""
     from msrnn_train.train import train
 
-    over = {"training.max_steps": 2, "eval.max_windows": 0, "soft.budget_ramp_start": None, "budget.mode": "hard",
+    over = {"training.max_steps": 2, "eval.max_windows": 0, "budget.ramp_start": None, "budget.mode": "hard",
             "loss.full_lm_weight": 1.0, "loss.kl_weight": 0.0, "training.gradient_checkpointing": True}
     summary = train(tiny_recipe(tmp_path, **over))
     assert sorted(train_logs(summary["log_history"], "full_lm_loss")) == [1, 2]
@@ -224,11 +224,11 @@ def test_sampled_budget_is_uniform_over_the_set_and_reproducible():
 @pytest.mark.parametrize("overrides, message", [
     ({"loss.teacher": "student"}, "loss.teacher"),
     ({"loss.full_lm_weight": -1.0}, "loss.full_lm_weight"),
-    ({"loss.lm_weight": 0.0, "loss.kl_weight": 0.0}, "nothing to train"),
+    ({"loss.bounded_lm_weight": 0.0, "loss.kl_weight": 0.0}, "nothing to train"),
     ({"budget.train_budgets": [4, 8], "budget.policy": "full", "budget.mode": "hard"}, "budget.train_budgets"),
     ({"budget.train_budgets": []}, "budget.train_budgets"),
-    ({"budget.train_budgets": [4, 0], "soft.budget_ramp_start": None}, "budget.train_budgets[1]"),
-    ({"budget.train_budgets": [4, 8], "soft.budget_ramp_start": 16}, "soft.budget_ramp_start"),
+    ({"budget.train_budgets": [4, 0], "budget.ramp_start": None}, "budget.train_budgets[1]"),
+    ({"budget.train_budgets": [4, 8], "budget.ramp_start": 16}, "budget.ramp_start"),
 ])
 def test_objective_keys_are_checked(overrides, message):
     from msrnn_train.recipe import RecipeError
@@ -243,7 +243,7 @@ def test_full_state_lm_self_distillation_and_multi_budget_run(tmp_path):
     from msrnn_train.trainer import sampled_budget
     from msrnn_train.train import train
 
-    over = {"training.max_steps": 6, "eval.max_windows": 0, "soft.budget_ramp_start": None,
+    over = {"training.max_steps": 6, "eval.max_windows": 0, "budget.ramp_start": None,
             "budget.mode": "hard", "loss.teacher": "self", "loss.full_lm_weight": 0.5, "loss.kl_weight": 0.25,
             "budget.train_budgets": [4, 8, 16]}
     summary = train(tiny_recipe(tmp_path, **over))
@@ -266,7 +266,7 @@ def test_schedule_callback_anneals_tau_and_ramps_k():
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"training.max_steps": 20, "soft.tau_start": 1.0,
                                                          "soft.tau_end": 0.1, "soft.hard_fraction": 0.25,
-                                                         "soft.budget_ramp_start": 16, "budget.budget": 8})
+                                                         "budget.ramp_start": 16, "budget.budget": 8})
     model, _ = random_model()
     spec = recipe.budget_spec()
     apply_budget(model, spec)
@@ -299,7 +299,7 @@ def test_eval_specs_put_the_training_spec_first():
     from msrnn_train.trainer import eval_specs
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"budget.policy": "h2o", "budget.mode": "hard",
-                                                         "soft.budget_ramp_start": None, "eval.policies": ["tova", "full"],
+                                                         "budget.ramp_start": None, "eval.policies": ["tova", "full"],
                                                          "eval.budgets": [8, 16]})
     specs = eval_specs(recipe, recipe.budget_spec())
     assert [(s.policy, s.budget if s.policy != "full" else None) for s in specs] == [
@@ -417,11 +417,11 @@ def test_run_logs_both_losses_tau_k_and_throughput(trained):
     assert sorted(lm) == list(range(1, steps + 1)) and sorted(kl) == sorted(lm)
     assert all(v >= 0 for v in kl.values()) and max(kl.values()) > 0
     total = train_logs(hist, "loss")
-    for s in lm:  # loss = lm_weight * CE + kl_weight * KL
-        assert total[s] == pytest.approx(recipe.loss.lm_weight * lm[s] + recipe.loss.kl_weight * kl[s], rel=1e-5)
+    for s in lm:  # loss = bounded_lm_weight * CE + kl_weight * KL
+        assert total[s] == pytest.approx(recipe.loss.bounded_lm_weight * lm[s] + recipe.loss.kl_weight * kl[s], rel=1e-5)
     assert tau[1] == pytest.approx(recipe.soft.tau_start)
     assert tau[steps] == 0.0  # logged 0 = hard: training ends on the inference process
-    assert k[1] == recipe.soft.budget_ramp_start and k[steps] == recipe.budget.budget
+    assert k[1] == recipe.budget.ramp_start and k[steps] == recipe.budget.budget
     assert all(h["tokens_per_second"] > 0 and h["peak_memory_mb"] > 0 for h in hist if "lm_loss" in h)
 
 
