@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .controller import hard
 from .evaluate import (DEFAULT_BUDGETS, DEFAULT_POLICIES, compare_adapters, comparison_markdown, evaluate_specs,
-                       markdown_table, write_json)
+                       grid_specs, markdown_table, write_json)
 from .generation import default_prompts, generation_table, long_generation
 from .spec import SPEC_FILENAME, BudgetSpec
 
@@ -295,25 +294,11 @@ def _windows(args, tokenizer) -> torch.Tensor:
     return windows
 
 
-def _grid(args, spec: BudgetSpec | None):
-    """(specs, policies for the plot) from --policies/--budgets, defaulting to the saved spec."""
-    policies = _csv(args.policies) or ([("full"), spec.policy] if spec is not None else DEFAULT_POLICIES)
-    budgets = [int(b) for b in _csv(args.budgets)]
+def _grid(args, spec: BudgetSpec | None) -> list[BudgetSpec]:
+    """The specs of --policies/--budgets (`evaluate.grid_specs`), defaulting to the saved spec."""
+    policies = _csv(args.policies) or (["full", spec.policy] if spec is not None else DEFAULT_POLICIES)
     kwargs = {k: v for k, v in (("sinks", args.sinks), ("recent", args.recent)) if v is not None}
-    specs = []
-    for policy in policies:
-        if policy == "full":
-            specs.append(BudgetSpec(policy="full"))
-            continue
-        if spec is not None and policy == spec.policy and not budgets:
-            specs.append(hard(spec))  # exactly the trained spec (per-layer budgets, sinks, recent)
-            continue
-        for k in budgets or DEFAULT_BUDGETS:
-            extra = dict(kwargs)
-            if spec is not None and policy == spec.policy:
-                extra = {"sinks": spec.sinks, "recent": spec.recent, **kwargs}
-            specs.append(BudgetSpec(policy=policy, budget=k, **extra).validate())
-    return specs
+    return grid_specs(policies, [int(b) for b in _csv(args.budgets)] or None, own=spec, **kwargs)
 
 
 def _retrieval(args, model, tokenizer, specs, adapter_on, progress) -> list[dict]:

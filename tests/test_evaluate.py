@@ -224,6 +224,31 @@ def test_cli_adapter_default_policy_and_adapted_field(tmp_path, monkeypatch):
     assert base[0]["ppl"] == pytest.approx(perplexity(plain, win, progress=False)["ppl"], rel=1e-5)
 
 
+def test_grid_specs_is_the_one_grid():
+    """The CLI, the run's evaluation and the callback all build their grid here: full once, every
+    other policy at every K, no repeats; a trained spec's own policy keeps its form (K changed)."""
+    from msrnn_train.evaluate import DEFAULT_BUDGETS, grid_specs
+
+    def names(specs):
+        return [s.label for s in specs]
+
+    assert names(grid_specs(["tova", "full", "sinks", "full"], [4, 8])) == \
+        ["tova-4", "tova-8", "full", "sinks-4", "sinks-8"]
+    assert names(grid_specs(["h2o"], None)) == [f"h2o-{k}" for k in DEFAULT_BUDGETS]
+    own = BudgetSpec("learned", 32, sinks=2, retention="logit", scorer_hidden=8)
+    specs = grid_specs(["tova", "learned", "full"], [16, 32], own=own, own_first=True, sinks=2)
+    assert names(specs) == ["learned-32", "tova-16", "tova-32", "learned-16", "full"]  # learned-32 once, first
+    assert specs[0].to_dict() == own.to_dict()
+    assert (specs[3].retention, specs[3].scorer_hidden, specs[3].sinks) == ("logit", 8, 2)
+    assert grid_specs(["learned"], [16], own=own, sinks=0)[0].sinks == 0  # spec_kwargs win
+    # no budgets given: the saved spec exactly (a per-layer budget too); other policies the defaults
+    hybrid = BudgetSpec("tova", [8, None])
+    assert [s.to_dict() for s in grid_specs(["full", "tova"], None, own=hybrid)] == \
+        [BudgetSpec("full").to_dict(), hybrid.to_dict()]
+    # an h2o recent window wider than a grid K falls back to K/2 there
+    assert [s.recent for s in grid_specs(["h2o"], [8, 64], own=BudgetSpec("h2o", 64, recent=16))] == [None, 16]
+
+
 def test_budget_benefit_by_hand():
     from msrnn_train.evaluate import budget_benefit
 
