@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import (DEFAULT_BUDGETS, DEFAULT_POLICIES, compare_adapters, comparison_markdown, evaluate_specs,
-                       grid_specs, markdown_table, write_json)
+from .comparison import adapter_columns, compare_adapters, comparison_markdown
+from .evaluate import DEFAULT_BUDGETS, DEFAULT_POLICIES, evaluate_specs, grid_specs, markdown_table, write_json
 from .generation import default_prompts, generation_table, long_generation
 from .spec import SPEC_FILENAME, BudgetSpec
 
@@ -462,7 +462,7 @@ def _main(argv=None) -> int:
             rows = compare_adapters([r for r in records if r.get("adapted")], baseline)
             out["baseline_adapter"], out["baseline"], out["comparison"] = args.baseline_adapter, baseline, rows
             print(f"\n## {args.adapter} against the baseline {args.baseline_adapter} (same windows, same specs)\n")
-            print(comparison_markdown(rows, name=Path(args.adapter).name, baseline=Path(args.baseline_adapter).name))
+            print(comparison_markdown(rows, adapter_columns(Path(args.adapter).name, Path(args.baseline_adapter).name)))
         if args.plot:
             from .plots import plot_ppl_vs_budget
 

@@ -166,43 +166,6 @@ def full_ppl_of(records: list[dict]) -> float | None:
     return (base or full or [{"ppl": None}])[0]["ppl"]
 
 
-def budget_benefit(ppl_plain_k: float, ppl_tuned_k: float, ppl_plain_full: float) -> float:
-    """The share of plain LoRA's bounded penalty that training under the budget removes:
-    (ppl_plain(K) - ppl_tuned(K)) / (ppl_plain(K) - ppl_plain(full)). 1 = the tuned model at K is
-    as good as plain LoRA with the full state; 0 = no better than plain LoRA at K; NaN when plain
-    LoRA pays no penalty at K."""
-    penalty = ppl_plain_k - ppl_plain_full
-    return (ppl_plain_k - ppl_tuned_k) / penalty if penalty > 0 else float("nan")
-
-
-def compare_adapters(tuned: list[dict], plain: list[dict]) -> list[dict]:
-    """Side by side per (policy, K): the tuned adapter's and the baseline (plain LoRA) adapter's
-    perplexity, their difference, and the budget benefit (needs `full` in both)."""
-    plain_by = {(r["policy"], r["budget"]): r["ppl"] for r in plain}
-    plain_full = plain_by.get(("full", None))
-    rows = []
-    for r in tuned:
-        key = (r["policy"], r["budget"])
-        if key not in plain_by:
-            continue
-        row = {"policy": r["policy"], "budget": r["budget"], "ppl": r["ppl"], "ppl_baseline": plain_by[key],
-               "diff": r["ppl"] - plain_by[key]}
-        if r["policy"] != "full" and plain_full is not None:
-            row["budget_benefit"] = budget_benefit(plain_by[key], r["ppl"], plain_full)
-        rows.append(row)
-    return rows
-
-
-def comparison_markdown(rows: list[dict], name: str = "adapter", baseline: str = "baseline") -> str:
-    lines = [f"| policy | K | {baseline} | {name} | difference | budget benefit |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        bb = r.get("budget_benefit")
-        bb = "" if bb is None else "n/a" if math.isnan(bb) else f"{100 * bb:.0f}%"
-        lines.append(f"| {r['policy']} | {budget_label(r['budget'])} | {r['ppl_baseline']:.3f} | {r['ppl']:.3f} | "
-                     f"{r['diff']:+.3f} | {bb} |")
-    return "\n".join(lines)
-
-
 def _column(budget) -> str:
     return "full" if budget is None else f"K={budget_label(budget)}"
 

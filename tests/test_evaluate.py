@@ -250,7 +250,7 @@ def test_grid_specs_is_the_one_grid():
 
 
 def test_budget_benefit_by_hand():
-    from msrnn_train.evaluate import budget_benefit
+    from msrnn_train.comparison import budget_benefit
 
     # plain: full 30, K 40 (penalty 10); tuned at K 34 removes 6 of the 10
     assert budget_benefit(40.0, 34.0, 30.0) == pytest.approx(0.6)
@@ -259,13 +259,37 @@ def test_budget_benefit_by_hand():
     assert math.isnan(budget_benefit(30.0, 29.0, 30.0))  # no penalty to remove
 
 
+def test_comparison_against_the_strongest_bar_by_hand():
+    """The demo's comparison (and headline's arithmetic): per K the bar is the control's strongest
+    training-free policy; penalty, difference, budget benefit and "at K <= the bar at 2K"."""
+    from msrnn_train.comparison import against_bar, against_strongest, comparison_markdown
+
+    plain = [{"policy": "full", "budget": None, "ppl": 30.0}, {"policy": "tova", "budget": 16, "ppl": 40.0},
+             {"policy": "h2o", "budget": 16, "ppl": 38.0}, {"policy": "tova", "budget": 32, "ppl": 35.0},
+             {"policy": "h2o", "budget": 32, "ppl": 36.0}]
+    learned = [{"policy": "full", "budget": None, "ppl": 30.0}, {"policy": "learned", "budget": 32, "ppl": 33.0},
+               {"policy": "learned", "budget": 16, "ppl": 36.0}]
+    rows = against_strongest(plain, learned, ["tova", "h2o"], "learned")
+    assert [(r["budget"], r["bar"], r["penalty"], r["diff"]) for r in rows] == [(16, "h2o", 8.0, -2.0),
+                                                                                (32, "tova", 5.0, -2.0)]
+    assert [r["budget_benefit"] for r in rows] == pytest.approx([0.25, 0.4])
+    assert against_bar(36.0, 38.0, 30.0, bar_2k=35.0, ppl_full=31.5) == pytest.approx(
+        {"penalty": 8.0, "diff": -2.0, "budget_benefit": 0.25, "le_bar_2k": False, "full_vs_bar": 0.05})
+    table = comparison_markdown(rows + [{"budget": 64, "budget_benefit": float("nan")}],
+                                [("K", "budget", "K"), ("bar", "bar", "text"), ("penalty", "penalty", "+.2f"),
+                                 ("benefit", "budget_benefit", "%"), ("tova", ("ppl_tova", "ppl_h2o"), ".1f")])
+    assert table.splitlines()[2:] == ["| 16 | h2o | +8.00 | 25% | 40.0 ± 38.0 |", "| 32 | tova | +5.00 | 40% | 35.0 ± 36.0 |",
+                                      "| 64 |  |  | n/a |  |"]
+
+
 def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     """--baseline-adapter: the second adapter's numbers are its own (equal to loading it alone),
     on the same windows and specs, with the budget benefit computed from both."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from msrnn_train.evaluate import budget_benefit, evaluate_specs
+    from msrnn_train.comparison import budget_benefit
+    from msrnn_train.evaluate import evaluate_specs
 
     monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
     model_dir, text = _tiny_model_dir(tmp_path)
