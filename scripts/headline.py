@@ -70,8 +70,8 @@ VALIDATION_BOOKS = ["coriolanus_gut", "julius_caesar_gut", "romeo_and_juliet_gut
 # arm -> recipe overrides on top of the base recipe (its policy is TOVA); every loss key an arm
 # relies on is spelled out, so an arm means the same whatever the recipe's defaults
 ARMS = {
-    # the control: ordinary LoRA on the same data, steps and learning rate
-    "plain": {"budget.policy": "full", "budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
+    # the control: ordinary LoRA on the same data, steps and learning rate (the library's one definition)
+    "plain": dict(PLAIN_LORA),
     # bounded LM only, exact process
     "hard-lm": {"budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
     # bounded LM only, soft-TOVA annealed to hard
