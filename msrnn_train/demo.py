@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from msrnn_train.plots import plot_ppl_vs_budget
+    from msrnn_train.plots import lines_of, plot_comparison
     from msrnn_train.recipe import RecipeError, load_recipe, parse_overrides
     from msrnn_train.train import train
 
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     scorer_run = train(scorer_recipe)
     learned = scorer_run["after"]
-    plot = plot_ppl_vs_budget(plain, None, out / "ppl_vs_budget.png",
-                              title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}: plain LoRA's weights",
-                              extra={"its learned scorer": [r for r in learned if r["policy"] == "learned"]})
+    plot = plot_comparison({"plain LoRA's weights": lines_of(plain, "bar") + lines_of(
+        [r for r in learned if r["policy"] == "learned"], "method", " (plain LoRA's learned scorer)")},
+        out / "ppl_vs_budget.png", title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}")
     table = comparison_table(plain, learned, untuned)
     (out / "demo_results.json").write_text(json.dumps(
         {"untuned": untuned, "plain": plain, "learned": learned, "wall_seconds": time.perf_counter() - t0},

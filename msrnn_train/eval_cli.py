@@ -464,13 +464,17 @@ def _main(argv=None) -> int:
             print(f"\n## {args.adapter} against the baseline {args.baseline_adapter} (same windows, same specs)\n")
             print(comparison_markdown(rows, adapter_columns(Path(args.adapter).name, Path(args.baseline_adapter).name)))
         if args.plot:
-            from .plots import plot_ppl_vs_budget
+            from .plots import lines_of, plot_comparison, plot_ppl_vs_budget
 
             base = [r for r in records if not r.get("adapted")]
             adapted_recs = [r for r in records if r.get("adapted")] or None
-            plot_ppl_vs_budget(base, adapted_recs, args.plot,
-                               title=f"{Path(args.model).name}: perplexity vs budget "
-                                     f"({args.text}, {args.seq_len}-token windows)")
+            title = f"{Path(args.model).name}: perplexity vs budget ({args.text}, {args.seq_len}-token windows)"
+            if args.baseline_adapter:  # the comparison: the baseline thin, the adapter thick
+                plot_comparison({"same windows, same specs": lines_of(out["baseline"], "bar",
+                                                                      f" ({Path(args.baseline_adapter).name})")
+                                 + lines_of(adapted_recs, "method", f" ({Path(args.adapter).name})")}, args.plot, title)
+            else:
+                plot_ppl_vs_budget(base, adapted_recs, args.plot, title=title)
             print(f"\nplot: {args.plot}")
     if "retrieval" in tasks:
         from .retrieval import retrieval_table

@@ -392,48 +392,33 @@ def markdown(doc: dict) -> str:
 def plot(doc: dict, path: Path) -> None:
     """Perplexity against K (mean ± std over seeds): one panel per set of starting weights (plain
     LoRA's; the untuned base model's when base-scorer ran), each with its training-free policies
-    (thin), the learned or trained arm (thick) and the full state (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (thin), the learned or trained arm (thick) and the full state (dashed): `plots.plot_comparison`."""
+    from msrnn_train.plots import plot_comparison
 
     labels = list(dict.fromkeys(r["arm"] for r in doc["records"]))
-    panels = [("plain LoRA's weights", [a for a in labels if a.startswith("plain+") or (a in ARMS and a != "plain"
-                                                                                         and a != "base-scorer"
-                                                                                         and a != "plain-continued")]),
-              ("the untuned base model", [a for a in labels if a.startswith("base")])]
-    panels = [(t, arms) for t, arms in panels if arms]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-    colors = {"tova": "C0", "h2o": "C1", "sinks": "C2", "window": "C7", "oracle": "C3"}
-    for ax, (title, arms) in zip(axes[0], panels):
-        full = None
-        for i, arm in enumerate(arms):
-            rs = sorted((r for r in doc["records"] if r["arm"] == arm), key=lambda r: r["budget"])
+    panels = {"plain LoRA's weights": [a for a in labels if a.startswith("plain+") or
+                                       (a in ARMS and a not in ("plain", "base-scorer", "plain-continued"))],
+              "the untuned base model": [a for a in labels if a.startswith("base")]}
+    lines = {}
+    for title, arms in panels.items():
+        if not arms:
+            continue
+        lines[title] = []
+        for arm in arms:
+            rs = [r for r in doc["records"] if r["arm"] == arm]
             policy = arm.split("+", 1)[1] if "+" in arm else None
-            learned = policy is None
-            ax.errorbar([r["budget"] for r in rs], [r["ppl_bounded_mean"] for r in rs],
-                        yerr=[r["ppl_bounded_std"] for r in rs], marker="o" if learned else ".", capsize=3,
-                        lw=2.6 if learned else 1.2, ls="--" if policy == "oracle" else "-",
-                        color="C4" if learned else colors.get(policy, f"C{i}"),
-                        label=(f"{arm} (learned policy)" if arm in LEARNED_ARMS else arm)
-                        + (" (seed 0, non-causal reference)" if policy == "oracle" else ""))
-            full = full or (statistics.fmean(r["ppl_full_mean"] for r in rs), max(r["ppl_full_std"] for r in rs))
-        if full:
-            ax.axhline(full[0], color="black", ls="--", lw=1, label=f"full state ({full[0]:.2f} ± {full[1]:.2f})")
-        ax.set_xscale("log", base=2)
-        ks = sorted({r["budget"] for r in doc["records"]})
-        ax.set_xticks(ks)
-        ax.set_xticklabels([str(k) for k in ks])
-        ax.set_xlabel("states per layer K")
-        ax.set_ylabel("perplexity (held-out books)" if doc["split"] == "test" else "perplexity (validation books)")
-        ax.set_title(f"{title}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5)
-    fig.suptitle(f"SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split: training-free policies vs the learned one")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            lines[title].append({
+                "label": (f"{arm} (learned policy)" if arm in LEARNED_ARMS else arm)
+                + (" (seed 0, non-causal reference)" if policy == "oracle" else ""),
+                "policy": policy, "role": "method" if policy is None else "reference" if policy == "oracle" else "bar",
+                "points": [(r["budget"], r["ppl_bounded_mean"], r["ppl_bounded_std"]) for r in rs]})
+        first = [r for r in doc["records"] if r["arm"] == arms[0]]
+        lines[title].append({"label": "full state", "full": (statistics.fmean(r["ppl_full_mean"] for r in first),
+                                                             max(r["ppl_full_std"] for r in first))})
+    plot_comparison(lines, path, ylabel="perplexity (held-out books)" if doc["split"] == "test"
+                    else "perplexity (validation books)",
+                    title=f"SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split: training-free policies vs the "
+                          "learned one")
 
 
 def main(argv=None):

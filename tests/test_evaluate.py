@@ -302,8 +302,9 @@ def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     out = tmp_path / "eval.json"
     main(["--model", str(model_dir), "--adapter", str(folders[0]), "--baseline-adapter", str(folders[1]),
           "--text", str(text), "--seq-len", "16", "--max-windows", "2", "--budgets", "4,6", "--policies",
-          "full,tova", "--json", str(out), "--no-progress"])
+          "full,tova", "--json", str(out), "--plot", str(tmp_path / "vs_baseline.png"), "--no-progress"])
     doc = json.loads(out.read_text())
+    assert (tmp_path / "vs_baseline.png").stat().st_size > 10_000  # the comparison's figure (plots.plot_comparison)
     base = {(r["policy"], r["budget"]): r["ppl"] for r in doc["baseline"]}
     assert set(base) == {("full", None), ("tova", 4), ("tova", 6)}
     # the baseline's numbers are those of the plain adapter loaded on its own
