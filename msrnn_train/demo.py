@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     scorer_run = train(scorer_recipe)
     learned = scorer_run["after"]
     plot = plot_comparison({"plain LoRA's weights": lines_of(plain, "bar") + lines_of(
-        [r for r in learned if r["policy"] == "learned"], "method", " (plain LoRA's learned scorer)")},
+        [r for r in learned if r["policy"] == "learned"], "method", " (trained scorer)")},
         out / "ppl_vs_budget.png", title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}")
     table = comparison_table(plain, learned, untuned)
     (out / "demo_results.json").write_text(json.dumps(
