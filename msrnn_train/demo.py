@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from msrnn_train.comparison import PLAIN_LORA, against_strongest, comparison_markdown
+
 # The embedded default recipe at demo size (about 5 minutes on 2 CPU cores): T = 256, 30 steps of plain
 # LoRA, then 80 of its scorer.
 DEMO_OVERRIDES = {
@@ -35,10 +37,9 @@ DEMO_OVERRIDES = {
 }
 HEURISTICS = ["tova", "h2o", "sinks"]
 
-# the control every claim is made against: ordinary LoRA on the same data, steps and learning rate
-PLAIN_OVERRIDES = {"budget.policy": "full", "budget.mode": "hard", "budget.train_budgets": None,
-                   "loss.lm_weight": 1.0, "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0,
-                   "soft.budget_ramp_start": None, "eval.policies": ["full", *HEURISTICS], "eval.at_start": True}
+# the control every claim is made against (comparison.PLAIN_LORA), evaluated before and after with
+# every training-free policy
+PLAIN_OVERRIDES = {**PLAIN_LORA, "eval.policies": ["full", *HEURISTICS], "eval.at_start": True}
 
 # the learned retention policy on plain's weights (the winner of results/screen, scripts/headline.py's
 # plain-scorer arm): only the scorer trains, KL to plain's own full-state prediction
@@ -52,27 +53,20 @@ SCORER_OVERRIDES = {"training.max_steps": 80, "training.save_steps": 40,  # the 
 
 
 def comparison_table(plain: list[dict], learned: list[dict], untuned: list[dict] | None = None) -> str:
-    """Per K: plain LoRA's full state and its strongest training-free policy (the bar), plain LoRA
-    with its learned scorer, and the budget benefit: the share of the bar's bounded penalty that
-    the learned policy removes."""
-    from msrnn_train.evaluate import budget_benefit
-
-    by = {(r["policy"], r["budget"]): r["ppl"] for r in plain}
-    lby = {r["budget"]: r["ppl"] for r in learned if r["policy"] == "learned"}
-    uby = {(r["policy"], r["budget"]): r["ppl"] for r in untuned or []}
-    full = by[("full", None)]
-    lines = ["| K | untuned + tova | plain LoRA + tova | + h2o | + sinks | plain LoRA + learned scorer | "
-             "budget benefit vs the best (which) |", "|---|---|---|---|---|---|---|"]
-    for k in sorted(lby):
-        heur = {h: by[(h, k)] for h in HEURISTICS if (h, k) in by}
-        best = min(heur, key=heur.get)
-        bb = budget_benefit(heur[best], lby[k], full)
-        u = uby.get(("tova", k))
-        lines.append(f"| {k} | {'' if u is None else f'{u:.2f}'} | " + " | ".join(
-            f"{heur[h]:.2f}" if h in heur else "" for h in HEURISTICS)
-            + f" | **{lby[k]:.2f}** | {'n/a' if bb != bb else f'{100 * bb:.0f}%'} ({best}) |")
-    lines.append(f"| full state | {uby.get(('full', None), float('nan')):.2f} | {full:.2f} | | | {full:.2f} | |")
-    return "\n".join(lines)
+    """Per K: the untuned model's and plain LoRA's training-free policies, plain LoRA's full state,
+    plain LoRA with its learned scorer, the strongest training-free policy (the bar) and the budget
+    benefit: the share of the bar's bounded penalty that the learned policy removes
+    (`comparison.against_strongest`)."""
+    rows = against_strongest(plain, learned, HEURISTICS, "learned")
+    untuned_by = {(r["policy"], r["budget"]): r["ppl"] for r in untuned or []}
+    for row in rows:
+        row["ppl_untuned"] = untuned_by.get(("tova", row["budget"]))
+    return comparison_markdown(rows, [("K", "budget", "K"), ("untuned + tova", "ppl_untuned", ".2f")]
+                               + [(f"plain LoRA + {h}", f"ppl_{h}", ".2f") for h in HEURISTICS]
+                               + [("plain LoRA, full state", "ppl_full", ".2f"),
+                                  ("plain LoRA + learned scorer", "ppl", ".2f"),
+                                  ("the bar (strongest training-free)", "bar", "text"),
+                                  ("budget benefit vs the bar", "budget_benefit", "%")])
 
 
 def main(argv=None) -> int:
@@ -83,7 +77,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from msrnn_train.plots import plot_ppl_vs_budget
+    from msrnn_train.plots import lines_of, plot_comparison
     from msrnn_train.recipe import RecipeError, load_recipe, parse_overrides
     from msrnn_train.train import train
 
@@ -107,9 +101,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     scorer_run = train(scorer_recipe)
     learned = scorer_run["after"]
-    plot = plot_ppl_vs_budget(plain, None, out / "ppl_vs_budget.png",
-                              title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}: plain LoRA's weights",
-                              extra={"its learned scorer": [r for r in learned if r["policy"] == "learned"]})
+    plot = plot_comparison({"plain LoRA's weights": lines_of(plain, "bar") + lines_of(
+        [r for r in learned if r["policy"] == "learned"], "method", " (trained scorer)")},
+        out / "ppl_vs_budget.png", title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}")
     table = comparison_table(plain, learned, untuned)
     (out / "demo_results.json").write_text(json.dumps(
         {"untuned": untuned, "plain": plain, "learned": learned, "wall_seconds": time.perf_counter() - t0},

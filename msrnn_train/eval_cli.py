@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .controller import hard
-from .evaluate import (DEFAULT_BUDGETS, DEFAULT_POLICIES, compare_adapters, comparison_markdown, evaluate_specs,
-                       markdown_table, write_json)
+from .comparison import adapter_columns, compare_adapters, comparison_markdown
+from .evaluate import DEFAULT_BUDGETS, DEFAULT_POLICIES, evaluate_specs, grid_specs, markdown_table, write_json
 from .generation import default_prompts, generation_table, long_generation
 from .spec import SPEC_FILENAME, BudgetSpec
 
@@ -304,25 +303,11 @@ def _windows(args, tokenizer) -> torch.Tensor:
     return windows
 
 
-def _grid(args, spec: BudgetSpec | None):
-    """(specs, policies for the plot) from --policies/--budgets, defaulting to the saved spec."""
-    policies = _csv(args.policies) or ([("full"), spec.policy] if spec is not None else DEFAULT_POLICIES)
-    budgets = [int(b) for b in _csv(args.budgets)]
+def _grid(args, spec: BudgetSpec | None) -> list[BudgetSpec]:
+    """The specs of --policies/--budgets (`evaluate.grid_specs`), defaulting to the saved spec."""
+    policies = _csv(args.policies) or (["full", spec.policy] if spec is not None else DEFAULT_POLICIES)
     kwargs = {k: v for k, v in (("sinks", args.sinks), ("recent", args.recent)) if v is not None}
-    specs = []
-    for policy in policies:
-        if policy == "full":
-            specs.append(BudgetSpec(policy="full"))
-            continue
-        if spec is not None and policy == spec.policy and not budgets:
-            specs.append(hard(spec))  # exactly the trained spec (per-layer budgets, sinks, recent)
-            continue
-        for k in budgets or DEFAULT_BUDGETS:
-            extra = dict(kwargs)
-            if spec is not None and policy == spec.policy:
-                extra = {"sinks": spec.sinks, "recent": spec.recent, **kwargs}
-            specs.append(BudgetSpec(policy=policy, budget=k, **extra).validate())
-    return specs
+    return grid_specs(policies, [int(b) for b in _csv(args.budgets)] or None, own=spec, **kwargs)
 
 
 def baseline_records(model, folder, windows, specs, batch_size, progress) -> list[dict]:
@@ -465,15 +450,19 @@ def _main(argv=None) -> int:
             rows = compare_adapters([r for r in records if r.get("adapted")], baseline)
             out["baseline_adapter"], out["baseline"], out["comparison"] = args.baseline_adapter, baseline, rows
             print(f"\n## {args.adapter} against the baseline {args.baseline_adapter} (same windows, same specs)\n")
-            print(comparison_markdown(rows, name=Path(args.adapter).name, baseline=Path(args.baseline_adapter).name))
+            print(comparison_markdown(rows, adapter_columns(Path(args.adapter).name, Path(args.baseline_adapter).name)))
         if args.plot:
-            from .plots import plot_ppl_vs_budget
+            from .plots import lines_of, plot_comparison, plot_ppl_vs_budget
 
             base = [r for r in records if not r.get("adapted")]
             adapted_recs = [r for r in records if r.get("adapted")] or None
-            plot_ppl_vs_budget(base, adapted_recs, args.plot,
-                               title=f"{Path(args.model).name}: perplexity vs budget "
-                                     f"({args.text}, {args.seq_len}-token windows)")
+            title = f"{Path(args.model).name}: perplexity vs budget ({args.text}, {args.seq_len}-token windows)"
+            if args.baseline_adapter:  # the comparison: the baseline thin, the adapter thick
+                plot_comparison({"same windows, same specs": lines_of(out["baseline"], "bar",
+                                                                      f" ({Path(args.baseline_adapter).name})")
+                                 + lines_of(adapted_recs, "method", f" ({Path(args.adapter).name})")}, args.plot, title)
+            else:
+                plot_ppl_vs_budget(base, adapted_recs, args.plot, title=title)
             print(f"\nplot: {args.plot}")
     if suite is not None:
         out["retrieval_suite"] = _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress,

@@ -5,9 +5,10 @@ The library of evaluation:
 * `perplexity(model, windows)` - exp(mean NLL) over every predicted token of the windows,
   one teacher-forced forward per batch (for a budgeted model that *is* the bounded-cache
   perplexity, by the fidelity contract);
-* `evaluate_grid(model, windows, policies, budgets)` - every policy x budget (``full`` once),
-  the model's own spec put back afterwards; `markdown_table`, `write_json`,
-  `plots.plot_ppl_vs_budget`;
+* `grid_specs(policies, budgets, own)` - the one builder of "which specs to evaluate" (the CLI,
+  the trainer's evaluation and its callback all call it); `evaluate_grid(model, windows,
+  policies, budgets)` measures them (``full`` once), the model's own spec put back afterwards;
+  `markdown_table`, `write_json`, `plots.plot_ppl_vs_budget`;
 * elsewhere: generation statistics in `generation.py`, the same evaluation as a TrainerCallback
   (`BoundedEvalCallback`) in `trainer.py`, in-context retrieval in `retrieval.py`, and the
   command line in `eval_cli.py` (run as `python -m msrnn_train.evaluate`).
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .controller import budget_scope
+from .controller import budget_scope, hard
 from .spec import BudgetSpec, budget_key, budget_label
 
 DEFAULT_POLICIES = ["full", "tova", "sinks", "window", "h2o"]
@@ -77,15 +78,41 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str | No
         return _as_result(*_nll_sum(model, windows, batch_size, bar))
 
 
-def grid_specs(policies, budgets, **spec_kwargs) -> list[BudgetSpec]:
-    """``full`` once (if named) and every other policy at every budget."""
-    specs = []
+def grid_specs(policies, budgets=None, own: BudgetSpec | None = None, own_first: bool = False,
+               **spec_kwargs) -> list[BudgetSpec]:
+    """The one builder of an evaluation grid: the specs to measure, in order, without repeats.
+
+    Each of ``policies``: ``full`` once; any other policy at every K of ``budgets`` (None: the
+    defaults, `DEFAULT_BUDGETS`; ``[]``: none). ``spec_kwargs`` (sinks, recent) go into every
+    bounded spec. ``own`` is a trained model's own spec: its policy keeps the spec's other fields
+    (sinks, recent, the learned scorer's form; ``spec_kwargs`` still win, and an h2o ``recent``
+    larger than a K falls back to K/2 there) and, with ``budgets`` None, is that spec exactly
+    (per-layer budgets included). ``own_first`` puts ``own`` first whatever ``policies`` name (a
+    run's training spec: what training measures first)."""
+    def key(spec: BudgetSpec) -> str:
+        return "full" if spec.policy == "full" else json.dumps(spec.to_dict(), sort_keys=True)
+
+    def at(policy: str, k: int) -> BudgetSpec:
+        if own is None or policy != own.policy:
+            return BudgetSpec(policy=policy, budget=k, **spec_kwargs).validate()
+        fields = {**own.to_dict(), "budget": k, **spec_kwargs}
+        if fields["recent"] is not None and fields["recent"] > k and "recent" not in spec_kwargs:
+            fields["recent"] = None
+        return BudgetSpec.from_dict(fields)
+
+    specs: dict[str, BudgetSpec] = {}
+    if own is not None and own_first and own.policy != "full":
+        specs[key(own)] = hard(own)
     for policy in policies:
         if policy == "full":
-            specs.append(BudgetSpec(policy="full"))
+            found = [BudgetSpec(policy="full")]
+        elif own is not None and policy == own.policy and budgets is None:
+            found = [hard(own)]
         else:
-            specs.extend(BudgetSpec(policy=policy, budget=k, **spec_kwargs).validate() for k in budgets)
-    return specs
+            found = [at(policy, k) for k in (DEFAULT_BUDGETS if budgets is None else budgets)]
+        for spec in found:
+            specs.setdefault(key(spec), spec)
+    return list(specs.values())
 
 
 def _record(spec: BudgetSpec, result: dict, adapted: bool | None) -> dict:
@@ -117,11 +144,11 @@ def evaluate_specs(model, windows: torch.Tensor, specs: list[BudgetSpec], batch_
 
 def evaluate_grid(model, windows: torch.Tensor, policies=DEFAULT_POLICIES, budgets=DEFAULT_BUDGETS,
                   batch_size: int = 1, adapter_on: bool = True, adapted: bool | None = None,
-                  progress: bool = True, **spec_kwargs) -> list[dict]:
-    """Perplexity of every policy x budget (``full`` once, budget None); the model's own
-    budget spec and mode are restored afterwards. ``spec_kwargs`` (sinks, recent) go into
-    every spec."""
-    specs = grid_specs(policies, budgets, **spec_kwargs)
+                  progress: bool = True, own: BudgetSpec | None = None, own_first: bool = False,
+                  **spec_kwargs) -> list[dict]:
+    """Perplexity of every spec of `grid_specs(policies, budgets, own, own_first, **spec_kwargs)`
+    (``full`` once, budget None); the model's own budget spec and mode are restored afterwards."""
+    specs = grid_specs(policies, budgets, own, own_first, **spec_kwargs)
     desc = "eval (adapted)" if adapted else "eval (base)" if adapted is False else "eval"
     return evaluate_specs(model, windows, specs, batch_size, adapter_on, adapted, progress, desc)
 
@@ -137,43 +164,6 @@ def full_ppl_of(records: list[dict]) -> float | None:
     full = [r for r in records if r["policy"] == "full"]
     base = [r for r in full if not r.get("adapted", False)]
     return (base or full or [{"ppl": None}])[0]["ppl"]
-
-
-def budget_benefit(ppl_plain_k: float, ppl_tuned_k: float, ppl_plain_full: float) -> float:
-    """The share of plain LoRA's bounded penalty that training under the budget removes:
-    (ppl_plain(K) - ppl_tuned(K)) / (ppl_plain(K) - ppl_plain(full)). 1 = the tuned model at K is
-    as good as plain LoRA with the full state; 0 = no better than plain LoRA at K; NaN when plain
-    LoRA pays no penalty at K."""
-    penalty = ppl_plain_k - ppl_plain_full
-    return (ppl_plain_k - ppl_tuned_k) / penalty if penalty > 0 else float("nan")
-
-
-def compare_adapters(tuned: list[dict], plain: list[dict]) -> list[dict]:
-    """Side by side per (policy, K): the tuned adapter's and the baseline (plain LoRA) adapter's
-    perplexity, their difference, and the budget benefit (needs `full` in both)."""
-    plain_by = {(r["policy"], r["budget"]): r["ppl"] for r in plain}
-    plain_full = plain_by.get(("full", None))
-    rows = []
-    for r in tuned:
-        key = (r["policy"], r["budget"])
-        if key not in plain_by:
-            continue
-        row = {"policy": r["policy"], "budget": r["budget"], "ppl": r["ppl"], "ppl_baseline": plain_by[key],
-               "diff": r["ppl"] - plain_by[key]}
-        if r["policy"] != "full" and plain_full is not None:
-            row["budget_benefit"] = budget_benefit(plain_by[key], r["ppl"], plain_full)
-        rows.append(row)
-    return rows
-
-
-def comparison_markdown(rows: list[dict], name: str = "adapter", baseline: str = "baseline") -> str:
-    lines = [f"| policy | K | {baseline} | {name} | difference | budget benefit |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        bb = r.get("budget_benefit")
-        bb = "" if bb is None else "n/a" if math.isnan(bb) else f"{100 * bb:.0f}%"
-        lines.append(f"| {r['policy']} | {budget_label(r['budget'])} | {r['ppl_baseline']:.3f} | {r['ppl']:.3f} | "
-                     f"{r['diff']:+.3f} | {bb} |")
-    return "\n".join(lines)
 
 
 def _column(budget) -> str:

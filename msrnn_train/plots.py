@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 POLICY_COLORS = {"tova": "tab:blue", "tova_head": "tab:cyan", "sinks": "tab:green", "h2o": "tab:orange",
-                 "window": "tab:red"}
+                 "window": "tab:red", "oracle": "tab:pink"}
 
 
 def _color(policy: str, i: int) -> str:
@@ -116,6 +116,50 @@ def plot_ppl_vs_budget(records_base: list[dict], records_adapted: list[dict] | N
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def lines_of(records: list[dict], role: str = "bar", suffix: str = "") -> list[dict]:
+    """Evaluation records as `plot_comparison` lines: one per bounded policy ("<policy><suffix>")
+    and the full state ("full state<suffix>")."""
+    lines = [{"label": f"{policy}{suffix}", "policy": policy, "role": role, "points": pts}
+             for policy, pts in _lines(records).items()]
+    full = _full(records)
+    return lines + ([{"label": f"full state{suffix}", "full": (full, None)}] if full is not None else [])
+
+
+def plot_comparison(panels: dict[str, list[dict]], path, title: str | None = None,
+                    ylabel: str = "perplexity") -> Path:
+    """The adapter comparison's figure (the demo, ``evaluate --baseline-adapter``,
+    scripts/headline.py): perplexity against K, one panel per set of starting weights,
+    {panel title: [line, ...]}. A line is {"label", "points": [(K, ppl[, std])], "policy",
+    "role"}: role "bar" (a training-free policy on the control: thin, the policy's colour),
+    "method" (what is compared: thick; purple unless a training-free policy), "reference" (dashed); or {"label", "full": (ppl, std or
+    None)}, a full state (a dashed horizontal line). Standard deviations are error bars."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), dpi=120, squeeze=False)
+    for ax, (name, lines) in zip(axes[0], panels.items()):
+        budgets, fulls = set(), 0
+        for i, line in enumerate(lines):
+            if "full" in line:
+                ppl, std = line["full"]
+                fulls += 1
+                ax.axhline(ppl, color="black" if fulls == 1 else "gray", ls="--" if fulls == 1 else ":", lw=1,
+                           label=f"{line['label']} ({ppl:.2f}" + ("" if std is None else f" ± {std:.2f}") + ")")
+                continue
+            pts = sorted(line["points"])
+            method = line.get("role") == "method"
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] if len(p) > 2 else 0.0 for p in pts],
+                        marker="o" if method else ".", capsize=3, lw=2.6 if method else 1.2,
+                        ls="--" if line.get("role") == "reference" else "-",
+                        color="tab:purple" if method and line.get("policy") not in POLICY_COLORS
+                        else _color(line.get("policy", ""), i), label=line["label"])
+            budgets |= {p[0] for p in pts}
+        if budgets:
+            _budget_axis(ax, sorted(budgets))
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5)
+    return _save(fig, path, suptitle=title)
 
 
 def _config_label(r: dict) -> str:

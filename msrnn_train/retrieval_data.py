@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .hybrid import resolve_hybrid  # noqa: F401 - train.py reads a recipe's hybrid from here (defined in hybrid.py)
 from .losses import IGNORE_INDEX
 from .retrieval_tasks import encode, make_task
 

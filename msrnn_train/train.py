@@ -51,12 +51,13 @@ from msrnn_train.hub import HubPushError, model_card, push_adapter
 from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
 from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
 from msrnn_train.retention import load_scorers
-from msrnn_train.retrieval_data import resolve_hybrid, training_dataset
+from msrnn_train.hybrid import resolve_hybrid
+from msrnn_train.retrieval_data import training_dataset
 from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
 from msrnn_train.spec import BudgetError
 from msrnn_train.tracking import finish_wandb, setup_wandb, wandb_wanted
 from msrnn_train.trainer import (BoundedTrainer, BudgetScheduleCallback, CheckpointingCallback, SaveSpecCallback,
-                                 TrainingFailed, check_loss_curve, evaluate_grid, peak_memory_mb,
+                                 TrainingFailed, check_loss_curve, evaluate_run, peak_memory_mb,
                                  periodic_eval_callback, save_outputs, training_arguments)
 
 USAGE = """usage: python -m msrnn_train.train [RECIPE.yaml] [--validate] [--section.key VALUE ...]
@@ -341,7 +342,7 @@ class BoundedRun:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self, when: str) -> list[dict]:
-        """Held-out perplexity under the budget (`trainer.evaluate_grid`: the training spec and
+        """Held-out perplexity under the budget (`trainer.evaluate_run`: the training spec and
         recipe.eval's grid, exact process), `before` or `after` training; rank 0 prints it. The
         untrained baseline is measured once (eval_before.json keeps it for a resumed run); after
         training, the periodic evaluation's final records are reused when there are any."""
@@ -358,7 +359,7 @@ class BoundedRun:
             self.before = self._baseline()
         final = [rec for rec in getattr(self.periodic, "final_records", None) or [] if rec.get("adapted", True)]
         self.after = [{k: v for k, v in rec.items() if k != "adapted"} for rec in final] or \
-            evaluate_grid(self.model, windows, r, self.spec, desc="after")
+            evaluate_run(self.model, windows, r, self.spec, desc="after")
         if self.is_main:
             _print_records("held-out perplexity after training", self.after, self.before)
         return self.after
@@ -370,7 +371,7 @@ class BoundedRun:
         cached = _load_json(self.out / _EVAL_BEFORE) if self.resume is not None or late else None
         if cached:
             return cached
-        records = evaluate_grid(self.model, self.eval_windows, self.recipe, self.spec, desc="before",
+        records = evaluate_run(self.model, self.eval_windows, self.recipe, self.spec, desc="before",
                                 adapter_on=not late)
         if self.is_main:
             _write_json(self.out / _EVAL_BEFORE, records)

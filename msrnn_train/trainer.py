@@ -327,28 +327,20 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
 
 
 # ----------------------------------------------------------------------------- evaluation during training
-def evaluate_grid(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "",
-                  adapter_on: bool = True) -> list[dict]:
-    """Held-out perplexity, hard process, under the training spec and every (policy, K) of
-    `recipe.eval` (`full` once); the model's training budget is put back afterwards.
-    Records: {policy, budget, ppl, nll, tokens} (`evaluate.evaluate_specs`)."""
-    records = evaluate_specs(_unwrap(model), windows, eval_specs(recipe, train_spec), recipe.eval.batch_size,
-                             adapter_on=adapter_on, desc=f"eval {desc}")
-    return [{k: v for k, v in r.items() if k != "adapted"} for r in records]
+def evaluate_run(model, windows: torch.Tensor, recipe: Recipe, train_spec: BudgetSpec, desc: str = "",
+                 adapter_on: bool = True) -> list[dict]:
+    """A run's held-out evaluation: perplexity, hard process, of every spec of `eval_specs`; the
+    model's training budget is put back afterwards. Records: {policy, budget, ppl, nll, tokens}
+    (`evaluate.evaluate_specs`)."""
+    return evaluate_specs(_unwrap(model), windows, eval_specs(recipe, train_spec), recipe.eval.batch_size,
+                          adapter_on=adapter_on, desc=f"eval {desc}")
 
 
 def eval_specs(recipe: Recipe, train_spec: BudgetSpec) -> list[BudgetSpec]:
-    """The training spec first, then eval.policies x eval.budgets (`full` once), no repeats."""
-    specs = [] if train_spec.policy == "full" else [train_spec]
-    for policy in recipe.eval.policies:
-        budgets = [None] if policy == "full" else recipe.eval.budgets
-        for k in budgets:
-            spec = BudgetSpec(policy=policy, budget=1 if k is None else k, sinks=recipe.budget.sinks)
-            if spec.policy == "full":
-                spec = BudgetSpec(policy="full")
-            if all(spec.to_dict() != s.to_dict() for s in specs):
-                specs.append(spec)
-    return specs
+    """The training spec first, then eval.policies x eval.budgets (`full` once), no repeats
+    (`evaluate.grid_specs`: the training policy's entries keep its spec's form, K changed)."""
+    return grid_specs(recipe.eval.policies, recipe.eval.budgets, own=train_spec, own_first=True,
+                      sinks=recipe.budget.sinks)
 
 
 def periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: list[dict]):
@@ -462,16 +454,8 @@ class BoundedEvalCallback(TrainerCallback):
         return None if spec is None or spec.policy == "full" else hard(spec)
 
     def _specs(self, model) -> list[BudgetSpec]:
-        specs, seen = [], set()
-        train = self._train_spec(model)
-        for spec in ([train] if train is not None else []) + grid_specs(self.policies, self.budgets,
-                                                                        **self.spec_kwargs):
-            # the training spec's soft temperature does not matter here (evaluation is hard)
-            key = (spec.policy, json.dumps(spec.budget), spec.sinks, spec.recent)
-            if key not in seen:
-                seen.add(key)
-                specs.append(spec)
-        return specs
+        return grid_specs(self.policies, self.budgets, own=self._train_spec(model), own_first=True,
+                          **self.spec_kwargs)
 
     def _base(self, model) -> list[dict]:
         """Full-state base model and base model under the training spec: computed once."""

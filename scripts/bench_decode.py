@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
+from _bench import MISTRAL_7B, timed
+
 ROOT = Path(__file__).resolve().parents[1]
-MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=65536, rope_theta=1e6,
-                  sliding_window=None)
+DECODE_SHAPE = dict(MISTRAL_7B, max_position_embeddings=65536, rope_theta=1e6, sliding_window=None)
 
 
 def load(device: str):
@@ -59,7 +59,7 @@ def load(device: str):
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(MistralConfig(**MISTRAL_7B), attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_config(MistralConfig(**DECODE_SHAPE), attn_implementation="sdpa",
                                                  dtype=torch.bfloat16)
     return model.eval()
 
@@ -109,11 +109,6 @@ def clock(device):
     return time.process_time if device == "cpu" else time.perf_counter
 
 
-def _sync(device):
-    if device != "cpu":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def run_one(device: str, cache_kind: str, length: int, batch: int, budget: int, chunk: int, reps: int,
             decode_tokens: int) -> dict:
@@ -150,20 +145,15 @@ def run_one(device: str, cache_kind: str, length: int, batch: int, budget: int, 
     now = clock(device)
     for rep in range(reps):
         with PeakMemory(device) as mem:  # every prefill is measured; the first one's peak is reported
-            t0 = now()
-            nxt, cache = prefill(ids)
-            _sync(device)
-            prefill_s.append(now() - t0)
+            (nxt, cache), seconds = timed(lambda: prefill(ids), device, 1, clock=now)
+            prefill_s += seconds
         if rep == 0:
             peak, base = mem.peak, mem.base
             nbytes = cache_bytes(cache)
             held = max(cache.state_sizes()) if hasattr(cache, "state_sizes") else cache.get_seq_length()
         nxt = decode(nxt, cache, 2)  # decoding warm-up at this length
-        _sync(device)
-        t0 = now()
-        decode(nxt, cache, decode_tokens)
-        _sync(device)
-        decode_tps.append(batch * decode_tokens / (now() - t0))
+        _, (seconds,) = timed(lambda: decode(nxt, cache, decode_tokens), device, 1, clock=now)
+        decode_tps.append(batch * decode_tokens / seconds)
         del cache
     return dict(cache=cache_kind, length=length, batch=batch, budget=None if policy == "full" else budget,
                 chunk=None if policy == "full" else chunk, prefill_s=statistics.median(prefill_s),

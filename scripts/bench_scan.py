@@ -13,29 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from _bench import MISTRAL_7B, timed
 from msrnn_train.policies import make_policy
 from msrnn_train.kernels import default_scan
 from msrnn_train.schedule import LogitRows, scan
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, device, reps):
-    out = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return res, out
 
 
 def main(argv=None):
@@ -50,7 +37,8 @@ def main(argv=None):
         shapes = [("smollm2", 1, 9, 3, 64, 512, 64)]
     else:
         shapes = [("smollm2", 4, 9, 3, 64, 2048, 64), ("smollm2", 4, 9, 3, 64, 2048, 256),
-                  ("mistral-7b", 1, 32, 8, 128, 4096, 512)]
+                  ("mistral-7b", 1, MISTRAL_7B["num_attention_heads"], MISTRAL_7B["num_key_value_heads"],
+                   MISTRAL_7B["hidden_size"] // MISTRAL_7B["num_attention_heads"], 4096, 512)]
     rows = []
     for name, B, Hq, Hkv, D, T, K in shapes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -71,8 +59,7 @@ def main(argv=None):
                 for t0 in range(0, T, rows.block):
                     rows.block_rows(t0)
 
-            run(fast)  # warm-up (compiles)
-            sched, times = timed(lambda: run(fast), device, args.reps)
+            sched, times = timed(lambda: run(fast), device, args.reps, warmup=1)  # the warm-up compiles
             _, lt = timed(logits_only, device, args.reps)
             ref, rt = timed(lambda: run(scan), device, 1)
             same = bool(torch.equal(ref.evict, sched.evict))

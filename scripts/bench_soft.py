@@ -17,28 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from _bench import median_time, sync
 from msrnn_train import BudgetSpec, apply_budget, remove_budget
 from msrnn_train.models import load_model
 from msrnn_train.controller import set_soft_temperature
 
 
 def step_time(model, ids, repeats, warmup=1):
-    times = []
-    for i in range(warmup + repeats):
+    """(median seconds of a forward + backward step after warm-up, the last loss)."""
+    def step():
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), loss.item()
+        return loss
+
+    loss, seconds = median_time(step, next(model.parameters()).device, repeats, warmup)
+    return seconds, loss.item()
 
 
 def layer_child(cfg: dict) -> dict:
@@ -68,26 +67,17 @@ def layer_child(cfg: dict) -> dict:
         torch.where(torch.isfinite(keep), keep, 0.0).sum().backward()
         return qq.grad
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run()  # warm-up; on the CPU, its growth of the peak resident set is this path's peak memory
-    sync()
+    sync(dev)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(cfg["repeats"]):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
+    _, seconds = median_time(run, dev, cfg["repeats"], warmup=0)
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
-    return {"seconds": statistics.median(times), "peak_mib": peak / 2**20, "device": dev}
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "device": dev}
 
 
 def layer_bench(args) -> None:

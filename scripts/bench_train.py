@@ -23,17 +23,17 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+
+from _bench import MISTRAL_7B, median_time, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, T=2048, K=256, B=8),
-    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32000, T=4096, K=512, B=8),
+    "mistral-7b": dict(MISTRAL_7B, T=4096, K=512, B=8),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, T=128, K=16, B=2),
 }
@@ -72,10 +72,6 @@ def run_batch(model, shape, B, device, args, loss_cfg):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, s["vocab_size"], (B, T), device=device, generator=torch.Generator(device).manual_seed(B))
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def step(cfg):  # the trainer's objective (trainer.BoundedTrainer.compute_loss)
         loss, _, _ = bounded_objective(
             model, {"input_ids": ids}, cfg,
@@ -102,27 +98,17 @@ def run_batch(model, shape, B, device, args, loss_cfg):
             for _ in range(args.warmup):
                 step(cfg)
             if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.steps):
-                sync()
-                t0 = time.perf_counter()
-                step(cfg)
-                sync()
-                times.append(time.perf_counter() - t0)
+                torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps
+            _, med = median_time(lambda: step(cfg), device, args.steps, warmup=0)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-            med = statistics.median(times)
             r = {"step_s": med, "tokens_per_s": B * T / med, "peak_gib": peak}
             if mode != "plain" and not suffix:  # the scan's share, in one instrumented step
                 ctrl = get_controller(model)
                 spent = []
 
                 def timed_scan(*a, **kw):
-                    sync()
-                    t = time.perf_counter()
-                    out = default_scan(device)(*a, **kw)
-                    sync()
-                    spent.append(time.perf_counter() - t)
+                    out, seconds = timed(lambda: default_scan(device)(*a, **kw), device, 1)
+                    spent.extend(seconds)
                     return out
 
                 for layer in ctrl.layers:

@@ -59,7 +59,8 @@ import torch
 
 from msrnn_train import BudgetSpec
 from msrnn_train.data import DEFAULT_HELDOUT
-from msrnn_train.evaluate import budget_benefit, evaluate_specs
+from msrnn_train.comparison import PLAIN_LORA, against_bar, budget_benefit, comparison_markdown, strongest
+from msrnn_train.evaluate import evaluate_specs
 from msrnn_train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +70,8 @@ VALIDATION_BOOKS = ["coriolanus_gut", "julius_caesar_gut", "romeo_and_juliet_gut
 # arm -> recipe overrides on top of the base recipe (its policy is TOVA); every loss key an arm
 # relies on is spelled out, so an arm means the same whatever the recipe's defaults
 ARMS = {
-    # the control: ordinary LoRA on the same data, steps and learning rate
-    "plain": {"budget.policy": "full", "budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
+    # the control: ordinary LoRA on the same data, steps and learning rate (the library's one definition)
+    "plain": dict(PLAIN_LORA),
     # bounded LM only, exact process
     "hard-lm": {"budget.mode": "hard", "loss.kl_weight": 0.0, "loss.full_lm_weight": 0.0},
     # bounded LM only, soft-TOVA annealed to hard
@@ -329,10 +330,10 @@ def summarise(results: dict, budgets: list[int], seeds: list[int], args) -> dict
             records.append(rec)
     by = {(r["arm"], r["budget"]): r for r in records}
 
-    def bar(prefix: str, k: int):
-        cands = [r for r in records if r["arm"].startswith(prefix + "+") and r["budget"] == k
-                 and not r["arm"].endswith("+oracle")]
-        return min(cands, key=lambda r: r["ppl_bounded_mean"]) if cands else None
+    def bar(prefix: str, k: int):  # the strongest training-free policy on these starting weights at K
+        cands = {r["arm"]: r["ppl_bounded_mean"] for r in records if r["arm"].startswith(prefix + "+")
+                 and r["budget"] == k and not r["arm"].endswith("+oracle")}
+        return by[(strongest(cands), k)] if cands else None
 
     summary = []
     for r in records:
@@ -349,17 +350,27 @@ def summarise(results: dict, budgets: list[int], seeds: list[int], args) -> dict
         bb = [budget_benefit(ref[s][k]["bounded"], results[label][s][k]["bounded"], ref[s][k]["full"])
               for s in common]
         bbm, bbs = mean_std(bb)
+        c = against_bar(r["ppl_bounded_mean"], b["ppl_bounded_mean"], b["ppl_full_mean"], b.get("ppl_2k_mean"),
+                        r["ppl_full_mean"])
         summary.append({"arm": label, "budget": k, "seq_len": args.seq_len, "bar": b["arm"],
-                        "budget_benefit": budget_benefit(b["ppl_bounded_mean"], r["ppl_bounded_mean"],
-                                                         b["ppl_full_mean"]),
+                        "budget_benefit": c["budget_benefit"],
                         "budget_benefit_per_seed_mean": bbm, "budget_benefit_per_seed_std": bbs,
-                        "full_vs_plain": r["ppl_full_mean"] / b["ppl_full_mean"] - 1,
-                        "bounded_diff_mean": r["ppl_bounded_mean"] - b["ppl_bounded_mean"],
-                        "plain_penalty_mean": b["ppl_bounded_mean"] - b["ppl_full_mean"],
-                        "ppl_bar_2k_mean": b.get("ppl_2k_mean"),
-                        "tuned_le_plain_2k": (r["ppl_bounded_mean"] <= b["ppl_2k_mean"]) if "ppl_2k_mean" in b else None,
+                        "full_vs_plain": c["full_vs_bar"], "bounded_diff_mean": c["diff"],
+                        "plain_penalty_mean": c["penalty"], "ppl_bar_2k_mean": b.get("ppl_2k_mean"),
+                        "tuned_le_plain_2k": c.get("le_bar_2k"),
                         "heldout_books": VALIDATION_BOOKS if args.split == "validation" else DEFAULT_HELDOUT})
     return {"records": records, "summary": summary}
+
+
+RECORD_COLUMNS = [("arm", "arm", "text"), ("K", "budget", "K"),
+                  ("full-state ppl", ("ppl_full_mean", "ppl_full_std"), ".2f"),
+                  ("bounded ppl (K)", ("ppl_bounded_mean", "ppl_bounded_std"), ".2f"),
+                  ("the same policy at 2K", ("ppl_2k_mean", "ppl_2k_std"), ".2f")]
+SUMMARY_COLUMNS = [("arm", "arm", "text"), ("K", "budget", "K"), ("bar (strongest training-free)", "bar", "text"),
+                   ("bar's penalty at K", "plain_penalty_mean", "+.2f"), ("bounded ppl vs bar", "bounded_diff_mean", "+.2f"),
+                   ("budget benefit (of means)", "budget_benefit", "%"),
+                   ("budget benefit per seed", ("budget_benefit_per_seed_mean", "budget_benefit_per_seed_std"), "%"),
+                   ("full-state vs bar's weights", "full_vs_plain", "+%"), ("arm at K <= bar at 2K", "tuned_le_plain_2k", "yes/no")]
 
 
 def markdown(doc: dict) -> str:
@@ -369,26 +380,11 @@ def markdown(doc: dict) -> str:
                  f"{doc['eval_tokens']} predicted tokens; {doc['steps']} steps (+{doc.get('extra_steps', 0)} for the arms "
                  f"that continue from plain), lr {doc['lr']}, seeds {doc['seeds']}; `arm+policy` rows are "
                  f"training-free policies run on that arm's weights, other bounded arms use {doc['policy']} or their "
-                 "own learned policy. Mean ± std over seeds.", "",
-             "| arm | K | full-state ppl | bounded ppl (K) | the same policy at 2K |", "|---|---|---|---|---|"]
-    for r in doc["records"]:
-        two = f"{r['ppl_2k_mean']:.2f} ± {r['ppl_2k_std']:.2f}" if "ppl_2k_mean" in r else ""
-        lines.append(f"| {r['arm']} | {r['budget']} | {r['ppl_full_mean']:.2f} ± {r['ppl_full_std']:.2f} | "
-                     f"{r['ppl_bounded_mean']:.2f} ± {r['ppl_bounded_std']:.2f} | {two} |")
+                 "own learned policy. Mean ± std over seeds.", "", comparison_markdown(doc["records"], RECORD_COLUMNS)]
     if doc["summary"]:
         lines += ["", "Budget benefit: the share of the bar's bounded penalty (bar at K minus its full state) that the arm "
                       "removes; the bar is the strongest training-free policy on the same starting weights at that K.", "",
-                  "| arm | K | bar (strongest training-free) | bar's penalty at K | bounded ppl vs bar | "
-                  "budget benefit (of means) | budget benefit per seed | full-state vs bar's weights | "
-                  "arm at K <= bar at 2K |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in doc["summary"]:
-            two = "" if s.get("tuned_le_plain_2k") is None else ("yes" if s["tuned_le_plain_2k"] else "no")
-            lines.append(f"| {s['arm']} | {s['budget']} | {s.get('bar', 'plain')} | {s['plain_penalty_mean']:+.2f} | "
-                         f"{s['bounded_diff_mean']:+.2f} | {100 * s['budget_benefit']:.0f}% | "
-                         f"{100 * s['budget_benefit_per_seed_mean']:.0f}% ± "
-                         f"{100 * s['budget_benefit_per_seed_std']:.0f}% | {100 * s['full_vs_plain']:+.1f}% | "
-                         f"{two} |")
+                  comparison_markdown(doc["summary"], SUMMARY_COLUMNS)]
     lines += ["", f"Command: `{doc['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -396,48 +392,33 @@ def markdown(doc: dict) -> str:
 def plot(doc: dict, path: Path) -> None:
     """Perplexity against K (mean ± std over seeds): one panel per set of starting weights (plain
     LoRA's; the untuned base model's when base-scorer ran), each with its training-free policies
-    (thin), the learned or trained arm (thick) and the full state (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (thin), the learned or trained arm (thick) and the full state (dashed): `plots.plot_comparison`."""
+    from msrnn_train.plots import plot_comparison
 
     labels = list(dict.fromkeys(r["arm"] for r in doc["records"]))
-    panels = [("plain LoRA's weights", [a for a in labels if a.startswith("plain+") or (a in ARMS and a != "plain"
-                                                                                         and a != "base-scorer"
-                                                                                         and a != "plain-continued")]),
-              ("the untuned base model", [a for a in labels if a.startswith("base")])]
-    panels = [(t, arms) for t, arms in panels if arms]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-    colors = {"tova": "C0", "h2o": "C1", "sinks": "C2", "window": "C7", "oracle": "C3"}
-    for ax, (title, arms) in zip(axes[0], panels):
-        full = None
-        for i, arm in enumerate(arms):
-            rs = sorted((r for r in doc["records"] if r["arm"] == arm), key=lambda r: r["budget"])
+    panels = {"plain LoRA's weights": [a for a in labels if a.startswith("plain+") or
+                                       (a in ARMS and a not in ("plain", "base-scorer", "plain-continued"))],
+              "the untuned base model": [a for a in labels if a.startswith("base")]}
+    lines = {}
+    for title, arms in panels.items():
+        if not arms:
+            continue
+        lines[title] = []
+        for arm in arms:
+            rs = [r for r in doc["records"] if r["arm"] == arm]
             policy = arm.split("+", 1)[1] if "+" in arm else None
-            learned = policy is None
-            ax.errorbar([r["budget"] for r in rs], [r["ppl_bounded_mean"] for r in rs],
-                        yerr=[r["ppl_bounded_std"] for r in rs], marker="o" if learned else ".", capsize=3,
-                        lw=2.6 if learned else 1.2, ls="--" if policy == "oracle" else "-",
-                        color="C4" if learned else colors.get(policy, f"C{i}"),
-                        label=(f"{arm} (learned policy)" if arm in LEARNED_ARMS else arm)
-                        + (" (seed 0, non-causal reference)" if policy == "oracle" else ""))
-            full = full or (statistics.fmean(r["ppl_full_mean"] for r in rs), max(r["ppl_full_std"] for r in rs))
-        if full:
-            ax.axhline(full[0], color="black", ls="--", lw=1, label=f"full state ({full[0]:.2f} ± {full[1]:.2f})")
-        ax.set_xscale("log", base=2)
-        ks = sorted({r["budget"] for r in doc["records"]})
-        ax.set_xticks(ks)
-        ax.set_xticklabels([str(k) for k in ks])
-        ax.set_xlabel("states per layer K")
-        ax.set_ylabel("perplexity (held-out books)" if doc["split"] == "test" else "perplexity (validation books)")
-        ax.set_title(f"{title}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7.5)
-    fig.suptitle(f"SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split: training-free policies vs the learned one")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            lines[title].append({
+                "label": (f"{arm} (learned policy)" if arm in LEARNED_ARMS else arm)
+                + (" (seed 0, non-causal reference)" if policy == "oracle" else ""),
+                "policy": policy, "role": "method" if policy is None else "reference" if policy == "oracle" else "bar",
+                "points": [(r["budget"], r["ppl_bounded_mean"], r["ppl_bounded_std"]) for r in rs]})
+        first = [r for r in doc["records"] if r["arm"] == arms[0]]
+        lines[title].append({"label": "full state", "full": (statistics.fmean(r["ppl_full_mean"] for r in first),
+                                                             max(r["ppl_full_std"] for r in first))})
+    plot_comparison(lines, path, ylabel="perplexity (held-out books)" if doc["split"] == "test"
+                    else "perplexity (validation books)",
+                    title=f"SmolLM2-135M, T={doc['seq_len']}, {doc['split']} split: training-free policies vs the "
+                          "learned one")
 
 
 def main(argv=None):

@@ -29,10 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+from msrnn_train.comparison import PLAIN_LORA
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_retrieval.yaml"
-# plain: ordinary LoRA on the same rows and steps, trained at full state (the control)
-ARMS = {"bounded": [], "hybrid": ["--budget.hybrid", "auto:1"], "plain": ["--budget.policy", "full"]}
+# plain: ordinary LoRA on the same rows and steps (the control, comparison.PLAIN_LORA)
+ARMS = {"bounded": [], "hybrid": ["--budget.hybrid", "auto:1"],
+        "plain": [t for key, value in PLAIN_LORA.items() for t in (f"--{key}", "null" if value is None else str(value))]}
 
 
 def _load(path: Path):

@@ -224,8 +224,33 @@ def test_cli_adapter_default_policy_and_adapted_field(tmp_path, monkeypatch):
     assert base[0]["ppl"] == pytest.approx(perplexity(plain, win, progress=False)["ppl"], rel=1e-5)
 
 
+def test_grid_specs_is_the_one_grid():
+    """The CLI, the run's evaluation and the callback all build their grid here: full once, every
+    other policy at every K, no repeats; a trained spec's own policy keeps its form (K changed)."""
+    from msrnn_train.evaluate import DEFAULT_BUDGETS, grid_specs
+
+    def names(specs):
+        return [s.label for s in specs]
+
+    assert names(grid_specs(["tova", "full", "sinks", "full"], [4, 8])) == \
+        ["tova-4", "tova-8", "full", "sinks-4", "sinks-8"]
+    assert names(grid_specs(["h2o"], None)) == [f"h2o-{k}" for k in DEFAULT_BUDGETS]
+    own = BudgetSpec("learned", 32, sinks=2, retention="logit", scorer_hidden=8)
+    specs = grid_specs(["tova", "learned", "full"], [16, 32], own=own, own_first=True, sinks=2)
+    assert names(specs) == ["learned-32", "tova-16", "tova-32", "learned-16", "full"]  # learned-32 once, first
+    assert specs[0].to_dict() == own.to_dict()
+    assert (specs[3].retention, specs[3].scorer_hidden, specs[3].sinks) == ("logit", 8, 2)
+    assert grid_specs(["learned"], [16], own=own, sinks=0)[0].sinks == 0  # spec_kwargs win
+    # no budgets given: the saved spec exactly (a per-layer budget too); other policies the defaults
+    hybrid = BudgetSpec("tova", [8, None])
+    assert [s.to_dict() for s in grid_specs(["full", "tova"], None, own=hybrid)] == \
+        [BudgetSpec("full").to_dict(), hybrid.to_dict()]
+    # an h2o recent window wider than a grid K falls back to K/2 there
+    assert [s.recent for s in grid_specs(["h2o"], [8, 64], own=BudgetSpec("h2o", 64, recent=16))] == [None, 16]
+
+
 def test_budget_benefit_by_hand():
-    from msrnn_train.evaluate import budget_benefit
+    from msrnn_train.comparison import budget_benefit
 
     # plain: full 30, K 40 (penalty 10); tuned at K 34 removes 6 of the 10
     assert budget_benefit(40.0, 34.0, 30.0) == pytest.approx(0.6)
@@ -234,13 +259,37 @@ def test_budget_benefit_by_hand():
     assert math.isnan(budget_benefit(30.0, 29.0, 30.0))  # no penalty to remove
 
 
+def test_comparison_against_the_strongest_bar_by_hand():
+    """The demo's comparison (and headline's arithmetic): per K the bar is the control's strongest
+    training-free policy; penalty, difference, budget benefit and "at K <= the bar at 2K"."""
+    from msrnn_train.comparison import against_bar, against_strongest, comparison_markdown
+
+    plain = [{"policy": "full", "budget": None, "ppl": 30.0}, {"policy": "tova", "budget": 16, "ppl": 40.0},
+             {"policy": "h2o", "budget": 16, "ppl": 38.0}, {"policy": "tova", "budget": 32, "ppl": 35.0},
+             {"policy": "h2o", "budget": 32, "ppl": 36.0}]
+    learned = [{"policy": "full", "budget": None, "ppl": 30.0}, {"policy": "learned", "budget": 32, "ppl": 33.0},
+               {"policy": "learned", "budget": 16, "ppl": 36.0}]
+    rows = against_strongest(plain, learned, ["tova", "h2o"], "learned")
+    assert [(r["budget"], r["bar"], r["penalty"], r["diff"]) for r in rows] == [(16, "h2o", 8.0, -2.0),
+                                                                                (32, "tova", 5.0, -2.0)]
+    assert [r["budget_benefit"] for r in rows] == pytest.approx([0.25, 0.4])
+    assert against_bar(36.0, 38.0, 30.0, bar_2k=35.0, ppl_full=31.5) == pytest.approx(
+        {"penalty": 8.0, "diff": -2.0, "budget_benefit": 0.25, "le_bar_2k": False, "full_vs_bar": 0.05})
+    table = comparison_markdown(rows + [{"budget": 64, "budget_benefit": float("nan")}],
+                                [("K", "budget", "K"), ("bar", "bar", "text"), ("penalty", "penalty", "+.2f"),
+                                 ("benefit", "budget_benefit", "%"), ("tova", ("ppl_tova", "ppl_h2o"), ".1f")])
+    assert table.splitlines()[2:] == ["| 16 | h2o | +8.00 | 25% | 40.0 ± 38.0 |", "| 32 | tova | +5.00 | 40% | 35.0 ± 36.0 |",
+                                      "| 64 |  |  | n/a |  |"]
+
+
 def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     """--baseline-adapter: the second adapter's numbers are its own (equal to loading it alone),
     on the same windows and specs, with the budget benefit computed from both."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from msrnn_train.evaluate import budget_benefit, evaluate_specs
+    from msrnn_train.comparison import budget_benefit
+    from msrnn_train.evaluate import evaluate_specs
 
     monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
     model_dir, text = _tiny_model_dir(tmp_path)
@@ -253,8 +302,9 @@ def test_cli_baseline_adapter_side_by_side(tmp_path, monkeypatch):
     out = tmp_path / "eval.json"
     main(["--model", str(model_dir), "--adapter", str(folders[0]), "--baseline-adapter", str(folders[1]),
           "--text", str(text), "--seq-len", "16", "--max-windows", "2", "--budgets", "4,6", "--policies",
-          "full,tova", "--json", str(out), "--no-progress"])
+          "full,tova", "--json", str(out), "--plot", str(tmp_path / "vs_baseline.png"), "--no-progress"])
     doc = json.loads(out.read_text())
+    assert (tmp_path / "vs_baseline.png").stat().st_size > 10_000  # the comparison's figure (plots.plot_comparison)
     base = {(r["policy"], r["budget"]): r["ppl"] for r in doc["baseline"]}
     assert set(base) == {("full", None), ("tova", 4), ("tova", 6)}
     # the baseline's numbers are those of the plain adapter loaded on its own

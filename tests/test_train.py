@@ -314,14 +314,14 @@ def test_training_evaluation_matches_a_plain_perplexity_loop():
     import torch.nn.functional as F
 
     from msrnn_train.models import add_lora, random_model
-    from msrnn_train.trainer import evaluate_grid
+    from msrnn_train.trainer import evaluate_run
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", {"eval.budgets": [4], "eval.batch_size": 2})
     model = add_lora(random_model()[0], recipe)
     spec = recipe.budget_spec()
     apply_budget(model, spec)
     windows = torch.randint(3, 250, (3, 24), generator=torch.Generator().manual_seed(0))
-    with_evaluator = evaluate_grid(model, windows, recipe, spec)
+    with_evaluator = evaluate_run(model, windows, recipe, spec)
 
     @torch.no_grad()
     def plain(policy, budget):  # the loop train.py used to carry as a second evaluator
@@ -343,7 +343,7 @@ def test_training_evaluation_matches_a_plain_perplexity_loop():
     for a, b in zip(with_evaluator, inline):
         assert (a["policy"], a["budget"], a["tokens"]) == (b["policy"], b["budget"], b["tokens"])
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
-    with_evaluator = evaluate_grid(model, windows, recipe, spec)
+    with_evaluator = evaluate_run(model, windows, recipe, spec)
     assert get_controller(model).spec == spec  # the training budget is back
 
 
