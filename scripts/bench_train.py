@@ -3,10 +3,12 @@
     python scripts/bench_train.py                       # SmolLM2-135M shape, T=2048, K=256 (CUDA)
     python scripts/bench_train.py --shape mistral-7b    # 32 layers, hidden 4096, 32/8 heads, T=4096, K=512
     python scripts/bench_train.py --shape tiny --out /tmp/bench_tiny.json   # a CPU smoke run
+    python scripts/bench_train.py --seq-len 512 --budget 64 --batch 1 --no-b1 --warmup 1 --steps 3 \
+        --out results/bench_train_cpu.json                 # SmolLM2 shape on a 2-core CPU
 
 Random-init weights built from a config (nothing downloaded), LoRA r=16 on all projections,
 gradient checkpointing (with the trainer's recompute context, as a run with a full-state term has
-it), bf16. Modes: (a) plain LoRA step with SDPA causal attention, (b) the same under hard TOVA-K
+it), bf16 on CUDA (fp32 on a CPU). Modes: (a) plain LoRA step with SDPA causal attention, (b) the same under hard TOVA-K
 simulation, (c) under soft-TOVA. Every mode runs the default recipe's objective through the
 trainer's own function (`losses.bounded_objective`): CE of the bounded pass, CE of the full-state
 pass with the adapter on, KL to the teacher the recipe names (`self`: the full-state pass's
@@ -39,6 +41,9 @@ SHAPES = {
 }
 
 
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # bf16 matmuls on a CPU measure the emulation, not the method
+
+
 def build(shape, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -51,7 +56,7 @@ def build(shape, device):
     config = LlamaConfig(**cfg, max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=DTYPE[device])
     model.enable_input_require_grads()
     model = add_lora(model, load_recipe(None)).train()  # the default recipe's LoRA: r=16 on all projections
     # as the trainer has it (CheckpointingCallback): each pass's recompute runs its own attention
@@ -154,7 +159,7 @@ def table(fig, layers, steps, warmup):
     p = r["plain"]
     B, sh = fig["batch_size"], fig["shape"]
     lines = [f"### B = {B}: {sh['name']} shape (random init), T={sh['T']}, TOVA K={sh['K']}, LoRA r=16, grad ckpt, "
-             f"bf16, {fig['device']}; median of {steps} after {warmup} warm-up", "",
+             f"{'bf16' if fig['device'] != 'cpu' else 'fp32'}, {fig['device']}; median of {steps} after {warmup} warm-up", "",
              "| mode | step ms | tokens/s | peak GiB | ratio vs plain | scan ms/layer/sequence |", "|---|---|---|---|---|---|"]
     for mode, x in r.items():
         base = r["plain_lm_only"] if mode.endswith("_lm_only") else p
@@ -178,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--no-b1", action="store_true", help="skip the B = 1 figures")
     ap.add_argument("--no-lm-only", "--no-kl-free", action="store_true",
                     help="skip the LM-only modes (the bounded CE alone; --no-kl-free: the former name)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the shape's T)")
+    ap.add_argument("--budget", type=int, default=None, help="K of the bounded modes (default: the shape's K)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_train.json"))
@@ -187,12 +194,14 @@ def main(argv=None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    s = SHAPES[args.shape]
+    s = SHAPES[args.shape] = {**SHAPES[args.shape], "T": args.seq_len or SHAPES[args.shape]["T"],
+                              "K": args.budget or SHAPES[args.shape]["K"]}
     B = args.batch or s["B"]
     loss_cfg = load_recipe(None).loss  # the default recipe's objective (see losses.bounded_objective)
     model = build(args.shape, device)
     shape = {"name": args.shape, **{k: v for k, v in s.items() if k != "B"}}
-    doc = {"torch": torch.__version__, "lora_r": 16, "gradient_checkpointing": True, "dtype": "bfloat16",
+    doc = {"torch": torch.__version__, "lora_r": 16, "gradient_checkpointing": True,
+           "dtype": str(DTYPE[device]).replace("torch.", ""),
            "loss": dataclasses.asdict(loss_cfg)}
     doc.update(figures(run_batch(model, args.shape, B, device, args, loss_cfg), B, shape, dev_name))
     lines = table(doc, s["num_hidden_layers"], args.steps, args.warmup)
