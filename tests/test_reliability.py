@@ -116,3 +116,17 @@ def test_loss_curve_checks():
         check_loss_curve(hist([3.5, 9.0, 10.8, 10.8, 10.8]), recipe, vocab_size=49152)
     with pytest.raises(TrainingFailed, match="diverged"):
         check_loss_curve(hist([3.5, float("nan")]), recipe)
+
+
+def test_a_key_added_after_a_run_counts_as_its_default_when_comparing_recipes():
+    """A run folder written before a recipe key existed stays the same run (resume, rerun) while
+    the key keeps its default; a non-default value is a difference, named."""
+    from msrnn_train.recipe import load_recipe
+    from msrnn_train.run_folder import recipe_differences
+
+    recipe = load_recipe(None)
+    saved = recipe.to_dict()
+    del saved["budget"]["hybrid_probe_tasks"]  # as a run saved before the key existed
+    assert recipe_differences(saved, recipe) == []
+    changed = load_recipe(None, {"budget.hybrid_probe_tasks": ["kv"]})
+    assert recipe_differences(saved, changed) == ["budget.hybrid_probe_tasks: '(absent)' -> ['kv']"]
