@@ -86,7 +86,7 @@ class DataConfig:
 
 @dataclass
 class BudgetConfig:
-    policy: str = knob("tova", "full | window | sinks | h2o | tova | tova_head")
+    policy: str = knob("tova", "full | window | window_sink | sinks | h2o | tova | tova_head | learned | learned_head")
     budget: Any = knob(64, 'K: an int, a per-layer list, or {layer: K, "default": K}; null per layer = unbounded')
     sinks: int = knob(4, "sinks (window+i) keeps the first i positions")
     recent: int | None = knob(None, "h2o's protected recent window (null: K // 2)")
@@ -106,6 +106,9 @@ class BudgetConfig:
         " on the answer's source over generated data.retrieval_tasks prompts), \"random:N\", "
         '"first"/"middle"/"last", or indices joined by "+" ("3+17"); needs one integer budget for the other '
         "layers"))
+    sink_learning_rate: float = knob(0.05, (
+        "window_sink: learning rate of the per-head sink logits (no weight decay; a logit must move by units, "
+        "which the LoRA's rate would take thousands of steps to do)"))
 
 
 @dataclass
@@ -291,6 +294,9 @@ class Recipe:
         except BudgetError as err:
             raise RecipeError(f"budget.{err}") from None
         _one_of("budget.mode", b.mode, BUDGET_MODES)
+        if isinstance(b.sink_learning_rate, bool) or not isinstance(b.sink_learning_rate, (int, float)) or \
+                not b.sink_learning_rate > 0:
+            raise RecipeError(f"budget.sink_learning_rate: must be a number > 0, got {b.sink_learning_rate!r}")
         relaxable = [name for name, cls in POLICIES.items() if cls.relaxable]  # soft-TOVA's score rule
         if b.mode == "soft" and b.policy not in relaxable:
             raise RecipeError(
@@ -462,6 +468,10 @@ class Recipe:
         warn("budget", changed(b, ("retention", "scorer_hidden")) if not learned_policy else [],
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
+        sink_policy = b.policy in POLICIES and POLICIES[b.policy].attention_sink
+        warn("budget", changed(b, ("sink_learning_rate",)) if not sink_policy else [],
+             f"with budget.policy {b.policy!r} (it trains the sink logits of "
+             f"{' or '.join(n for n, c in POLICIES.items() if c.attention_sink)})")
         probe = str(b.hybrid).startswith("auto:")
         warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe else [],
              "without retrieval rows (data.retrieval_fraction: 0) or a budget.hybrid auto:N probe")
