@@ -216,6 +216,9 @@ def _target_state_dict(source, target_model, sink_layers=()) -> dict:
             layer = int(name.split(".")[-3])
             trained = name.replace("self_attn.sinks", "self_attn.msrnn_sink.logit")
             if layer in sink_layers:
+                if trained not in sd:
+                    raise ExportError(f"model: layer {layer} has no sink logits ({trained}); allowed: a window_sink "
+                                      "adapter folder, or a model bounded by apply_budget(model, 'window_sink', ...)")
                 out[name] = sd[trained].to(ref.dtype)
                 used.add(trained)
             else:  # no sink: exp(sink - anything finite) == 0, sigmoid(lse - sink) == 1 exactly

@@ -71,12 +71,14 @@ def sink_attention(query, key, value, visible, scaling, sink, dropout: float = 0
         value = value.repeat_interleave(Hq // Hkv, dim=1)
     dt = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for a float64 model
     logits = torch.matmul(query.to(dt), key.to(dt).transpose(-1, -2)) * scaling  # (B, Hq, T, S)
-    logits = logits.masked_fill(~visible, -torch.inf)
-    virtual = sink.to(dt).view(1, Hq, 1, 1).expand(B, Hq, T, 1)
-    weights = torch.softmax(torch.cat([logits, virtual], -1), -1)[..., :-1]  # the sink's share has no value
+    logits = logits.masked_fill(~visible, -torch.inf)  # every row sees at least its own key
+    # softmax over [logits, s_h] restricted to the logits = softmax(logits) * sigmoid(lse - s_h): computed
+    # in GraniteSWA's order (its eager attention), so the exported model rounds as the simulation does
+    keep = torch.sigmoid(torch.logsumexp(logits, -1, keepdim=True) - sink.to(dt).view(1, Hq, 1, 1))  # (B, Hq, T, 1)
+    weights = torch.softmax(logits, -1)
     if dropout:
         weights = torch.nn.functional.dropout(weights, dropout)
-    return torch.matmul(weights.to(value.dtype), value)
+    return torch.matmul(weights.to(value.dtype), value) * keep.to(value.dtype)
 
 
 def sinks(model) -> dict[int, AttentionSink]:

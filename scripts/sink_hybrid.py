@@ -52,11 +52,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = ap.parse_args(argv)
 
+    import copy
+
     import torch
+    import yaml
     from transformers import AutoModelForCausalLM
 
     from msrnn_train import BudgetSpec
-    from msrnn_train.controller import budget_scope, get_budget
+    from msrnn_train.controller import apply_budget, budget_scope, get_budget
     from msrnn_train.data import DEFAULT_HELDOUT, gutenberg_books, heldout_windows, make_windows, tokenize_documents
     from msrnn_train.evaluate import evaluate_specs
     from msrnn_train.export import PROVENANCE_FILENAME, ExportError, export_servable
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
 
         rows[arm]["untrained"] = cell(f"untrained_{arm}", untrained)
         rows[arm]["full_layers"] = [i for i, k in enumerate(spec.budget) if k is None]
+        rows[arm]["steps"] = yaml.safe_load((adapters[arm] / "recipe.yaml").read_text())["training"]["max_steps"]
 
     # 3. export (LoRA merged) and serve with plain transformers: exactness and KV memory after a long prompt
     book = DEFAULT_HELDOUT[0]
@@ -130,10 +134,14 @@ def main(argv=None) -> int:
                 return {"exported": False, "why": str(err)}
             served = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
             model, _ = load_bounded(adapters[arm], device=device)
-            with torch.no_grad():
-                diff = (served(windows[:1].to(device)).logits - model(windows[:1].to(device)).logits).abs().max()
+            merged = apply_budget(copy.deepcopy(model).merge_and_unload(), get_budget(model))  # what export writes
+            ids = windows[:1].to(device)
+            with torch.no_grad():  # teacher forcing everywhere (no cache)
+                sim, sim_merged = (m(ids, use_cache=False).logits for m in (model, merged))
+                diff = (served(ids, use_cache=False).logits - sim_merged).abs().max()
             prov = _load(out / PROVENANCE_FILENAME)
             return {"exported": True, "target": prov["target"], "max_logit_diff": diff.item(),
+                    "merge_diff": (sim_merged - sim).abs().max().item(),
                     "kv_bytes": sum(cache_bytes(prefill(served, long_prompt, args.chunk))),
                     "sliding_window": prov["sliding_window"], "folder": str(out)}
 
@@ -146,21 +154,21 @@ def main(argv=None) -> int:
         "mqar_length": args.length, "n": args.n, "ppl_windows": args.ppl_windows, "prompt_len": args.prompt_len,
         "device": device, "full_state": full, "arms": rows,
         "command": "python scripts/sink_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:])})
-    lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, one full layer (auto:1), "
-             f"{args.steps} training steps", "",
+    lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, one full layer (auto:1)", "",
              f"MQAR at ≈{args.length} tokens (n = {args.n}, 95% Wilson interval), held-out perplexity (T = "
              f"{args.length}, {args.ppl_windows} windows; full state {full['ppl']:.2f}); export: the trained "
              f"adapter (LoRA merged) as a stock transformers folder, its max |logit diff| against the toolkit's "
-             f"simulation on one held-out window, and its own cache's KV after a {args.prompt_len}-token prompt "
+             f"simulation of the same merged weights on one held-out window (merging itself moves the toolkit's "
+             f"logits by the 'merge' column: float32 rounding of W + BA), and its own cache's KV after a {args.prompt_len}-token prompt "
              f"(full model: {mib(full['bytes'])} MiB).", "",
-             "| bounded layers | full layer | MQAR untrained | MQAR trained | ppl untrained | ppl trained | "
-             "exported as | logit diff | KV MiB | vs full |", "|" + " --- |" * 10]
+             "| bounded layers | full layer | steps | MQAR untrained | MQAR trained | ppl untrained | ppl trained | "
+             "exported as | logit diff | merge | KV MiB | vs full |", "|" + " --- |" * 12]
     for arm, r in rows.items():
         u, t, e = r["untrained"], r["trained"], r["export"]
         ci = "–".join(f"{x:.2f}" for x in t["ci95"])
-        exp = ([e["target"], f"{e['max_logit_diff']:.1e}", mib(e["kv_bytes"]), f"{full['bytes'] / e['kv_bytes']:.1f}×"]
-               if e["exported"] else ["not exportable", "", "", ""])
-        lines.append(f"| {arm} | {'+'.join(map(str, r['full_layers']))} | {u['mqar']:.2f} | {t['mqar']:.2f} ({ci}) | "
+        exp = ([e["target"], f"{e['max_logit_diff']:.1e}", f"{e['merge_diff']:.1e}", mib(e["kv_bytes"]),
+                f"{full['bytes'] / e['kv_bytes']:.1f}×"] if e["exported"] else ["not exportable", "", "", "", ""])
+        lines.append(f"| {arm} | {'+'.join(map(str, r['full_layers']))} | {r['steps']} | {u['mqar']:.2f} | {t['mqar']:.2f} ({ci}) | "
                      f"{u['ppl']:.2f} | {t['ppl']:.2f} | " + " | ".join(exp) + " |")
     lines.append(f"\n({(time.perf_counter() - started) / 60:.1f} min this run, {device})")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

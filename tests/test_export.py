@@ -160,11 +160,11 @@ def test_exported_sink_hybrid_serves_the_bounded_process_without_msrnn_train(tmp
     ids = torch.randint(3, 128, (2, 48), generator=g)
     prompt = torch.randint(3, 128, (1, PROMPT), generator=g)
     with torch.no_grad():
-        want = model(ids).logits  # the toolkit's teacher-forced simulation
+        want = model(ids, use_cache=False).logits  # the toolkit's teacher-forced simulation
         want_gen = model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                   **cache_kwargs(make_cache(model)))  # bounded greedy decoding
         apply_budget(model, HYBRID)  # the same hybrid without the sink: the sink matters here
-        no_sink = model(ids).logits
+        no_sink = model(ids, use_cache=False).logits
     assert (want - no_sink).abs().max() > 1e-2
 
     folder = export_servable(adapter, tmp_path / "granite")  # the default target of a sink policy
@@ -184,6 +184,14 @@ def test_sink_policy_refuses_a_target_without_sinks(tmp_path):
     apply_budget(model, SINK_HYBRID)
     with pytest.raises(ExportError, match="'qwen2' has no attention sink.*'granite_swa'"):
         export_servable(model, tmp_path / "out", target="qwen2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sink_budget_on_a_model_without_sink_logits_is_refused(tmp_path, capsys):
+    rc = main(["random:tiny-llama", str(tmp_path / "out"), "--budget", '{"default": 4, "1": null}',
+               "--policy", "window_sink"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export:")]
+    assert rc == 2 and len(lines) == 1 and "no sink logits" in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 

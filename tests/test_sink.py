@@ -35,11 +35,13 @@ def test_sink_attention_is_graniteswa_eager_and_no_sink_is_plain_attention():
     sink = torch.randn(Hq, generator=g) * 2
     got = sink_attention(q, k, v, visible, D ** -0.5, sink)
 
-    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # GraniteSWA's eager_attention_forward
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     logits = (q @ kk.transpose(-1, -2) * D ** -0.5).masked_fill(~visible, -torch.inf)
-    scale = (torch.logsumexp(logits, -1) - sink.view(1, -1, 1)).sigmoid()
-    want = (logits.softmax(-1) @ vv) * scale.unsqueeze(-1)
-    assert (got - want).abs().max() < 1e-6
+    virtual = sink.view(1, Hq, 1, 1).expand(B, Hq, T, 1)  # the definition: one more key, logit s_h, value 0
+    spec = torch.cat([logits, virtual], -1).softmax(-1)[..., :-1] @ vv
+    assert (got - spec).abs().max() < 1e-6
+    scale = (torch.logsumexp(logits, -1) - sink.view(1, -1, 1)).sigmoid()  # GraniteSWA's eager_attention_forward
+    assert (got - (logits.softmax(-1) @ vv) * scale.unsqueeze(-1)).abs().max() < 1e-6
     none = sink_attention(q, k, v, visible, D ** -0.5, torch.full((Hq,), torch.finfo(torch.float32).min))
     plain = F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, scale=D ** -0.5)
     assert (none - plain).abs().max() < 1e-6
