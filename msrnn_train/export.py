@@ -47,6 +47,13 @@ The target architecture (a Llama-family source: llama, mistral without a sliding
   get the dtype's most negative finite number, for which sigmoid(lse - sink) is exactly 1.0 (and
   exp(sink - max) exactly 0 in engines that add the sink to the denominator). GraniteSWAConfig
   has no `head_dim`: the source must have head_dim = hidden_size / num_attention_heads.
+  Exact in real arithmetic; in float32 GraniteSWA runs eager attention (it has no SDPA) where the
+  toolkit's full layers run SDPA, so the logits differ by rounding: 3e-7 on the tests' tiny model,
+  6.8e-5 on SmolLM2-135M over 512 tokens (window_sink-32 + full[18]); a plain `window` hybrid
+  written as granite_swa differs by 4e-3 there (eager vs SDPA in every sliding layer), so qwen2
+  (SDPA on both sides: 0.0) stays its default. GPT-OSS also has per-layer sliding windows and
+  `sinks`, but its MLP is a mixture of experts with a clamped sigmoid-GLU ((up + 1) * gate *
+  sigmoid(1.702 gate)) and biased projections: a dense SiLU MLP is no exact special case of it.
 
 The folder gets the model (`save_pretrained`), the tokenizer when one is known, a generation
 config without the toolkit's chunked prefill, and `msrnn_export.json` (provenance: source, budget,
