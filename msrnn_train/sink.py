@@ -20,7 +20,10 @@ SmolLM2-135M: held-out perplexity (4 Gutenberg windows of T = 512) of window-32 
     perplexity      432.8            164.5   148.8  138.7  145.2  185.1  291.2  4428  | 57.4
 
 so training starts from a model three times better than `window` (a constant cannot reach `sinks`:
-the first tokens' logit varies with the query; training moves each head's s_h from here).
+the first tokens' logit varies with the query; training moves each head's s_h from here). A
+per-head value calibrated on data (the mean logsumexp of the head's logits on the first 4 tokens,
+minus 2) starts better still (87.0; results/sink_init.md) but needs a calibration pass that the
+training entry point does not run yet.
 
 The logits are float32 parameters of an `AttentionSink` module attached to each bounded attention
 module (`msrnn_sink`) by apply_budget, after peft wrapped the model, so they train with the LoRA
