@@ -19,6 +19,7 @@ from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, emits_sof
                        rolling_schedule, unbounded_schedule)
 from .kernels import default_scan
 from .retention import capacity_excess, decay_bias, relaxed_attention, retention_logits, ste_keep
+from .sink import sink_attention, sink_logit
 
 ATTN_NAME = "msrnn"
 
@@ -52,11 +53,13 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
     # a learned policy: each new token's retention logit, read once off its hidden state (B, G, T)
     carried = (retention_logits(module, layer, T) if layer.policy is not None and layer.policy.carries_value
                else None)
+    sink = sink_logit(module, layer)  # a sink policy's (Hq,) logits (sink.py), else None
     if cache_layer is None:  # teacher forcing
         return _attend(layer, ctrl, None, query, key, value, new_valid, scaling,
-                       dropout if module.training else 0.0, window, carried), None
+                       dropout if module.training else 0.0, window, carried, sink), None
     if cache_layer.free is not None:  # `update` wrote the token into the layer's K + 1 slot buffer
-        return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried), None
+        return _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried,
+                                 sink), None
     # a prompt (or any multi-token call) through the cache: chunks of c queries, each scanned
     # from the slots held after the previous one, so no mask is larger than c x (K + 1 + c)
     c = ctrl.cache.prefill_chunk
@@ -70,14 +73,16 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
             k = torch.cat([cache_layer.keys, key[:, :, P + a:P + b]], -2)
             v = torch.cat([cache_layer.values, value[:, :, P + a:P + b]], -2)
         outs.append(_attend(layer, ctrl, cache_layer, query[:, :, a:b], k, v, new_valid[:, a:b], scaling, 0.0, window,
-                            None if carried is None else carried[:, :, a:b]))
+                            None if carried is None else carried[:, :, a:b], sink))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
 
 
-def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dropout, window, carried=None):
+def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dropout, window, carried=None,
+            sink=None):
     """One call's schedule (from the cache's held slots, or from an empty state under teacher
     forcing), the attention masked to it, and the cache's new held set. `carried`: (B, G, T) the
-    learned policy's retention logits of the new tokens (None for the other policies)."""
+    learned policy's retention logits of the new tokens (None for the other policies); `sink`: (Hq,)
+    a sink policy's logits (None: no sink)."""
     B, Hq, T, D = query.shape
     if cache_layer is not None:
         init, past = cache_layer.slots(), cache_layer.seen
@@ -128,7 +133,7 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
             keep = soft_keep_logits(query, key, scaling, sched, new_valid, layer.groups, ctrl.soft_temperature)
 
     out = masked_attention(query, key, value, sched, new_valid, scaling, dropout, layer.groups, soft_keep=keep,
-                           backend=ctrl.backend)
+                           backend=ctrl.backend, sink=sink)
     if cache_layer is not None:
         cache_layer.commit(sched.final, key, value, new_valid, T)
     return out
@@ -147,7 +152,7 @@ def _relaxed(layer, ctrl, query, key, value, sched, new_valid, new_order, scalin
     return relaxed_attention(query, key, value, scaling, layer.groups, bias=bias)
 
 
-def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried=None):
+def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling, window, carried=None, sink=None):
     """One decoding step of a bounded layer over its K + 1 slots (the new token already written
     into the free slot by `BoundedLayer.update`): attend over C_t, then the policy's step."""
     B, Hq, _, D = query.shape
@@ -159,8 +164,10 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
     mask = see.unsqueeze(2)  # (B, G, 1, C)
     if G > 1:
         mask = mask.repeat_interleave(Hq // G, dim=1)
-    # GQA without copying the keys per query head
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
+    if sink is not None:
+        out = sink_attention(query, key, value, mask, scaling, sink)
+    else:  # GQA without copying the keys per query head
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
     with torch.no_grad():
         row = None
         if layer.policy.needs_scores:  # fp32 logits, as `LogitRows` gives the scan (query heads as a view per key head)
@@ -178,7 +185,9 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
 
 
 def masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None,
-                     backend="auto"):
+                     backend="auto", sink=None):
+    if sink is not None:  # a sink policy (sink.py): the dense reference on every device, for now
+        return dense_masked_attention(query, key, value, sched, new_valid, scaling, dropout, groups, sink=sink)
     # FlexAttention is compiled per shape: calls of fewer than FLEX_MIN_LEN queries (decoding steps,
     # whose key length changes every call) take the dense path whatever the backend
     use_flex = query.shape[-2] >= FLEX_MIN_LEN and (
@@ -201,10 +210,12 @@ FLEX_MIN_LEN = 128
 _FLEX_FAILED: list[str] = []
 
 
-def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None):
+def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scaling, dropout, groups, soft_keep=None,
+                           sink=None):
     """Reference backend: a dense (B, Hq, T, S) mask from the schedule, then SDPA. It has a
     backward on every device (FlexAttention has none on the CPU). In soft mode the mask is
-    additive, with each evicted key's keep-logit (soft.py) after its eviction."""
+    additive, with each evicted key's keep-logit (soft.py) after its eviction. With a sink (Hq,)
+    logits: `sink.sink_attention` over the same mask."""
     Hq, Hkv = query.shape[1], key.shape[1]
     if soft_keep is None:
         mask = sched.visible(new_valid)  # (B, G, T, S) bool
@@ -214,6 +225,8 @@ def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scalin
         mask = soft_dense_mask(sched, new_valid, soft_keep).to(query.dtype)
     if groups > 1:
         mask = mask.repeat_interleave(Hq // groups, dim=1)
+    if sink is not None:
+        return sink_attention(query, key, value, mask, scaling, sink, dropout).transpose(1, 2).contiguous()
     if Hq != Hkv:
         key = key.repeat_interleave(Hq // Hkv, dim=1)
         value = value.repeat_interleave(Hq // Hkv, dim=1)

@@ -31,6 +31,7 @@ from .cache import BoundedCache
 from .compat import CACHE_KWARG, take_cache
 from .policies import Policy, make_policy
 from .retention import attach_scorers
+from .sink import attach_sinks
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -175,6 +176,7 @@ def apply_budget(model, spec: BudgetSpec | dict | str, **overrides):
     dec._msrnn_controller = ctrl
     # a learned policy: a retention scorer per bounded layer (kept across remove/apply: it holds trained weights)
     ctrl.hooks.extend(attach_scorers(modules, ctrl.layers, config.hidden_size, spec.scorer_hidden))
+    attach_sinks(modules, ctrl.layers, hq)  # a sink policy: per-head sink logits per bounded layer (kept likewise)
     # generate() feeds the prompt c tokens per forward (its own chunked prefill), unless the
     # user chose a chunk size already
     for gc in _generation_configs(model):

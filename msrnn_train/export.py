@@ -11,8 +11,9 @@ per-layer sliding windows, and nothing of msrnn-train is needed at load time.
     # later, anywhere (only transformers installed):
     AutoModelForCausalLM.from_pretrained("servable/")
 
-What can be exported: the `window` policy (drop the oldest state) on every bounded layer, one K
-for all of them, and any set of unbounded (`full`) layers: a hybrid. Under the toolkit's
+What can be exported: the `window` policy (drop the oldest state) or `window_sink` (the same, with a
+learned per-head sink logit) on every bounded layer, one K for all of them, and any set of unbounded
+(`full`) layers: a hybrid. Under the toolkit's
 semantics (docs/semantics.md) query t of a window-K layer attends to positions t-K..t, i.e. a
 window of W = K + 1 keys, its own included. transformers' sliding layers attend to
 `kv_idx > q_idx - sliding_window` (masking_utils.sliding_window_overlay: W keys, its own
@@ -32,6 +33,27 @@ The target architecture (a Llama-family source: llama, mistral without a sliding
   hybrid allows it (the provenance file says whether it does).
 * `ministral`, `MinistralForCausalLM`: the same blocks, no biases (the Llama state dict loads
   name for name), `head_dim` and `layer_types`. Needs transformers with the Ministral model.
+* `granite_swa`, `GraniteSWAForCausalLM` (the default for `window_sink`, the only target with a sink):
+  Granite (Llama's blocks, no biases with attention_bias = mlp_bias = False, the Llama state dict
+  name for name) with per-layer `layer_types` / `sliding_window` and a per-head `sinks` parameter
+  in every layer: its eager attention multiplies softmax(l) @ V by sigmoid(logsumexp(l) - sink),
+  which is softmax over [l, sink] restricted to l, i.e. the toolkit's virtual sink key with a zero
+  value (sink.sink_attention). Granite's four multipliers reduce it to Llama exactly: embedding,
+  residual and logits multipliers 1.0 (x * 1.0 and x / 1.0 are exact in floating point) and
+  attention_multiplier = head_dim**-0.5 (the scaling Llama uses; GraniteSWA's `scaling` *is*
+  that multiplier); `layer_rope_theta` is the source's rope_theta on every layer (Granite's
+  per-layer RoPE then builds one rotary embedding, the source's). A bounded layer's sinks are its
+  trained logits; a full layer (no sink in the toolkit) and every layer of a plain `window` export
+  get the dtype's most negative finite number, for which sigmoid(lse - sink) is exactly 1.0 (and
+  exp(sink - max) exactly 0 in engines that add the sink to the denominator). GraniteSWAConfig
+  has no `head_dim`: the source must have head_dim = hidden_size / num_attention_heads.
+  Exact in real arithmetic; in float32 GraniteSWA runs eager attention (it has no SDPA) where the
+  toolkit's full layers run SDPA, so the logits differ by rounding: 3e-7 on the tests' tiny model,
+  6.8e-5 on SmolLM2-135M over 512 tokens (window_sink-32 + full[18]); a plain `window` hybrid
+  written as granite_swa differs by 4e-3 there (eager vs SDPA in every sliding layer), so qwen2
+  (SDPA on both sides: 0.0) stays its default. GPT-OSS also has per-layer sliding windows and
+  `sinks`, but its MLP is a mixture of experts with a clamped sigmoid-GLU ((up + 1) * gate *
+  sigmoid(1.702 gate)) and biased projections: a dense SiLU MLP is no exact special case of it.
 
 The folder gets the model (`save_pretrained`), the tokenizer when one is known, a generation
 config without the toolkit's chunked prefill, and `msrnn_export.json` (provenance: source, budget,
@@ -51,9 +73,10 @@ import torch
 from .spec import SPEC_FILENAME, BudgetError, BudgetSpec
 
 PROVENANCE_FILENAME = "msrnn_export.json"
-EXPORTABLE_POLICIES = ("window", "full")  # full: a model with no bounded layer exports as plain full attention
+EXPORTABLE_POLICIES = ("window", "window_sink", "full")  # full: no bounded layer, plain full attention
 SOURCE_TYPES = ("llama", "mistral", "qwen2")
-TARGETS = ("qwen2", "ministral")
+TARGETS = ("qwen2", "ministral", "granite_swa")
+SINK_TARGETS = ("granite_swa",)  # the targets with a per-head sink parameter
 
 
 class ExportError(ValueError):
@@ -73,8 +96,8 @@ def servable_layout(spec: BudgetSpec, n_layers: int, layer_budgets: list[int | N
         what = "head-wise " if POLICIES.get(spec.policy) is not None and POLICIES[spec.policy].head_wise else ""
         raise ExportError(
             f"policy: {spec.policy!r} ({what}eviction by its own rule) cannot be served by a stock engine; allowed: "
-            f"'window' (a plain sliding window: drop the oldest state) on the bounded layers, null/'full' for "
-            f"unbounded ones")
+            f"'window' (a plain sliding window: drop the oldest state) or 'window_sink' (the same with learned "
+            f"sink logits) on the bounded layers, null/'full' for unbounded ones")
     if spec.policy != "full" and POLICIES[spec.policy].head_wise:  # pragma: no cover - window is layer-wise
         raise ExportError(f"policy: {spec.policy!r} is head-wise; allowed: 'window' (layer-wise)")
     budgets = list(layer_budgets) if layer_budgets is not None else spec.per_layer(n_layers)
@@ -103,7 +126,8 @@ def _legacy_max_window_layers(layer_types: list[str]) -> tuple[int, bool]:
 # ----------------------------------------------------------------------------- the source model
 def _unwrap(model):
     """(plain transformers model, its budget spec or None, the per-layer budgets or None). A peft
-    model is copied and merged (merge_and_unload); the caller's model is never changed."""
+    model is copied and merged (merge_and_unload); the caller's model is never changed. Its sink
+    logits, if any, stay on the copy's attention modules (`msrnn_sink`: sink.py)."""
     from .controller import get_controller
 
     ctrl = get_controller(model)
@@ -132,6 +156,14 @@ def _check_source(config) -> None:
                           "a full-attention source (the budget decides the windows)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise ExportError(f"model: pretraining_tp={config.pretraining_tp}; allowed: 1")
+
+
+def default_target(spec: BudgetSpec | None) -> str:
+    """granite_swa for a sink policy (the only target that holds its logits), else qwen2."""
+    from .policies import POLICIES
+
+    sink = spec is not None and spec.policy in POLICIES and POLICIES[spec.policy].attention_sink
+    return "granite_swa" if sink else "qwen2"
 
 
 def _target_config(config, layout: dict, target: str):
@@ -163,16 +195,43 @@ def _target_config(config, layout: dict, target: str):
             return AutoConfig.for_model("ministral", **common, sliding_window=W, head_dim=head_dim)
         except ValueError as err:
             raise ExportError(f"target: this transformers has no Ministral model ({err}); use target='qwen2'") from None
+    if target == "granite_swa":
+        if head_dim * heads != config.hidden_size:
+            raise ExportError(f"model: head_dim {head_dim} x {heads} heads != hidden_size {config.hidden_size}; "
+                              "GraniteSWAConfig derives head_dim = hidden_size / heads; allowed: a source where "
+                              "they agree (or target='qwen2' for a plain window)")
+        try:
+            return AutoConfig.for_model(
+                "granite_swa", **common, sliding_window=W, attention_bias=False, mlp_bias=False,
+                embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
+                attention_multiplier=head_dim ** -0.5, layer_rope_theta=[rope["rope_theta"]] * n)
+        except ValueError as err:
+            raise ExportError(f"target: this transformers has no GraniteSWA model ({err}); a sink policy needs "
+                              "it (transformers with models/granite_swa)") from None
     raise ExportError(f"target: unknown target {target!r}; allowed: {', '.join(TARGETS)}")
 
 
-def _target_state_dict(source, target_model) -> dict:
-    """The source weights under the target's names; q/k/v biases the source lacks are zeros."""
+def _target_state_dict(source, target_model, sink_layers=()) -> dict:
+    """The source weights under the target's names; q/k/v biases the source lacks are zeros. A
+    target's per-head `sinks`: the source's trained logits on `sink_layers`, "no sink" elsewhere."""
     sd = {k: v.detach() for k, v in source.state_dict().items()}
     want = target_model.state_dict()
     out = {}
+    used = set()
     for name, ref in want.items():
-        if name in sd:
+        if name.endswith("self_attn.sinks"):
+            layer = int(name.split(".")[-3])
+            trained = name.replace("self_attn.sinks", "self_attn.msrnn_sink.logit")
+            if layer in sink_layers:
+                if trained not in sd:
+                    raise ExportError(f"model: layer {layer} has no sink logits ({trained}); allowed: a window_sink "
+                                      "adapter folder, or a model bounded by apply_budget(model, 'window_sink', ...)")
+                out[name] = sd[trained].to(ref.dtype)
+                used.add(trained)
+            else:  # no sink: exp(sink - anything finite) == 0, sigmoid(lse - sink) == 1 exactly
+                dt = sd["model.embed_tokens.weight"].dtype  # the dtype the target is written in
+                out[name] = torch.full(ref.shape, torch.finfo(dt).min, dtype=dt)
+        elif name in sd:
             if sd[name].shape != ref.shape:
                 raise ExportError(f"model: weight {name} has shape {tuple(sd[name].shape)}, the target expects "
                                   f"{tuple(ref.shape)}")
@@ -184,7 +243,9 @@ def _target_state_dict(source, target_model) -> dict:
             out[name] = sd["model.embed_tokens.weight"]
         else:
             raise ExportError(f"model: the target needs {name}, which the source does not have")
-    extra = [k for k in sd if k not in want and not k.endswith("rotary_emb.inv_freq")]
+    # a sink or scorer the current budget does not use (left attached by an earlier budget) changes nothing
+    extra = [k for k in sd if k not in want and k not in used and not k.endswith("rotary_emb.inv_freq")
+             and ".msrnn_scorer." not in k and not (".msrnn_sink." in k and int(k.split(".")[2]) not in sink_layers)]
     if extra:
         raise ExportError(f"model: the source has weights the target cannot hold: {extra[:4]}"
                           f"{' ...' if len(extra) > 4 else ''} (e.g. an o_proj bias); allowed: Llama weights")
@@ -193,7 +254,7 @@ def _target_state_dict(source, target_model) -> dict:
 
 # ----------------------------------------------------------------------------- export
 def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | None = None, tokenizer=None,
-                    target: str = "qwen2", base_model=None, dtype: str | None = None,
+                    target: str | None = None, base_model=None, dtype: str | None = None,
                     overwrite: bool = False) -> Path:
     """Write a window-bounded (hybrid) model as a standard transformers folder and return its path.
 
@@ -202,13 +263,14 @@ def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | 
         its msrnn_budget.json, if any, is the budget), or a loaded model (bounded by apply_budget,
         peft or not: a copy is merged; the model itself is not changed).
     spec: the budget, where the source has none (or to override a folder's).
-    target: "qwen2" (default) or "ministral" (see the module docstring).
+    target: "qwen2", "ministral" or "granite_swa" (see the module docstring); None (default):
+        granite_swa for `window_sink`, else qwen2.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"export: {out} exists and is not empty (overwrite=True / --overwrite replaces "
                               "its files)")
-    if target not in TARGETS:
+    if target is not None and target not in TARGETS:
         raise ExportError(f"target: unknown target {target!r}; allowed: {', '.join(TARGETS)}")
     if isinstance(spec, dict):
         spec = BudgetSpec.from_dict(spec)
@@ -231,13 +293,18 @@ def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | 
     spec.validate_for(plain.config)
     layout = servable_layout(spec, plain.config.num_hidden_layers, budgets)
     _check_source(plain.config)
+    target = target or default_target(spec)
+    sink_layers = _sink_layers(spec, layout["budgets"])
+    if sink_layers and target not in SINK_TARGETS:
+        raise ExportError(f"target: {target!r} has no attention sink parameter, which policy {spec.policy!r} "
+                          f"trained; allowed: {', '.join(repr(t) for t in SINK_TARGETS)}")
 
     config = _target_config(plain.config, layout, target)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(config)
-    state = _target_state_dict(plain, shell)
+    state = _target_state_dict(plain, shell, sink_layers)
     weight_dtype = plain.model.embed_tokens.weight.dtype
     target_model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
     target_model.load_state_dict(state, strict=True)
@@ -273,10 +340,22 @@ def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | 
                       "cache keeps K keys between steps"),
         "legacy_max_window_layers_exact": legacy_exact if target == "qwen2" else None,
         "zero_qkv_biases": target == "qwen2",
+        "sink_layers": sorted(sink_layers),
+        "sinks": ("per-head learned logits on the bounded layers (softmax over [logits, sink]); the other layers "
+                  "the most negative finite number (no sink)") if target in SINK_TARGETS else None,
         "transformers_version": transformers.__version__,
     }
     (out / PROVENANCE_FILENAME).write_text(json.dumps(provenance, indent=2) + "\n")
     return out
+
+
+def _sink_layers(spec: BudgetSpec, budgets: list[int | None]) -> set[int]:
+    """The bounded layers whose policy attends with a learned sink."""
+    from .policies import POLICIES
+
+    if spec.policy not in POLICIES or not POLICIES[spec.policy].attention_sink:
+        return set()
+    return {i for i, k in enumerate(budgets) if k is not None}
 
 
 def _load_source(source, base_model=None, dtype=None, need_spec=True):
@@ -309,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None,
                    help="the budget when the source has none (or to override it): an int K, or JSON such as "
                         "'{\"default\": 32, \"18\": null}' (null: a full layer) or a per-layer list")
-    p.add_argument("--policy", default="window", help="policy of --budget (only 'window' exports)")
-    p.add_argument("--target", default="qwen2", choices=TARGETS, help="config class written (default qwen2)")
+    p.add_argument("--policy", default="window", help="policy of --budget ('window' or 'window_sink' export)")
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help="config class written (default: granite_swa for window_sink, else qwen2)")
     p.add_argument("--base-model", default=None, help="base model of an adapter folder (default: its recipe's)")
     p.add_argument("--dtype", default=None, help="float32 (default) / bfloat16 / float16")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")

@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclass
 class BudgetConfig:
-    policy: str = knob("tova", "full | window | sinks | h2o | tova | tova_head")
+    policy: str = knob("tova", "full | window | window_sink | sinks | h2o | tova | tova_head | learned | learned_head")
     budget: Any = knob(64, (
         'K: an int, a per-layer list, or {layer: K, "default": K}; a hybrid (some layers unbounded) is written '
         "as budget.hybrid (null layers here still load, with a warning)"))
@@ -119,6 +119,9 @@ class BudgetConfig:
         "other layers. The one notation for a hybrid: evaluate --full-layers reads the same strings"))
     hybrid_probe_tasks: list[str] | None = knob(None, (
         "the tasks of hybrid auto:N's probe set: mqar, kv, needles, vartrack (null: data.retrieval_tasks)"))
+    sink_learning_rate: float = knob(0.05, (
+        "window_sink: learning rate of the per-head sink logits (no weight decay; a logit must move by units, "
+        "which the LoRA's rate would take thousands of steps to do)"))
 
 
 @dataclass
@@ -312,6 +315,9 @@ class Recipe:
         except BudgetError as err:
             raise RecipeError(f"budget.{err}") from None
         _one_of("budget.mode", b.mode, BUDGET_MODES)
+        if isinstance(b.sink_learning_rate, bool) or not isinstance(b.sink_learning_rate, (int, float)) or \
+                not b.sink_learning_rate > 0:
+            raise RecipeError(f"budget.sink_learning_rate: must be a number > 0, got {b.sink_learning_rate!r}")
         relaxable = [name for name, cls in POLICIES.items() if cls.relaxable]  # soft-TOVA's score rule
         if b.mode == "soft" and b.policy not in relaxable:
             raise RecipeError(
@@ -495,6 +501,10 @@ class Recipe:
         warn("budget", changed(b, ("retention", "scorer_hidden")) if not learned_policy else [],
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
+        sink_policy = b.policy in POLICIES and POLICIES[b.policy].attention_sink
+        warn("budget", changed(b, ("sink_learning_rate",)) if not sink_policy else [],
+             f"with budget.policy {b.policy!r} (it trains the sink logits of "
+             f"{' or '.join(n for n, c in POLICIES.items() if c.attention_sink)})")
         probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"
         probe_reads_data = probe and b.hybrid_probe_tasks is None
         warn("data", changed(d, ("retrieval_tasks",)) if d.retrieval_fraction == 0 and not probe_reads_data else [],

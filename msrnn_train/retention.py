@@ -109,9 +109,13 @@ def scorers(model) -> dict[int, RetentionScorer]:
 
 
 def save_scorers(model, directory: str | Path) -> Path | None:
-    """Write the scorers (if any) to `directory`/SCORER_FILENAME; returns the path or None."""
+    """Write the scorers (if any) to `directory`/SCORER_FILENAME; returns the path or None. A sink
+    policy's logits (sink.py) go beside them, so every caller saves all the trained budget modules."""
     from safetensors.torch import save_file
 
+    from .sink import save_sinks
+
+    save_sinks(model, directory)
     found = scorers(model)
     if not found:
         return None
@@ -124,12 +128,16 @@ def save_scorers(model, directory: str | Path) -> Path | None:
 
 
 def load_scorers(model, directory: str | Path) -> bool:
-    """Restore saved scorers into a model whose learned budget is applied (scorers attached)."""
+    """Restore saved scorers into a model whose learned budget is applied (scorers attached), and a
+    sink policy's logits (sink.load_sinks)."""
     from safetensors import safe_open
 
+    from .sink import load_sinks
+
+    sunk = load_sinks(model, directory)
     path = Path(directory) / SCORER_FILENAME
     if not path.is_file():
-        return False
+        return sunk
     found = scorers(model)
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["config"])

@@ -33,6 +33,7 @@ from .losses import bounded_objective
 from .models import base_model_id
 from .recipe import Recipe
 from .retention import save_scorers, scorers
+from .sink import sinks
 from .soft import tau_at
 from .spec import BudgetSpec, budget_key, budget_label
 
@@ -201,6 +202,7 @@ class BoundedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_cfg = recipe.loss
         self.learned_cfg = recipe.learned
+        self.sink_learning_rate = recipe.budget.sink_learning_rate
         self.schedule = schedule
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean; the Trainer divides by GA
         self.tokens_seen = 0
@@ -246,15 +248,16 @@ class BoundedTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer; a learned policy's scorer in its own group when
-        `learned.scorer_learning_rate` is set (no weight decay there)."""
+        `learned.scorer_learning_rate` is set, a sink policy's logits in theirs at
+        `budget.sink_learning_rate` (no weight decay in either)."""
         opt = super().create_optimizer(*args, **kwargs)
         lr = self.learned_cfg.scorer_learning_rate
         found = [p for s in scorers(self.model).values() for p in s.parameters() if p.requires_grad]
         if lr is not None and found:
-            ids = {id(p) for p in found}
-            for group in opt.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in ids]
-            opt.add_param_group({"params": found, "lr": lr, "weight_decay": 0.0})
+            _own_group(opt, found, lr)
+        found = [s.logit for s in sinks(self.model).values() if s.logit.requires_grad]
+        if found:
+            _own_group(opt, found, self.sink_learning_rate)
         return opt
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -355,6 +358,14 @@ def periodic_eval_callback(recipe: Recipe, eval_windows, tokenizer, before: list
     if wanted <= have:  # the base model is measured already
         cb.base_records = [{**r, "adapted": False} for r in before if record_key(r) in wanted]
     return cb
+
+
+def _own_group(opt, params, lr: float) -> None:
+    """Move `params` out of the optimizer's groups into one of their own (lr, no weight decay)."""
+    ids = {id(p) for p in params}
+    for group in opt.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    opt.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
 
 
 # ----------------------------------------------------------------------------- save

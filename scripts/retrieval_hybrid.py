@@ -54,11 +54,13 @@ def _suite_records(obj) -> list[dict] | None:
     return obj.get("retrieval_suite") or obj.get("records")
 
 
-def train_arm(arm: str, out: Path, steps: int) -> Path:
+def train_arm(arm: str, out: Path, steps: int, overrides: list[str] | None = None) -> Path:
+    """The arm's adapter folder, trained (RECIPE + the arm's overrides) unless it is there already."""
     if (out / "adapter_config.json").is_file() and (out / "msrnn_budget.json").is_file():
         return out
     cmd = [sys.executable, "-m", "msrnn_train.train", str(RECIPE), "--training.output_dir", str(out),
-           "--training.max_steps", str(steps), "--training.overwrite_output_dir", "true", *ARMS[arm]]
+           "--training.max_steps", str(steps), "--training.overwrite_output_dir", "true",
+           *(ARMS[arm] if overrides is None else overrides)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out

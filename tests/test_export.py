@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 4
 HYBRID = BudgetSpec(policy="window", budget={"default": K, "1": None})  # 3 layers: window-4, full, window-4
+SINK_HYBRID = BudgetSpec(policy="window_sink", budget={"default": K, "1": None})  # the same with sink logits
 PROMPT, NEW = 12, 30  # prompt + generated tokens run far past the window of K + 1
 
 # Runs in a fresh interpreter with a poisoned `msrnn_train` first on the path: it must never be
@@ -77,6 +78,13 @@ def test_exported_hybrid_serves_the_bounded_process_without_msrnn_train(tmp_path
     assert prov["sliding_window"] == K + 1 and prov["per_layer_K"] == [K, None, K]
     assert "auto_map" not in json.loads((folders[0] / "config.json").read_text())  # no custom code
 
+    results = _serve_elsewhere(tmp_path, folders, ids, prompt)
+    for folder, cls in zip(folders, ("Qwen2ForCausalLM", "MinistralForCausalLM")):
+        _check_served(results[str(folder)], cls, want, want_gen)
+
+
+def _serve_elsewhere(tmp_path, folders, ids, prompt) -> dict:
+    """SERVE's results for `folders`, run in a fresh interpreter where importing msrnn_train fails."""
     poison = tmp_path / "poison" / "msrnn_train"
     poison.mkdir(parents=True)
     (poison / "__init__.py").write_text("raise ImportError('msrnn_train must not be imported to serve')\n")
@@ -88,23 +96,116 @@ def test_exported_hybrid_serves_the_bounded_process_without_msrnn_train(tmp_path
                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env,
                          cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    results = torch.load(tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt")
 
-    for folder, cls in zip(folders, ("Qwen2ForCausalLM", "MinistralForCausalLM")):
-        r = results[str(folder)]
-        assert r["class"] == cls
-        assert r["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
-        assert r["window"] == K + 1
-        diff = (r["logits"] - want).abs().max().item()
-        assert diff <= 1e-4, f"{cls}: max |logit diff| {diff:.2e} vs the toolkit's teacher-forced simulation"
-        assert torch.equal(r["generated"], want_gen), f"{cls}: greedy generation differs from bounded decoding"
-        assert len(r["seen"]) == NEW  # one forward per generated token (prefill included)
-        for step, layers in enumerate(r["seen"]):
-            held = PROMPT + step  # tokens written so far
-            (n0, s0, k0), (n1, s1, k1), (n2, s2, k2) = layers
-            assert s0 and s2 and not s1, layers
-            assert k0 == k2 == min(K, held), f"step {step}: sliding layers hold {k0}/{k2} keys, the budget is {K}"
-            assert k1 == held  # the full layer keeps everything
+
+def _check_served(r, cls, want, want_gen):
+    """A served window-K hybrid [bounded, full, bounded]: its class and layout, its logits against the
+    toolkit's simulation, its greedy tokens against bounded decoding, and its own cache's size."""
+    assert r["class"] == cls
+    assert r["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert r["window"] == K + 1
+    diff = (r["logits"] - want).abs().max().item()
+    assert diff <= 1e-4, f"{cls}: max |logit diff| {diff:.2e} vs the toolkit's teacher-forced simulation"
+    assert torch.equal(r["generated"], want_gen), f"{cls}: greedy generation differs from bounded decoding"
+    assert len(r["seen"]) == NEW  # one forward per generated token (prefill included)
+    for step, layers in enumerate(r["seen"]):
+        held = PROMPT + step  # tokens written so far
+        (n0, s0, k0), (n1, s1, k1), (n2, s2, k2) = layers
+        assert s0 and s2 and not s1, layers
+        assert k0 == k2 == min(K, held), f"step {step}: sliding layers hold {k0}/{k2} keys, the budget is {K}"
+        assert k1 == held  # the full layer keeps everything
+
+
+def _sink_adapter(tmp_path):
+    """A train.py-style adapter folder of a window_sink hybrid on the tiny GQA Llama: a LoRA that is
+    not the identity, trained-looking sink logits (msrnn_sink.safetensors), the budget and a recipe."""
+    import yaml
+
+    from conftest import tiny_peft
+    from msrnn_train.retention import save_scorers
+    from msrnn_train.sink import SINK_FILENAME, sinks
+
+    model = tiny_peft(tiny_model("llama"), scale=0.05, seed=5, init_lora_weights=False)
+    apply_budget(model, SINK_HYBRID)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for s in sinks(model).values():
+            s.logit.copy_(torch.randn(s.logit.shape, generator=g) * 2)  # per head: from "never" to "often"
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    save_scorers(model, adapter)  # what trainer.save_outputs calls: the sink logits go beside the adapter
+    SINK_HYBRID.save(adapter)
+    from msrnn_train.models import random_model
+
+    tiny_model("llama").save_pretrained(str(tmp_path / "base"))  # the same seed-0 weights the LoRA sits on
+    random_model("tiny-llama")[1].save_pretrained(str(tmp_path / "base"))  # a tokenizer (the ids are made up)
+    (adapter / "recipe.yaml").write_text(yaml.safe_dump({"model": {"source": str(tmp_path / "base"),
+                                                                    "dtype": "float32"}}))
+    assert (adapter / SINK_FILENAME).is_file()
+    return adapter
+
+
+def test_exported_sink_hybrid_serves_the_bounded_process_without_msrnn_train(tmp_path):
+    """window_sink (a window with learned per-head sink logits) + one full layer, from an adapter
+    folder: exported (LoRA merged) to GraniteSWAForCausalLM, served by plain transformers in a
+    process that never imports msrnn_train: logits, greedy decoding and its own sliding cache."""
+    from msrnn_train.hub import load_bounded
+    from msrnn_train.sink import sinks
+
+    adapter = _sink_adapter(tmp_path)
+    model, _ = load_bounded(adapter)  # base + LoRA + budget + the saved sink logits
+    assert sorted(sinks(model)) == [0, 2]  # the bounded layers only
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 48), generator=g)
+    prompt = torch.randint(3, 128, (1, PROMPT), generator=g)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits  # the toolkit's teacher-forced simulation
+        want_gen = model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                  **cache_kwargs(make_cache(model)))  # bounded greedy decoding
+        apply_budget(model, HYBRID)  # the same hybrid without the sink: the sink matters here
+        no_sink = model(ids, use_cache=False).logits
+    assert (want - no_sink).abs().max() > 1e-2
+
+    folder = export_servable(adapter, tmp_path / "granite")  # the default target of a sink policy
+    prov = json.loads((folder / PROVENANCE_FILENAME).read_text())
+    assert prov["target"] == "GraniteSWAForCausalLM" and prov["sink_layers"] == [0, 2]
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == "granite_swa"
+    assert [config[k] for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")] == [1.0] * 3
+    assert config["attention_multiplier"] == 16 ** -0.5  # head_dim 16: Llama's scaling
+
+    r = _serve_elsewhere(tmp_path, [folder], ids, prompt)[str(folder)]
+    _check_served(r, "GraniteSWAForCausalLM", want, want_gen)
+
+
+def test_sink_policy_refuses_a_target_without_sinks(tmp_path):
+    model = tiny_model("llama")
+    apply_budget(model, SINK_HYBRID)
+    with pytest.raises(ExportError, match="'qwen2' has no attention sink.*'granite_swa'"):
+        export_servable(model, tmp_path / "out", target="qwen2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sink_budget_on_a_model_without_sink_logits_is_refused(tmp_path, capsys):
+    rc = main(["random:tiny-llama", str(tmp_path / "out"), "--budget", '{"default": 4, "1": null}',
+               "--policy", "window_sink"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export:")]
+    assert rc == 2 and len(lines) == 1 and "no sink logits" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_window_exports_to_granite_swa_with_no_sink(tmp_path):
+    """A `window` hybrid written as GraniteSWA: every layer's sink is the most negative float, which
+    leaves the attention exactly as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model = _bounded()
+    served = AutoModelForCausalLM.from_pretrained(str(export_servable(model, tmp_path / "g", target="granite_swa")))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (served.eval()(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    assert all((layer.self_attn.sinks == torch.finfo(torch.float32).min).all() for layer in served.model.layers)
 
 
 def test_export_from_an_adapter_folder_merges_the_lora(tmp_path):

@@ -104,17 +104,20 @@ def test_the_builtin_policies_declare_what_the_code_used_to_switch_on_by_name():
     from msrnn_train.kernels import H2O, SINKS, TOVA, WINDOW
     from msrnn_train.kernels.common import LEARNED_DECAY, LEARNED_VALUE
 
-    assert list(POLICIES) == ["full", "window", "sinks", "h2o", "tova", "tova_head", "learned", "learned_head"]
+    assert list(POLICIES) == ["full", "window", "sinks", "h2o", "tova", "tova_head", "learned", "learned_head",
+                              "window_sink"]
     assert {n: make_policy(n, 6).kernel_code for n in POLICIES} == {
         "full": None, "window": WINDOW, "sinks": SINKS, "h2o": H2O, "tova": TOVA, "tova_head": TOVA,
-        "learned": LEARNED_DECAY, "learned_head": LEARNED_DECAY}  # learned: numba only (not the Triton kernel)
+        "learned": LEARNED_DECAY, "learned_head": LEARNED_DECAY,  # learned: numba only (not the Triton kernel)
+        "window_sink": WINDOW}  # window's eviction; the sink is in the attention
+    assert [n for n, c in POLICIES.items() if c.attention_sink] == ["window_sink"]
     assert make_policy("learned", 6, retention="logit").kernel_code == LEARNED_VALUE
     assert [n for n, c in POLICIES.items() if c.carries_value] == ["learned", "learned_head"]
     assert not any(c.needs_scores for n, c in POLICIES.items() if c.carries_value)  # no attention probabilities
     assert [n for n, c in POLICIES.items() if c.relaxable] == ["tova", "tova_head"]  # soft mode: TOVA only
     assert {n: make_policy(n, 6, sinks=8).rolling_sinks() for n in POLICIES if n != "full"} == {
         "window": 0, "sinks": 5, "h2o": None, "tova": None, "tova_head": None, "learned": None,
-        "learned_head": None}  # sinks: min(i, K - 1)
+        "learned_head": None, "window_sink": 0}  # sinks: min(i, K - 1)
     # each takes only its own parameters from the spec; h2o's r defaults to K // 2 and follows K
     assert repr(make_policy("sinks", 6, sinks=2, recent=3)) == "Sinks(K=6, n_sinks=2)"
     assert repr(make_policy("tova", 6, sinks=2, recent=3)) == "TOVA(K=6)"

@@ -11,6 +11,7 @@ from .tova import TOVA
 from .tova_head import TOVAHead
 from .learned import Learned
 from .learned_head import LearnedHead
+from .window_sink import WindowSink
 
 
 def make_policy(name: str, budget: int, sinks: int = 4, recent: int | None = None, retention: str | None = None) -> Policy:
@@ -18,4 +19,4 @@ def make_policy(name: str, budget: int, sinks: int = 4, recent: int | None = Non
     return POLICIES[name].from_spec(budget, sinks=sinks, recent=recent, retention=retention)
 
 
-__all__ = ["POLICIES", "Policy", "register", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead", "Learned", "LearnedHead"]
+__all__ = ["POLICIES", "Policy", "register", "make_policy", "Full", "Window", "Sinks", "H2O", "TOVA", "TOVAHead", "Learned", "LearnedHead", "WindowSink"]

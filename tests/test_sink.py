@@ -1,0 +1,136 @@
+"""window_sink: a window with a learned per-head sink logit. The reference attention equals
+GraniteSWA's eager form; teacher-forced simulation == token-by-token decoding with trained-looking
+sink values on a GQA hybrid; the logits train with the LoRA at their own rate, are saved beside the
+adapter and come back with hub.load_bounded (and a resumed run)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_corpus, padded_batch, tiny_model, tiny_run_env
+from msrnn_train import BudgetSpec, apply_budget
+from msrnn_train.fidelity import compare
+from msrnn_train.sink import SINK_FILENAME, SINK_INIT, sink_attention, sinks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HYBRID = [4, None, 3]  # tiny_model: 3 layers, 4 query heads over 2 key/value heads (GQA)
+
+
+def _random_sinks(model, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in sinks(model).values():
+            s.logit.copy_(torch.randn(s.logit.shape, generator=g) * scale)
+
+
+def test_sink_attention_is_graniteswa_eager_and_no_sink_is_plain_attention():
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, S, D = 2, 4, 2, 5, 9, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+    visible = torch.rand(B, 1, T, S, generator=g) < 0.6
+    visible[..., -1] = True  # every query sees at least one key
+    sink = torch.randn(Hq, generator=g) * 2
+    got = sink_attention(q, k, v, visible, D ** -0.5, sink)
+
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    logits = (q @ kk.transpose(-1, -2) * D ** -0.5).masked_fill(~visible, -torch.inf)
+    virtual = sink.view(1, Hq, 1, 1).expand(B, Hq, T, 1)  # the definition: one more key, logit s_h, value 0
+    spec = torch.cat([logits, virtual], -1).softmax(-1)[..., :-1] @ vv
+    assert (got - spec).abs().max() < 1e-6
+    scale = (torch.logsumexp(logits, -1) - sink.view(1, -1, 1)).sigmoid()  # GraniteSWA's eager_attention_forward
+    assert (got - (logits.softmax(-1) @ vv) * scale.unsqueeze(-1)).abs().max() < 1e-6
+    none = sink_attention(q, k, v, visible, D ** -0.5, torch.full((Hq,), torch.finfo(torch.float32).min))
+    plain = F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, scale=D ** -0.5)
+    assert (none - plain).abs().max() < 1e-6
+    assert (got - plain).abs().max() > 1e-2  # the sink takes mass away: the check has teeth
+
+
+@pytest.mark.parametrize("side, prompt_len", [("left", 0), ("right", 0), ("left", 9)])
+def test_simulation_equals_bounded_decoding_with_trained_sinks(side, prompt_len):
+    """GQA, a hybrid (layer 1 full, no sink), padding, chunked prefill of a prompt (prompt_len)."""
+    model = tiny_model("llama")
+    spec = BudgetSpec(policy="window_sink", budget=HYBRID, prefill_chunk=4)
+    apply_budget(model, spec)
+    assert sorted(sinks(model)) == [0, 2]  # bounded layers only
+    _random_sinks(model)
+    ids, mask = padded_batch([24, 17, 20], 24, side=side, seed=1)
+    result = compare(model, ids, mask, prompt_len=prompt_len)
+    assert result["max_abs_diff"] < 1e-4, result
+    assert result["held_mismatch"] is None, result["held_mismatch"]
+    assert result["state_sizes"][0] <= 4 and result["state_sizes"][2] <= 3
+
+    with torch.no_grad():
+        with_sink = model(ids, attention_mask=mask).logits
+        apply_budget(model, BudgetSpec(policy="window", budget=HYBRID))  # the sinks stay attached, unused
+        without = model(ids, attention_mask=mask).logits
+    assert ((with_sink - without).abs().amax(-1) * mask).max() > 1e-2
+
+
+def test_sinks_start_at_the_init_and_receive_gradients():
+    model = tiny_model("llama").train()
+    apply_budget(model, BudgetSpec(policy="window_sink", budget=HYBRID))
+    found = sinks(model)
+    assert all(torch.equal(s.logit.detach(), torch.full((4,), SINK_INIT)) for s in found.values())
+    ids, _ = padded_batch([16, 16], 16, seed=2)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(s.logit.grad is not None and s.logit.grad.abs().sum() > 0 for s in found.values())
+
+
+def _tiny_sink_run(tmp_path, name, **overrides):
+    from msrnn_train.recipe import load_recipe
+    from msrnn_train.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        make_corpus(corpus, n_docs=3, words=300)
+    keys = {"data.source": str(corpus), "data.heldout": 1, "data.seq_len": 32, "budget.policy": "window_sink",
+            "budget.mode": "hard", "budget.budget": [6, None], "soft.budget_ramp_start": None,
+            "training.output_dir": str(tmp_path / name), "training.max_steps": 4, "training.save_steps": 2,
+            "training.save_total_limit": 5, "eval.max_windows": 0, "eval.at_start": False, "wandb.project": None,
+            "eval.policies": ["window_sink", "full"], "eval.budgets": [6], "budget.sink_learning_rate": 0.1}
+    keys.update(overrides)
+    with tiny_run_env(tmp_path / "cache"):
+        return train(load_recipe(root / "recipes" / "tiny.yaml", keys))
+
+
+@pytest.mark.slow
+def test_training_moves_the_sinks_saves_them_load_bounded_and_resume_restore_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from msrnn_train.hub import load_bounded
+
+    summary = _tiny_sink_run(tmp_path, "whole")
+    out = tmp_path / "whole"
+    assert (out / SINK_FILENAME).is_file() and (out / "checkpoint-2" / SINK_FILENAME).is_file()
+    trained = sinks(summary["model"])
+    assert sorted(trained) == [0]  # the bounded layer; layer 1 is full
+    moved = (trained[0].logit.detach().cpu() - SINK_INIT).abs()
+    assert moved.min() > 0.05, moved  # 4 Adam steps at 0.1 (the LoRA's rate would move it by ~0.01)
+    model, _ = load_bounded(out)  # no extra step: the logits come back with the adapter
+    assert torch.equal(sinks(model)[0].logit.detach(), trained[0].logit.detach().cpu())
+
+    _tiny_sink_run(tmp_path, "cut")  # the same run, then killed after checkpoint-2 and resumed
+    cut = tmp_path / "cut"
+    import shutil
+
+    shutil.rmtree(cut / "checkpoint-4")
+    (cut / SINK_FILENAME).unlink()
+    _tiny_sink_run(tmp_path, "cut", **{"training.resume_from_checkpoint": True})
+    whole, resumed = load_file(str(out / SINK_FILENAME)), load_file(str(cut / SINK_FILENAME))
+    assert whole.keys() == resumed.keys() and all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
+
+
+def test_sink_learning_rate_is_checked():
+    from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
+
+    for bad in (0, -1.0, "fast"):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(None, {"budget.policy": "window_sink", "budget.sink_learning_rate": bad})
+        assert str(err.value).startswith("budget.sink_learning_rate:") and "\n" not in str(err.value)
+    with pytest.warns(RecipeWarning, match="budget.sink_learning_rate: has no effect with budget.policy 'tova'"):
+        load_recipe(None, {"budget.sink_learning_rate": 0.1})
