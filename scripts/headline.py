@@ -380,7 +380,10 @@ def markdown(doc: dict) -> str:
                  f"{doc['eval_tokens']} predicted tokens; {doc['steps']} steps (+{doc.get('extra_steps', 0)} for the arms "
                  f"that continue from plain), lr {doc['lr']}, seeds {doc['seeds']}; `arm+policy` rows are "
                  f"training-free policies run on that arm's weights, other bounded arms use {doc['policy']} or their "
-                 "own learned policy. Mean ± std over seeds.", "", comparison_markdown(doc["records"], RECORD_COLUMNS)]
+                 "own learned policy" + (f" (`{doc['learned']['policy']}`: "
+                                         + ("one retention logit per key/value head" if doc['learned']['policy'] == "learned_head"
+                                            else "one retention logit per layer") + ")" if doc.get("learned") else "")
+                 + ". Mean ± std over seeds.", "", comparison_markdown(doc["records"], RECORD_COLUMNS)]
     if doc["summary"]:
         lines += ["", "Budget benefit: the share of the bar's bounded penalty (bar at K minus its full state) that the arm "
                       "removes; the bar is the strongest training-free policy on the same starting weights at that K.", "",
