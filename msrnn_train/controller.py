@@ -30,8 +30,8 @@ from .attention import ATTN_NAME, msrnn_attention_forward, padding_mask
 from .cache import BoundedCache
 from .compat import CACHE_KWARG, take_cache
 from .policies import Policy, make_policy
-from .retention import attach_scorers
-from .sink import attach_sinks
+from .retention import attach_scorers, load_scorers, save_scorers
+from .sink import attach_sinks, load_sinks, save_sinks
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -382,3 +382,18 @@ def budget_scope(model, spec: BudgetSpec | None, adapter_on: bool = True):
     finally:
         restore(model, snap)
         model.train(was_training)
+
+
+def save_budget_modules(model, directory) -> None:
+    """Write the budget's trained modules beside an adapter: a learned policy's scorers
+    (retention.SCORER_FILENAME) and a sink policy's logits (sink.SINK_FILENAME), whichever exist."""
+    save_scorers(model, directory)
+    save_sinks(model, directory)
+
+
+def load_budget_modules(model, directory) -> bool:
+    """Restore what `save_budget_modules` wrote into a model whose budget is applied; True when
+    anything was restored."""
+    scored = load_scorers(model, directory)
+    sunk = load_sinks(model, directory)
+    return scored or sunk

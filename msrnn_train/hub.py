@@ -54,8 +54,7 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .controller import apply_budget
-    from .retention import load_scorers
+    from .controller import apply_budget, load_budget_modules
     from .models import load_base_model
 
     folder = Path(adapter_dir).expanduser()
@@ -89,7 +88,7 @@ def load_bounded(adapter_dir, base_model=None, device="cpu", dtype=None):
         spec = BudgetSpec.load(folder)  # BudgetError names the file when it is corrupt
         spec.validate_for(model.config)
         apply_budget(model, spec)
-        load_scorers(model, folder)  # a learned policy's trained scorer, saved beside the adapter
+        load_budget_modules(model, folder)  # a learned scorer, sink logits: saved beside the adapter
     else:
         warnings.warn(f"load_bounded: {folder} has no {SPEC_FILENAME}, so no budget is known: the model is returned "
                       "unbounded (full state); apply one with msrnn_train.apply_budget(model, BudgetSpec(...))",

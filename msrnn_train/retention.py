@@ -109,13 +109,9 @@ def scorers(model) -> dict[int, RetentionScorer]:
 
 
 def save_scorers(model, directory: str | Path) -> Path | None:
-    """Write the scorers (if any) to `directory`/SCORER_FILENAME; returns the path or None. A sink
-    policy's logits (sink.py) go beside them, so every caller saves all the trained budget modules."""
+    """Write the scorers (if any) to `directory`/SCORER_FILENAME; returns the path or None."""
     from safetensors.torch import save_file
 
-    from .sink import save_sinks
-
-    save_sinks(model, directory)
     found = scorers(model)
     if not found:
         return None
@@ -128,16 +124,12 @@ def save_scorers(model, directory: str | Path) -> Path | None:
 
 
 def load_scorers(model, directory: str | Path) -> bool:
-    """Restore saved scorers into a model whose learned budget is applied (scorers attached), and a
-    sink policy's logits (sink.load_sinks)."""
+    """Restore saved scorers into a model whose learned budget is applied (scorers attached)."""
     from safetensors import safe_open
 
-    from .sink import load_sinks
-
-    sunk = load_sinks(model, directory)
     path = Path(directory) / SCORER_FILENAME
     if not path.is_file():
-        return sunk
+        return False
     found = scorers(model)
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["config"])

@@ -28,8 +28,9 @@ training entry point does not run yet.
 The logits are float32 parameters of an `AttentionSink` module attached to each bounded attention
 module (`msrnn_sink`) by apply_budget, after peft wrapped the model, so they train with the LoRA
 (their own learning rate: recipe `budget.sink_learning_rate`). `save_sinks` writes them beside the
-adapter (`SINK_FILENAME`); `load_sinks` (called from retention.load_scorers, hence by every path
-that restores a learned scorer: hub.load_bounded, a resumed run, lora.init_adapter) puts them back.
+adapter (`SINK_FILENAME`) and `load_sinks` puts them back, both through
+`controller.save_budget_modules` / `load_budget_modules` (every save path; hub.load_bounded, a
+resumed run, lora.init_adapter).
 """
 
 from __future__ import annotations

@@ -43,14 +43,13 @@ with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration pr
     # Trainer is first imported (here, quietly, before trainer.py); stdout is kept for `--validate`'s YAML
     from transformers import Trainer, default_data_collator, set_seed  # noqa: F401
 
-from msrnn_train.controller import apply_budget, get_controller, set_soft_temperature
+from msrnn_train.controller import apply_budget, get_controller, load_budget_modules, set_soft_temperature
 from msrnn_train.data import DataWarning, build_windows, looks_like_path, readable_offline, training_texts
 from msrnn_train.errors import log
 from msrnn_train.evaluate import record_key
 from msrnn_train.hub import HubPushError, model_card, push_adapter
 from msrnn_train.models import add_lora, base_model_id, load_base_model, model_config
 from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
-from msrnn_train.retention import load_scorers
 from msrnn_train.hybrid import resolve_hybrid
 from msrnn_train.retrieval_data import training_dataset
 from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
@@ -295,9 +294,9 @@ class BoundedRun:
                 f"{[i for i, k in enumerate(self.spec.budget) if k is None]}")
         apply_budget(self.model, self.spec)
         if self.resume is not None:
-            load_scorers(self.model, self.resume)
+            load_budget_modules(self.model, self.resume)
         elif r.lora.init_adapter:
-            load_scorers(self.model, r.lora.init_adapter)
+            load_budget_modules(self.model, r.lora.init_adapter)
 
     def _setup_data(self) -> None:
         """Documents -> held-out split by document -> cached tokens -> fixed windows (data section)."""

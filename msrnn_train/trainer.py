@@ -26,13 +26,12 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .controller import (apply_budget, checkpoint_context_fn, full_state, get_budget, get_controller, hard,
-                         set_layer_budget,
-                         set_soft_temperature)
+                         save_budget_modules, set_layer_budget, set_soft_temperature)
 from .evaluate import evaluate_specs, record_key, full_ppl_of, grid_specs, markdown_table
 from .losses import bounded_objective
 from .models import base_model_id
 from .recipe import Recipe
-from .retention import save_scorers, scorers
+from .retention import scorers
 from .sink import sinks
 from .soft import tau_at
 from .spec import BudgetSpec, budget_key, budget_label
@@ -130,7 +129,7 @@ class SaveSpecCallback(TrainerCallback):
                 self.spec.save(ckpt)
                 self.recipe.save(ckpt)
                 if model is not None:
-                    save_scorers(_unwrap(model), ckpt)
+                    save_budget_modules(_unwrap(model), ckpt)
 
 
 class FiniteGuard(TrainerCallback):
@@ -390,7 +389,7 @@ def save_outputs(trainer: Trainer, tokenizer, recipe: Recipe, spec: BudgetSpec, 
             shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingFailed(f"the adapter holds non-finite weights ({bad[0]}, {len(bad)} tensors); not saved")
     tokenizer.save_pretrained(str(tmp))
-    save_scorers(trainer.accelerator.unwrap_model(trainer.model), tmp)  # a learned policy's scorer (if any)
+    save_budget_modules(trainer.accelerator.unwrap_model(trainer.model), tmp)  # scorers, sink logits (if any)
     spec.save(tmp)
     recipe.save(tmp)
     base_id = base_model_id(recipe.model.source)

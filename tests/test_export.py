@@ -123,7 +123,7 @@ def _sink_adapter(tmp_path):
     import yaml
 
     from conftest import tiny_peft
-    from msrnn_train.retention import save_scorers
+    from msrnn_train.controller import save_budget_modules
     from msrnn_train.sink import SINK_FILENAME, sinks
 
     model = tiny_peft(tiny_model("llama"), scale=0.05, seed=5, init_lora_weights=False)
@@ -134,7 +134,7 @@ def _sink_adapter(tmp_path):
             s.logit.copy_(torch.randn(s.logit.shape, generator=g) * 2)  # per head: from "never" to "often"
     adapter = tmp_path / "adapter"
     model.save_pretrained(str(adapter))
-    save_scorers(model, adapter)  # what trainer.save_outputs calls: the sink logits go beside the adapter
+    save_budget_modules(model, adapter)  # what trainer.save_outputs calls: the sink logits go beside the adapter
     SINK_HYBRID.save(adapter)
     from msrnn_train.models import random_model
 
