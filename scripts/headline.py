@@ -61,6 +61,7 @@ from msrnn_train import BudgetSpec
 from msrnn_train.data import DEFAULT_HELDOUT
 from msrnn_train.comparison import PLAIN_LORA, against_bar, budget_benefit, comparison_markdown, strongest
 from msrnn_train.evaluate import evaluate_specs
+from msrnn_train.policies import POLICIES
 from msrnn_train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +156,8 @@ def train_adapter(name: str, seed: int, k: int | None, overrides: dict, args, in
     if init is not None:
         overrides = {**overrides, "lora.init_adapter": str(init)}
         steps = args.extra_steps
-    elif overrides.get("budget.policy", "").startswith("learned"):  # a scorer on the base model: as many steps as on plain's
+    elif overrides.get("budget.policy") in POLICIES and POLICIES[overrides["budget.policy"]].carries_value:
+        # a scorer on the base model: as many steps as on plain's
         steps = args.extra_steps
     cuda = torch.cuda.is_available()
     over = {"data.seq_len": args.seq_len, "data.heldout": DEFAULT_HELDOUT + VALIDATION_BOOKS,
