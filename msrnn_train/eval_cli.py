@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval augmentation (BM25 chunks re-inserted before the question) of the bounded model: "
                         "without, with, both; 'bounded': both for the all-bounded model, without for hybrids")
     s.add_argument("--augment-tokens", type=int, default=None, help="tokens re-inserted at most (default: K)")
+    s.add_argument("--augment-chunk-words", type=int, default=6,
+                   help="words per BM25 chunk (a recipe trained with data.augment_fraction used data.augment_chunk_words)")
     s.add_argument("--no-full-state", action="store_true", help="leave out the full-state row (measured elsewhere)")
     g = p.add_argument_group("long generation (--tasks generation)")
     g.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
@@ -373,6 +375,7 @@ def _retrieval_suite(args, suite, model, tokenizer, specs, passes, progress, bes
     for adapter_on, adapted in passes:
         records += retrieval_grid(model, tokenizer, tasks, budgets, suite["hybrids"], policy, suite["augment"],
                                   trained=bool(adapted), adapter_on=adapter_on, augment_tokens=args.augment_tokens,
+                                  augment_chunk_words=args.augment_chunk_words,
                                   batch_size=args.retrieval_batch_size, seed=args.retrieval_seed,
                                   probe=probe, progress=progress, full_state=not args.no_full_state,
                                   augment_hybrids=args.augment != "bounded", on_record=save)

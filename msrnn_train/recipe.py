@@ -87,6 +87,12 @@ class DataConfig:
         "share of the training rows that are generated retrieval prompts of seq_len tokens (0: none)"))
     retrieval_tasks: list[str] = knob(factory=lambda: ["mqar", "kv", "needles", "vartrack"], help=(
         "their tasks (msrnn_train.retrieval_tasks): mqar, kv, needles, vartrack"))
+    augment_fraction: float = knob(0.0, (
+        "share of the retrieval rows trained with retrieval augmentation: the best BM25 chunks of the row's "
+        "context re-inserted before its question (msrnn_train.augment), as evaluate --augment shows them (0: none)"))
+    augment_tokens: int | None = knob(None, (
+        "tokens re-inserted at most in an augmented row (null: the budget's K minus 8, room for the question)"))
+    augment_chunk_words: int = knob(4, "words per BM25 chunk of an augmented row (a chunk is shown with half a chunk more)")
 
 
 @dataclass
@@ -256,6 +262,14 @@ class Recipe:
         return BudgetSpec(policy=b.policy, budget=b.budget, sinks=b.sinks, recent=b.recent, retention=b.retention,
                           scorer_hidden=b.scorer_hidden)
 
+    def augment_max_tokens(self) -> int | None:
+        """Tokens re-inserted at most in an augmented retrieval row: data.augment_tokens, else K - 8
+        (at least 8); None when no row is augmented."""
+        d = self.data
+        if d.augment_fraction <= 0:
+            return None
+        return d.augment_tokens if d.augment_tokens is not None else max(int(self.budget.budget) - 8, 8)
+
     def probe_tasks(self) -> list[str]:
         """The tasks of budget.hybrid auto:N's probe set: budget.hybrid_probe_tasks, else data.retrieval_tasks."""
         b = self.budget
@@ -305,6 +319,17 @@ class Recipe:
         if d.retrieval_fraction > 0 and not d.retrieval_tasks:
             raise RecipeError(f"data.retrieval_tasks: empty, but data.retrieval_fraction is {d.retrieval_fraction}; "
                               f"name at least one of {', '.join(TASKS)}")
+        if not 0.0 <= d.augment_fraction <= 1.0:
+            raise RecipeError(f"data.augment_fraction: must be in [0, 1], got {d.augment_fraction}")
+        if d.augment_fraction > 0 and d.retrieval_fraction == 0:
+            raise RecipeError(f"data.augment_fraction: {d.augment_fraction} augments retrieval rows, but "
+                              f"data.retrieval_fraction is 0 (no retrieval rows)")
+        if d.augment_tokens is not None:
+            _at_least("data.augment_tokens", d.augment_tokens, 1)
+        _at_least("data.augment_chunk_words", d.augment_chunk_words, 2)
+        if d.augment_fraction > 0 and d.augment_tokens is None and not isinstance(self.budget.budget, int):
+            raise RecipeError(f"data.augment_tokens: null means K - 8, but budget.budget is not one int "
+                              f"({self.budget.budget!r}); set data.augment_tokens")
         if d.retrieval_fraction > 0 and d.seq_len < 64:
             raise RecipeError(f"data.seq_len: retrieval rows (data.retrieval_fraction) need >= 64 tokens, "
                               f"got {d.seq_len}")

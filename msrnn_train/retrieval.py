@@ -88,13 +88,16 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                    hybrids=("none",), policy: str = "tova", augment=(False, True), trained: bool = False,
                    adapter_on: bool = True, augment_tokens: int | None = None, batch_size: int = 4,
                    seed: int = 0, probe: list[Instance] | None = None, progress: bool = True,
-                   full_state: bool = True, augment_hybrids: bool = True, on_record=None) -> list[dict]:
+                   full_state: bool = True, augment_hybrids: bool = True, on_record=None,
+                   augment_chunk_words: int = 6) -> list[dict]:
     """Accuracy of every task for K in ``budgets`` x hybrid choice x (without / with retrieval
     augmentation), plus the full-state model once (``full_state``). Records: {"task", "policy",
     "budget" (None: full state), "hybrid", "full_layers", "trained", "augmented", "accuracy",
     "correct", "n", "ci95" (Wilson), "tokens" (mean prompt length), "ratio" (tokens / K),
     "distance_tokens", "label"[, "hit" (share of augmented prompts holding the answer's source)]}.
-    Augmentation re-inserts at most ``augment_tokens`` (default K) tokens before the question;
+    Augmentation re-inserts at most ``augment_tokens`` (default K) tokens of BM25 chunks of
+    ``augment_chunk_words`` words before the question (a recipe's ``data.augment_*`` keys train on
+    the same augmentation);
     ``augment_hybrids=False`` augments only the all-bounded model. ``on_record(records)`` is
     called after every cell (e.g. to save partial results of a long run)."""
     from .augment import augment as augment_instance
@@ -119,7 +122,8 @@ def retrieval_grid(model, tokenizer, tasks: dict[str, list[Instance]], budgets: 
                 if aug:
                     key = (task, augment_tokens or k)
                     if key not in augmented_cache:
-                        augmented_cache[key] = [augment_instance(i, augment_tokens or k, count) for i in instances]
+                        augmented_cache[key] = [augment_instance(i, augment_tokens or k, count, augment_chunk_words)
+                                                for i in instances]
                     instances = augmented_cache[key]
                     hit = sum(i.meta["hit"] for i in instances) / max(len(instances), 1)
                 label = spec.label + (f" ({h})" if h not in ("none",) and spec.policy != "full" else "") \
