@@ -82,12 +82,74 @@ def test_mix_dataset_holds_the_fraction_and_is_deterministic():
     assert batch["loss_weight"].shape == (2, 192)
 
 
+def test_an_augmented_row_is_the_evaluation_s_augmented_prompt():
+    """data.augment_*: a training row is the same instance, augmented exactly as the evaluation
+    augments it (`augment.augment`, same max tokens and chunk words), answer still weighted last."""
+    from msrnn_train.augment import augment
+    from msrnn_train.retrieval_tasks import encode, make_task, token_counter
+
+    tok = _byte_tokenizer()
+    for seed in range(3):
+        row = retrieval_row("mqar", seed, 256, tok, answer_weight=5.0, augment_tokens=40, augment_chunk_words=4)
+        plain = retrieval_row("mqar", seed, 256, tok, answer_weight=5.0)
+        n = int((row["labels"] != -100).sum())
+        text = tok.decode(row["input_ids"][:n])
+        # rebuild: the row's instance is the task at the length the row settled on; find it by its list
+        length = 256 - 4 - 40
+        while True:
+            inst = make_task("mqar", 1, length, seed=seed, tokenizer=tok)[0]
+            aug = augment(inst, 40, token_counter(tok), chunk_words=4)
+            enc = encode(aug, tok)
+            if len(enc.ids) <= 256 or length <= 16:
+                break
+            length -= len(enc.ids) - 256 + 4
+        assert row["input_ids"][:n].tolist() == enc.ids
+        assert aug.meta["retrieved_tokens"] > 0 and aug.meta["hit"]  # byte tokens: the source fits in 40
+        answer = row["loss_weight"] == 5.0
+        assert answer.sum() == 2 and answer[n - 2:n].all()
+        assert text != tok.decode(plain["input_ids"][:int((plain["labels"] != -100).sum())])
+        # the excerpt sits between the context and the question, and repeats the asked pair
+        key, value = re.search(r"\n(\w+): (\d\d)$", text).groups()
+        excerpt = text[:text.rindex("\n" + key + ": ")].rsplit("\n\n", 1)[1]
+        assert f"{key}: {value}" in excerpt
+
+
+def test_the_augmented_share_is_exact_and_spread():
+    tok = _byte_tokenizer()
+    windows = torch.randint(3, 200, (8, 192))
+    for f, want in ((0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)):
+        ds = RetrievalMixDataset(windows, tok, 0.5, ["mqar"], seed=1, augment_fraction=f, augment_tokens=24)
+        flags = [ds.augmented(j) for j in range(ds.n_retrieval)]
+        assert sum(flags) == want and (f != 0.5 or flags == [False, True] * 4)
+    ds = RetrievalMixDataset(windows, tok, 0.5, ["mqar"], seed=1, augment_fraction=0.5, augment_tokens=24)
+    off = RetrievalMixDataset(windows, tok, 0.5, ["mqar"], seed=1)
+    assert torch.equal(ds[8]["input_ids"], off[8]["input_ids"])  # row 0 of the retrieval rows: not augmented
+    assert not torch.equal(ds[9]["input_ids"], off[9]["input_ids"])  # row 1: augmented
+    with pytest.raises(ValueError, match="augment_tokens"):
+        RetrievalMixDataset(windows, tok, 0.5, ["mqar"], augment_fraction=0.5)
+
+
+def test_augment_max_tokens_defaults_to_k_minus_8():
+    r = load_recipe(TINY, {"data.retrieval_fraction": 0.5, "data.retrieval_tasks": ["mqar"],
+                           "data.augment_fraction": 1.0})
+    assert r.budget.budget == 8 and r.augment_max_tokens() == 8  # K - 8, at least 8
+    assert load_recipe(TINY, {"data.retrieval_fraction": 0.5, "data.augment_fraction": 1.0,
+                              "data.augment_tokens": 10}).augment_max_tokens() == 10
+    assert load_recipe(TINY, {"data.retrieval_fraction": 0.5}).augment_max_tokens() is None
+
+
 # ----------------------------------------------------------------------------- the recipe keys
 @pytest.mark.parametrize("override,match", [
     ({"data.retrieval_fraction": 1.0}, "data.retrieval_fraction"),
     ({"data.retrieval_fraction": 0.2, "data.retrieval_tasks": ["mqar", "recal"]}, r"data.retrieval_tasks\[1\]"),
     ({"data.retrieval_fraction": 0.2, "data.retrieval_tasks": []}, "data.retrieval_tasks"),
     ({"loss.answer_weight": -1.0}, "loss.answer_weight"),
+    ({"data.augment_fraction": 0.5}, r"^data.augment_fraction: 0.5 augments retrieval rows, but data.retrieval_fraction is 0"),
+    ({"data.retrieval_fraction": 0.2, "data.augment_fraction": 1.5}, r"^data.augment_fraction: must be in \[0, 1\]"),
+    ({"data.retrieval_fraction": 0.2, "data.augment_fraction": 1.0, "data.augment_tokens": 0}, "^data.augment_tokens"),
+    ({"data.retrieval_fraction": 0.2, "data.augment_chunk_words": 1}, "^data.augment_chunk_words"),
+    ({"data.retrieval_fraction": 0.2, "data.augment_fraction": 1.0, "budget.budget": [8, 4]},
+     r"^data.augment_tokens: null means K - 8, but budget.budget is not one int"),
     ({"budget.hybrid": "auto:x"}, "budget.hybrid"),
     ({"budget.hybrid": "auto:1", "budget.budget": [8, None]}, "budget.hybrid"),
     ({"budget.hybrid": "auto:1", "budget.hybrid_probe_tasks": ["mqar", "needle"]},
