@@ -31,7 +31,7 @@ from .cache import BoundedCache
 from .compat import CACHE_KWARG, take_cache
 from .policies import Policy, make_policy
 from .retention import attach_scorers, load_scorers, save_scorers
-from .sink import attach_sinks, load_sinks, save_sinks
+from .sink import CALIBRATION_SHIFT, attach_sinks, load_sinks, save_sinks, sinks
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -397,3 +397,48 @@ def load_budget_modules(model, directory) -> bool:
     scored = load_scorers(model, directory)
     sunk = load_sinks(model, directory)
     return scored or sunk
+
+
+# ----------------------------------------------------------------------------- sink calibration
+
+
+def first_tokens_lse(model, budget, windows, first: int = 4) -> dict[int, torch.Tensor]:
+    """{layer: (Hq,) mean over queries t >= first + K of logsumexp_{j < first} q_t k_j * scale}, with the
+    model under `sinks` (window + the first tokens) and ``budget`` (an int or a per-layer list): the
+    logit a single virtual sink would need on average, per head of every bounded layer."""
+    found: dict[int, list] = {}
+    original = msrnn_attention_forward
+
+    def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        lb = module._msrnn
+        if lb.policy is not None:
+            k = key[:, :, :first].repeat_interleave(query.shape[1] // key.shape[1], 1)
+            lse = torch.logsumexp((query @ k.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5), -1)
+            found.setdefault(lb.layer_idx, []).append(lse[:, :, first + lb.budget:].mean((0, 2)))
+        return original(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register(ATTN_NAME, spy)
+    try:
+        with budget_scope(model, BudgetSpec(policy="sinks", budget=budget, sinks=first)), torch.no_grad():
+            for i in range(windows.shape[0]):
+                model(windows[i:i + 1], use_cache=False)
+    finally:
+        AttentionInterface.register(ATTN_NAME, original)
+    return {layer: torch.stack(v).mean(0) for layer, v in found.items()}
+
+
+def calibrate_sinks(model, budget, windows, first: int = 4, shift: float = CALIBRATION_SHIFT) -> dict[int, torch.Tensor]:
+    """Set every sink logit of a model under a sink policy (sinks attached) to its head's
+    `first_tokens_lse` on ``windows`` (B, T) plus ``shift``; returns the values set. The windows
+    must be longer than ``first`` + K."""
+    values = first_tokens_lse(model, budget, windows, first)
+    found = sinks(model)
+    if not found:
+        raise ValueError("calibrate_sinks: the model has no sink logits (apply a sink policy's budget first)")
+    with torch.no_grad():
+        for layer, s in found.items():
+            if layer not in values:
+                raise ValueError(f"calibrate_sinks: no query of layer {layer} passed the first {first} + K tokens; "
+                                 f"use windows longer than {first} + K")
+            s.logit.copy_(values[layer].to(s.logit) + shift)
+    return {layer: s.logit.detach().clone() for layer, s in found.items()}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -128,6 +129,10 @@ class BudgetConfig:
     sink_learning_rate: float = knob(0.05, (
         "window_sink: learning rate of the per-head sink logits (no weight decay; a logit must move by units, "
         "which the LoRA's rate would take thousands of steps to do)"))
+    sink_init: Any = knob(1.0, (
+        "window_sink: the sink logits' start: a number for every head (1.0: the best constant, results/sink_init.md), "
+        "or \"calibrate\": per head, the mean logsumexp of its logits on the first budget.sinks tokens under `sinks`, "
+        "over the first 4 training windows, minus 2 (controller.calibrate_sinks; not for a resumed run)"))
 
 
 @dataclass
@@ -343,6 +348,9 @@ class Recipe:
         if isinstance(b.sink_learning_rate, bool) or not isinstance(b.sink_learning_rate, (int, float)) or \
                 not b.sink_learning_rate > 0:
             raise RecipeError(f"budget.sink_learning_rate: must be a number > 0, got {b.sink_learning_rate!r}")
+        if b.sink_init != "calibrate" and (isinstance(b.sink_init, bool) or not isinstance(b.sink_init, (int, float))
+                                           or not math.isfinite(b.sink_init)):
+            raise RecipeError(f"budget.sink_init: a finite number or \"calibrate\", got {b.sink_init!r}")
         relaxable = [name for name, cls in POLICIES.items() if cls.relaxable]  # soft-TOVA's score rule
         if b.mode == "soft" and b.policy not in relaxable:
             raise RecipeError(
@@ -527,7 +535,7 @@ class Recipe:
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
         sink_policy = b.policy in POLICIES and POLICIES[b.policy].attention_sink
-        warn("budget", changed(b, ("sink_learning_rate",)) if not sink_policy else [],
+        warn("budget", changed(b, ("sink_learning_rate", "sink_init")) if not sink_policy else [],
              f"with budget.policy {b.policy!r} (it trains the sink logits of "
              f"{' or '.join(n for n, c in POLICIES.items() if c.attention_sink)})")
         probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"

@@ -43,7 +43,8 @@ with contextlib.redirect_stdout(sys.stderr):  # transformers' W&B integration pr
     # Trainer is first imported (here, quietly, before trainer.py); stdout is kept for `--validate`'s YAML
     from transformers import Trainer, default_data_collator, set_seed  # noqa: F401
 
-from msrnn_train.controller import apply_budget, get_controller, load_budget_modules, set_soft_temperature
+from msrnn_train.controller import (apply_budget, calibrate_sinks, get_controller, load_budget_modules,
+                                   set_soft_temperature)
 from msrnn_train.data import DataWarning, build_windows, looks_like_path, readable_offline, training_texts
 from msrnn_train.errors import log
 from msrnn_train.evaluate import record_key
@@ -53,6 +54,7 @@ from msrnn_train.recipe import Recipe, RecipeError, RecipeWarning, load_recipe
 from msrnn_train.hybrid import resolve_hybrid
 from msrnn_train.retrieval_data import training_dataset
 from msrnn_train.run_folder import REPLACED, claim_output_dir, resolve_resume, set_aside
+from msrnn_train.sink import sinks
 from msrnn_train.spec import BudgetError
 from msrnn_train.tracking import finish_wandb, setup_wandb, wandb_wanted
 from msrnn_train.trainer import (BoundedTrainer, BudgetScheduleCallback, CheckpointingCallback, SaveSpecCallback,
@@ -231,6 +233,7 @@ class BoundedRun:
         self._setup_budget()
         self.model.to(self.args.device)  # this rank's device (ZeRO-2 keeps whole weights on every rank)
         self._setup_data()
+        self._setup_sinks()
 
     def _setup_run(self) -> None:
         """Every check that needs no weights (`preflight`: bad data, a taken output folder, ... stop
@@ -306,6 +309,25 @@ class BoundedRun:
             f"{seq_len} tokens")
         if len(self.train_windows) == 0:
             raise RecipeError(f"data.seq_len: no training document is {seq_len} tokens long")
+
+    def _setup_sinks(self) -> None:
+        """A sink policy's logits at a fresh start (budget.sink_init): one number for every head, or
+        calibrated per head on the first training windows (`calibrate_sinks`). A resumed run or an
+        init_adapter keeps the logits it loaded."""
+        r = self.recipe
+        found = sinks(self.model)
+        if not found or self.resume is not None or r.lora.init_adapter:
+            return
+        if r.budget.sink_init == "calibrate":
+            windows = self.train_windows[:4].to(self.args.device)
+            values = calibrate_sinks(self.model, self.spec.budget, windows, first=r.budget.sinks)
+            flat = torch.cat(list(values.values()))
+            log(f"budget.sink_init calibrate: {flat.numel()} sink logits on {windows.shape[0]} training windows, "
+                f"mean {flat.mean():.2f}, range [{flat.min():.2f}, {flat.max():.2f}]")
+        else:
+            with torch.no_grad():
+                for s in found.values():
+                    s.logit.fill_(float(r.budget.sink_init))
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:

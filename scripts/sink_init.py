@@ -1,7 +1,7 @@
 """Held-out perplexity of the untrained SmolLM2-135M under window-K + one full layer with the
 `window_sink` logits set to constants, against `window` (no sink) and `sinks` (window+4): the
-measurement behind sink.SINK_INIT. Also a data-calibrated per-head value (not what training uses
-today): s_h = the mean, over the queries that no longer see them, of logsumexp of head h's logits
+measurement behind sink.SINK_INIT. Also a data-calibrated per-head value (`controller.first_tokens_lse`,
+what `budget.sink_init: calibrate` trains from): s_h = the mean, over the queries that no longer see them, of logsumexp of head h's logits
 on the first 4 tokens, measured under `sinks` on other held-out windows, plus a shift.
 
     python scripts/sink_init.py --out results/sink_init.md
@@ -15,39 +15,11 @@ from pathlib import Path
 import torch
 
 from msrnn_train import BudgetSpec
-from msrnn_train.controller import budget_scope
+from msrnn_train.controller import budget_scope, first_tokens_lse
 from msrnn_train.data import heldout_windows
 from msrnn_train.evaluate import evaluate_specs
 from msrnn_train.models import load_model
 from msrnn_train.sink import sinks
-
-
-def first_tokens_lse(model, budget, windows, first: int = 4) -> dict[int, torch.Tensor]:
-    """{layer: (Hq,) mean over queries t >= first + K of logsumexp_{j < first} q_t k_j * scale}, with the
-    model under `sinks` (window + the first tokens): the logit a single sink would need on average."""
-    from transformers import AttentionInterface
-
-    from msrnn_train import attention
-
-    found: dict[int, list] = {}
-    original = attention.msrnn_attention_forward
-
-    def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        lb = module._msrnn
-        if lb.policy is not None:
-            k = key[:, :, :first].repeat_interleave(query.shape[1] // key.shape[1], 1)
-            lse = torch.logsumexp(query @ k.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5), -1)
-            found.setdefault(lb.layer_idx, []).append(lse[:, :, first + lb.budget:].mean((0, 2)))
-        return original(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-    AttentionInterface.register("msrnn", spy)
-    try:
-        with budget_scope(model, BudgetSpec(policy="sinks", budget=budget, sinks=first)), torch.no_grad():
-            for i in range(windows.shape[0]):
-                model(windows[i:i + 1], use_cache=False)
-    finally:
-        AttentionInterface.register("msrnn", original)
-    return {layer: torch.stack(v).mean(0) for layer, v in found.items()}
 
 
 def main(argv=None) -> int:

@@ -134,3 +134,78 @@ def test_sink_learning_rate_is_checked():
         assert str(err.value).startswith("budget.sink_learning_rate:") and "\n" not in str(err.value)
     with pytest.warns(RecipeWarning, match="budget.sink_learning_rate: has no effect with budget.policy 'tova'"):
         load_recipe(None, {"budget.sink_learning_rate": 0.1})
+
+
+def test_calibrated_sinks_are_each_heads_mean_first_token_lse_minus_the_shift():
+    """controller.calibrate_sinks: s_h = mean over queries past first + K of logsumexp of head h's
+    logits on the first tokens (recomputed here from the layer's own q, k), plus the shift."""
+    from msrnn_train.controller import CALIBRATION_SHIFT, budget_scope, calibrate_sinks
+
+    model = tiny_model()
+    windows = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def grab(layer):
+        def hook(mod, args, kwargs, out):
+            seen.setdefault(layer, []).append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        return hook
+
+    attn = [layer.self_attn for layer in model.model.layers]
+    handles = [a.register_forward_hook(grab(i), with_kwargs=True) for i, a in enumerate(attn)]
+    with budget_scope(model, BudgetSpec(policy="window_sink", budget=HYBRID)):
+        values = calibrate_sinks(model, HYBRID, windows, first=2)
+        got = {i: s.logit.detach().clone() for i, s in sinks(model).items()}
+    for h in handles:
+        h.remove()
+    assert sorted(values) == sorted(got) == [0, 2]  # the bounded layers; layer 1 is full
+    for layer in (0, 2):
+        a, cfg = attn[layer], model.config
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        per_window = []
+        for x in seen[layer]:  # (1, T, hidden): the layer's input, under `sinks`
+            T = x.shape[1]
+            q = a.q_proj(x).view(1, T, hq, d).transpose(1, 2)
+            k = a.k_proj(x).view(1, T, hkv, d).transpose(1, 2)
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k[:, :, :2].repeat_interleave(hq // hkv, 1)
+            lse = torch.logsumexp(q @ k.transpose(-1, -2) * d ** -0.5, -1)
+            per_window.append(lse[0, :, 2 + HYBRID[layer]:].mean(-1))
+        want = torch.stack(per_window).mean(0) + CALIBRATION_SHIFT
+        assert torch.allclose(got[layer], want, atol=1e-5), (layer, got[layer], want)
+        assert torch.equal(values[layer], got[layer])
+    assert not all(torch.allclose(v, torch.full_like(v, SINK_INIT)) for v in got.values())
+
+
+@pytest.mark.slow
+def test_sink_init_starts_training_from_the_number_or_the_calibration(tmp_path, monkeypatch):
+    import msrnn_train.train as T
+
+    started = {}
+    real = T.BoundedRun.train
+
+    def spy(self):
+        started["logits"] = {i: s.logit.detach().clone() for i, s in sinks(self.model).items()}
+        return real(self)
+
+    monkeypatch.setattr(T.BoundedRun, "train", spy)
+    _tiny_sink_run(tmp_path, "number", **{"budget.sink_init": -0.5, "training.max_steps": 1, "training.save_steps": 1})
+    assert all(torch.equal(v, torch.full_like(v, -0.5)) for v in started["logits"].values())
+    _tiny_sink_run(tmp_path, "calibrated", **{"budget.sink_init": "calibrate", "training.max_steps": 1,
+                                              "training.save_steps": 1})
+    cal = started["logits"][0]
+    assert cal.shape == (4,) and torch.isfinite(cal).all() and cal.std() > 0  # per head, from data
+
+
+def test_sink_init_is_checked():
+    from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
+
+    for bad in ("calibrated", float("nan"), True):
+        with pytest.raises(RecipeError, match=r"^budget.sink_init: a finite number or \"calibrate\""):
+            load_recipe(None, {"budget.policy": "window_sink", "budget.sink_init": bad})
+    assert load_recipe(None, {"budget.policy": "window_sink", "budget.sink_init": "calibrate"}).budget.sink_init \
+        == "calibrate"
+    with pytest.warns(RecipeWarning, match="budget.sink_init: has no effect with budget.policy 'tova'"):
+        load_recipe(None, {"budget.sink_init": 2.0})
