@@ -6,7 +6,10 @@ the others bounded to K = 32) under three rules for the bounded layers:
 * window_sink - a plain window plus a learned per-head sink logit (msrnn_train/sink.py): the state is
                 the K most recent keys; stock transformers serves it as GraniteSWAForCausalLM;
 * sinks       - a window plus the first 4 tokens (window+4): no stock config expresses it;
-* window      - a plain window: Qwen2ForCausalLM with layer_types serves it.
+* window      - a plain window: Qwen2ForCausalLM with layer_types serves it;
+* window_sink_cal - window_sink from calibrated per-head sink logits (budget.sink_init calibrate) at a
+                ten times larger sink learning rate (0.5);
+* window_auto3 - a plain window with three full layers (auto:3).
 
 For each: the untrained and the trained model's MQAR accuracy at about T = 512 tokens (n per
 cell, the evaluation seeds of scripts/retrieval_hybrid.py) and held-out perplexity (T = 512),
@@ -34,13 +37,17 @@ from retrieval_hybrid import RECIPE, _load, _save, train_arm  # noqa: E402
 
 ARMS = {policy: ["--budget.policy", policy, "--budget.hybrid", "auto:1"] for policy in ("window_sink", "sinks",
                                                                                          "window")}
+# the servable candidates tried after window_sink (1 full layer, sinks from 1.0 at lr 0.05) recalled 2 %:
+# a calibrated start with a 10x sink rate, and more full layers (a plain window: Qwen2 layer_types)
+ARMS["window_sink_cal"] = ARMS["window_sink"] + ["--budget.sink_init", "calibrate", "--budget.sink_learning_rate", "0.5"]
+ARMS["window_auto3"] = ["--budget.policy", "window", "--budget.hybrid", "auto:3"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="runs/sink")
     ap.add_argument("--out", default="results/sink_hybrid")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma list of arms (default: all three)")
+    ap.add_argument("--arms", default="window_sink,sinks,window", help=f"comma list of arms: {', '.join(ARMS)}")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n", type=int, default=50, help="MQAR instances per cell")
     ap.add_argument("--length", type=int, default=512)
