@@ -14,8 +14,9 @@ evaluation's seed 0), three LoRA adapters on the same rows and steps
 
 Each is evaluated with the hybrid arm's full layer(s) of the same seed and TOVA-K on the others,
 K in ``--budgets`` (at the training length), at twice the length for ``--long-budget``, and at
-full state. MQAR, ``--n`` instances (evaluation seed 0). ``--families`` adds held-out task
-families (never trained on) at full state and at ``--long-budget``.
+full state (the controls: at the training length). MQAR, ``--n`` instances (evaluation seed 0).
+``--families`` adds held-out task families (never trained on) to the hybrid arm, at full state and at
+``--long-budget``.
 
 Every adapter and every cell is cached in --work-dir (one JSON per seed and arm), so an
 interrupted run resumes; ``--only report`` rewrites the tables and the plot from the cache.
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=512, help="the training length")
     ap.add_argument("--long-budget", type=int, default=32, help="K evaluated at twice the length (0: none)")
     ap.add_argument("--families", default="", help="held-out task families, e.g. kv,needles")
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--only", default=None, help="train, eval, report (default: all)")
     args = ap.parse_args(argv)
@@ -194,10 +195,12 @@ def main(argv=None) -> int:
             if not layers:
                 raise SystemExit(f"seed {seed}: the hybrid arm has no full layer (train it first)")
             h = "+".join(map(str, layers))
+            # the controls' full state only at the training length; held-out families on the hybrid only
             plan = [("mqar", args.length, budgets, True)]
             if args.long_budget:
-                plan.append(("mqar", 2 * args.length, [args.long_budget], True))
-            plan += [(f, args.length, [args.long_budget or budgets[0]], True) for f in families]
+                plan.append(("mqar", 2 * args.length, [args.long_budget], arm == "hybrid"))
+            if arm == "hybrid":
+                plan += [(f, args.length, [args.long_budget or budgets[0]], True) for f in families]
             for task, length, ks, full in plan:
                 todo = [k for k in ks if f"{task}|{length}|K{k}" not in done]
                 want_full = full and f"{task}|{length}|full" not in done
