@@ -56,6 +56,19 @@ def state_of(r: dict) -> str:
     return s + (" + augmentation" if r["augmented"] else "")
 
 
+def _without_only(argv: list[str]) -> list[str]:
+    """The command that computes the cells (a later `--only report` just rereads them)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--only":
+            skip = True
+        elif not a.startswith("--only="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="runs/augment")
@@ -150,27 +163,29 @@ def main(argv=None) -> int:
 
     if "report" in stages and records:
         cells: dict = {}
+        ci: dict = {}
         for r in records:
             cells.setdefault((r["arm"], state_of(r)), []).append(100 * r["accuracy"])
+            ci[(r["arm"], state_of(r))] = r["ci95"]
         states = list(dict.fromkeys(state_of(r) for r in records))
         states = [s for s in states if s.startswith("full")] + [s for s in states if not s.startswith("full")]
         nseeds = {a: len({r["seed"] for r in records if r["arm"] == a}) for a in NAMES}
 
-        def fmt(v):
+        def fmt(v, key):
             if v is None:
                 return "—"
-            if len(v) == 1:
-                return f"{v[0]:.0f}"
+            if len(v) == 1:  # one seed: its 95 % Wilson interval
+                return f"{v[0]:.0f} [{100 * ci[key][0]:.0f}, {100 * ci[key][1]:.0f}]"
             return f"{statistics.fmean(v):.0f} ± {statistics.stdev(v):.0f} [{min(v):.0f}, {max(v):.0f}]"
 
         lines = [f"MQAR at ≈{args.length} tokens (16 K), K = {K}, n = {args.n} per cell and seed; augmentation: at "
                  f"most {args.augment_tokens} tokens of {args.chunk_words}-word BM25 chunks re-inserted before the "
-                 f"question; cells: accuracy % (mean ± sd [min, max] over seeds)", "",
+                 f"question; cells: accuracy % (one seed: [95 % Wilson interval]; several: mean ± sd [min, max] over seeds)", "",
                  "| model (seeds) | " + " | ".join(states) + " |", "|---|" + "---|" * len(states)]
         for arm in NAMES:
             if nseeds[arm]:
                 lines.append(f"| {NAMES[arm]} ({nseeds[arm] if arm != 'untrained' else '-'}) | "
-                             + " | ".join(fmt(cells.get((arm, s))) for s in states) + " |")
+                             + " | ".join(fmt(cells.get((arm, s)), (arm, s)) for s in states) + " |")
         hits = [r["hit"] for r in records if r.get("hit") is not None]
         lines += ["", f"BM25 finds the answer's source in {100 * statistics.fmean(hits):.0f} % of augmented prompts."]
         text = "\n".join(lines) + "\n"

@@ -137,6 +137,19 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
     plt.close(fig)
 
 
+def _without_only(argv: list[str]) -> list[str]:
+    """The command that computes the cells (a later `--only report` just rereads them)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--only":
+            skip = True
+        elif not a.startswith("--only="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="runs/hybrid_grid")
@@ -224,7 +237,7 @@ def main(argv=None) -> int:
                 records += _load(work / f"seed{seed}" / f"grid_{arm}.json") or []
         meta = {"model": "smollm2", "length": args.length, "n": args.n, "steps": args.steps,
                 "seeds": sorted({r["seed"] for r in records}), "recipe": "recipes/smollm2_retrieval.yaml",
-                "command": "python scripts/hybrid_grid.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                "command": "python scripts/hybrid_grid.py " + " ".join(_without_only(argv if argv is not None else sys.argv[1:]))}
         print(report(records, out, meta))
         print(f"\nwrote {out.with_suffix('.md')}, .json, .png ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0
