@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text)
         _save(out.with_suffix(".json"), {"command": "python scripts/augment_train.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "recipe": str(RECIPE.relative_to(ROOT)), "budget": K,
+            _without_only(argv if argv is not None else sys.argv[1:])), "recipe": str(RECIPE.relative_to(ROOT)), "budget": K,
             "augment_tokens": args.augment_tokens, "chunk_words": args.chunk_words, "n": args.n,
             "length": args.length, "records": records})
         print(text)
