@@ -110,7 +110,9 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     s = summarize(records)
-    panels = sorted({(r["task"], r["length"]) for r in records if r["budget"] is not None})
+    panels = sorted({(r["task"], r["length"]) for r in records if r["budget"] is not None},
+                    key=lambda p: (p[0] != "mqar", p[0], p[1]))  # MQAR (trained) first, then held-out families
+    ks = sorted({r["budget"] for r in records if r["budget"] is not None})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=110, squeeze=False)
     for ax, (task, length) in zip(axes[0], panels):
         for i, arm in enumerate(ARM_NAMES):
@@ -125,6 +127,8 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
             if full is not None:
                 ax.axhline(full["mean"], color=f"C{i}", ls=":", lw=1, label=f"{arm} at full state")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlim(ks[0] / 1.3, ks[-1] * 1.3)
         ax.set_xlabel("K (TOVA states on the bounded layers)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
