@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         "mqar_length": args.length, "n": args.n, "ppl_windows": args.ppl_windows, "prompt_len": args.prompt_len,
         "device": device, "full_state": full, "arms": rows,
         "command": "python scripts/sink_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:])})
-    lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, one full layer (auto:1)", "",
+    lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, full layers by auto:N", "",
              f"MQAR at ≈{args.length} tokens (n = {args.n}, 95% Wilson interval), held-out perplexity (T = "
              f"{args.length}, {args.ppl_windows} windows; full state {full['ppl']:.2f}); export: the trained "
              f"adapter (LoRA merged) as a stock transformers folder, its max |logit diff| against the toolkit's "
