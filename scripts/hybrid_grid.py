@@ -58,22 +58,26 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
     cells: dict[tuple, list[float]] = {}
     for r in records:
         cells.setdefault((r["arm"], r["task"], r["length"], r["budget"]), []).append(100 * r["accuracy"])
+    ci = {(r["arm"], r["task"], r["length"], r["budget"]): r["ci95"] for r in records}
     return {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v),
-                "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v} for k, v in cells.items()}
+                "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v, "ci95": ci[k]}
+            for k, v in cells.items()}
 
 
 def report(records: list[dict], out: Path, meta: dict) -> str:
     s = summarize(records)
     seeds = sorted({r["seed"] for r in records})
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    lines = [f"seeds {', '.join(map(str, seeds))}; cells: mean ± sd over seeds [min, max]; "
+    lines = [f"training seeds {', '.join(map(str, seeds))}; cells: accuracy %, mean ± sd over seeds [min, max] (one seed: "
+             f"[95 % Wilson interval]); "
              f"n = {meta['n']} instances per cell and seed", ""]
 
     def fmt(c):
         if c is None:
             return "—"
-        if len(c["values"]) == 1:
-            return f"{c['mean']:.0f}"
+        if len(c["values"]) == 1:  # one seed: its 95 % Wilson interval
+            lo, hi = c["ci95"]
+            return f"{c['mean']:.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
         return f"{c['mean']:.0f} ± {c['sd']:.0f} [{c['min']:.0f}, {c['max']:.0f}]"
 
     for task in tasks:
@@ -85,7 +89,9 @@ def report(records: list[dict], out: Path, meta: dict) -> str:
         for arm in ARM_NAMES:
             if not any(r["arm"] == arm and r["task"] == task for r in records):
                 continue
-            lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(fmt(s.get((arm, task, n, b))) for n, b in cols) + " |")
+            ns = len({r["seed"] for r in records if r["arm"] == arm and r["task"] == task})
+            lines.append(f"| {ARM_NAMES[arm]} ({ns} seed{'s' if ns > 1 else ''}) | "
+                         + " | ".join(fmt(s.get((arm, task, n, b))) for n, b in cols) + " |")
         # the hybrid against its own full state, per seed then averaged
         hyb = {(r["seed"], r["length"], r["budget"]): 100 * r["accuracy"] for r in records
                if r["arm"] == "hybrid" and r["task"] == task}
