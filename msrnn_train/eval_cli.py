@@ -211,7 +211,9 @@ def check_args(args) -> BudgetSpec | None:
                                ("--recent", args.recent, 0), ("--retrieval-n", args.retrieval_n, 1),
                                ("--retrieval-batch-size", args.retrieval_batch_size, 1),
                                ("--gen-tokens", args.gen_tokens, 1), ("--gen-prompts", args.gen_prompts, 1),
-                               ("--gen-prompt-words", args.gen_prompt_words, 1)):
+                               ("--gen-prompt-words", args.gen_prompt_words, 1),
+                               ("--augment-tokens", args.augment_tokens, 1),
+                               ("--augment-chunk-words", args.augment_chunk_words, 2)):
         if value is not None and value < low:
             why = " (a window needs 2 tokens to predict one)" if option == "--seq-len" else ""
             raise ArgError(f"{option}: must be >= {low}, got {value}{why}")

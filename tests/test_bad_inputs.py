@@ -80,6 +80,8 @@ CASES = [
     ("evaluate", "--batch-size 0", 2, "--batch-size: must be >= 1, got 0"),
     ("evaluate", "--sinks -2", 2, "--sinks: must be >= 0, got -2"),
     ("evaluate", "--recent -1", 2, "--recent: must be >= 0, got -1"),
+    ("evaluate", "--augment-chunk-words 1", 2, "--augment-chunk-words: must be >= 2, got 1"),
+    ("evaluate", "--augment-tokens 0", 2, "--augment-tokens: must be >= 1, got 0"),
     ("evaluate", "--dtype float8", 2, "--dtype: 'float8' is not allowed"),
     ("evaluate", "--text {nowhere}/book.txt", 2, "book.txt: no such file or folder"),
     ("evaluate", "--text {empty_dir}", 2, "--text: {empty_dir}: a folder with no .txt files"),
