@@ -15,8 +15,9 @@ import math
 
 import torch
 
+from .augment import augment
 from .losses import IGNORE_INDEX
-from .retrieval_tasks import encode, make_task
+from .retrieval_tasks import encode, make_task, token_counter
 
 
 def retrieval_row(task: str, seed: int, seq_len: int, tokenizer, answer_weight: float = 1.0,
@@ -31,9 +32,6 @@ def retrieval_row(task: str, seed: int, seq_len: int, tokenizer, answer_weight: 
     while True:
         inst = make_task(task, 1, max(length, 16), seed=seed, tokenizer=tokenizer, filler=filler)[0]
         if augment_tokens:
-            from .augment import augment
-            from .retrieval_tasks import token_counter
-
             inst = augment(inst, augment_tokens, token_counter(tokenizer), chunk_words=augment_chunk_words)
         enc = encode(inst, tokenizer)
         over = len(enc.ids) - seq_len

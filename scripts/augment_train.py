@@ -24,49 +24,26 @@ arm in --work-dir.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from msrnn_train.comparison import PLAIN_LORA
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_hybrid import RECIPE, _load, _save, train_arm, without_only  # noqa: E402
+
+from msrnn_train.comparison import PLAIN_LORA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "smollm2_retrieval.yaml"
 ARMS = {"window": ["--budget.policy", "window"], "tova": ["--budget.policy", "tova"],
         "plain": [t for key, value in PLAIN_LORA.items() for t in (f"--{key}", "null" if value is None else str(value))]}
 NAMES = {"untrained": "untrained", "window": "trained augmented, window-K", "tova": "trained augmented, TOVA-K",
          "plain": "plain LoRA, same augmented rows (control)"}
 
 
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _save(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def state_of(r: dict) -> str:
     s = "full state" if r["budget"] is None else f"{r['policy']}-{r['budget']}"
     return s + (" + augmentation" if r["augmented"] else "")
-
-
-def _without_only(argv: list[str]) -> list[str]:
-    """The command that computes the cells (a later `--only report` just rereads them)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--only":
-            skip = True
-        elif not a.startswith("--only="):
-            out.append(a)
-    return out
 
 
 def main(argv=None) -> int:
@@ -145,12 +122,8 @@ def main(argv=None) -> int:
     for seed in seeds:
         for arm in args.arms.split(","):
             adapter = work / f"seed{seed}" / arm
-            if "train" in stages and not (adapter / "msrnn_budget.json").is_file():
-                cmd = [sys.executable, "-m", "msrnn_train.train", str(RECIPE), "--training.output_dir", str(adapter),
-                       "--training.max_steps", str(args.steps), "--training.overwrite_output_dir", "true",
-                       "--training.seed", str(seed), *aug, *ARMS[arm]]
-                print("$", " ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True)
+            if "train" in stages:
+                train_arm(arm, adapter, args.steps, ["--training.seed", str(seed), *aug, *ARMS[arm]])
             path = work / f"seed{seed}" / f"eval_{arm}.json"
             if not path.is_file() and (adapter / "msrnn_budget.json").is_file() and "eval" in stages:
                 from msrnn_train.hub import load_bounded
@@ -192,7 +165,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text)
         _save(out.with_suffix(".json"), {"command": "python scripts/augment_train.py " + " ".join(
-            _without_only(argv if argv is not None else sys.argv[1:])), "recipe": str(RECIPE.relative_to(ROOT)), "budget": K,
+            without_only(argv if argv is not None else sys.argv[1:])), "recipe": str(RECIPE.relative_to(ROOT)), "budget": K,
             "augment_tokens": args.augment_tokens, "chunk_words": args.chunk_words, "n": args.n,
             "length": args.length, "records": records})
         print(text)

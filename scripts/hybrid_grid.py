@@ -25,27 +25,16 @@ interrupted run resumes; ``--only report`` rewrites the tables and the plot from
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrieval_hybrid import ARMS, full_layers_of, train_arm  # noqa: E402
+from retrieval_hybrid import ARMS, _load, _save, full_layers_of, train_arm, without_only  # noqa: E402
 
 ARM_NAMES = {"hybrid": "trained under the hybrid", "bounded": "trained all-bounded (control)",
              "plain": "plain LoRA at full state (control)"}
-
-
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _save(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def cell_key(r: dict) -> str:
@@ -147,19 +136,6 @@ def plot(records: list[dict], path: Path, meta: dict) -> None:
     plt.close(fig)
 
 
-def _without_only(argv: list[str]) -> list[str]:
-    """The command that computes the cells (a later `--only report` just rereads them)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--only":
-            skip = True
-        elif not a.startswith("--only="):
-            out.append(a)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="runs/hybrid_grid")
@@ -247,7 +223,7 @@ def main(argv=None) -> int:
                 records += _load(work / f"seed{seed}" / f"grid_{arm}.json") or []
         meta = {"model": "smollm2", "length": args.length, "n": args.n, "steps": args.steps,
                 "seeds": sorted({r["seed"] for r in records}), "recipe": "recipes/smollm2_retrieval.yaml",
-                "command": "python scripts/hybrid_grid.py " + " ".join(_without_only(argv if argv is not None else sys.argv[1:]))}
+                "command": "python scripts/hybrid_grid.py " + " ".join(without_only(argv if argv is not None else sys.argv[1:]))}
         print(report(records, out, meta))
         print(f"\nwrote {out.with_suffix('.md')}, .json, .png ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0

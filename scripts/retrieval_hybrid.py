@@ -48,6 +48,20 @@ def _save(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def without_only(argv: list[str]) -> list[str]:
+    """A command line without its ``--only`` stage selection: the command that computes the cells
+    (a later ``--only report`` just rereads them), as the experiment scripts record it."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--only":
+            skip = True
+        elif not a.startswith("--only="):
+            out.append(a)
+    return out
+
+
 def _suite_records(obj) -> list[dict] | None:
     if obj is None or isinstance(obj, list):
         return obj
