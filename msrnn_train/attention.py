@@ -19,7 +19,7 @@ from .schedule import (NEVER, LogitRows, Schedule, Slots, decode_step, emits_sof
                        rolling_schedule, unbounded_schedule)
 from .kernels import default_scan
 from .retention import capacity_excess, decay_bias, relaxed_attention, retention_logits, ste_keep
-from .sink import sink_attention, sink_logit
+from .sink import sink_attention, sink_of
 
 ATTN_NAME = "msrnn"
 
@@ -53,7 +53,7 @@ def msrnn_attention_forward(module, query, key, value, attention_mask, scaling=N
     # a learned policy: each new token's retention logit, read once off its hidden state (B, G, T)
     carried = (retention_logits(module, layer, T) if layer.policy is not None and layer.policy.carries_value
                else None)
-    sink = sink_logit(module, layer)  # a sink policy's (Hq,) logits (sink.py), else None
+    sink = sink_of(module, layer)  # a sink policy's AttentionSink (logits, values: sink.py), else None
     if cache_layer is None:  # teacher forcing
         return _attend(layer, ctrl, None, query, key, value, new_valid, scaling,
                        dropout if module.training else 0.0, window, carried, sink), None
@@ -81,8 +81,8 @@ def _attend(layer, ctrl, cache_layer, query, key, value, new_valid, scaling, dro
             sink=None):
     """One call's schedule (from the cache's held slots, or from an empty state under teacher
     forcing), the attention masked to it, and the cache's new held set. `carried`: (B, G, T) the
-    learned policy's retention logits of the new tokens (None for the other policies); `sink`: (Hq,)
-    a sink policy's logits (None: no sink)."""
+    learned policy's retention logits of the new tokens (None for the other policies); `sink`: a sink
+    policy's AttentionSink (its (Hq,) logits and (Hkv, D) values; None: no sink)."""
     B, Hq, T, D = query.shape
     if cache_layer is not None:
         init, past = cache_layer.slots(), cache_layer.seen
@@ -165,7 +165,7 @@ def _decode_in_buffer(layer, cache_layer, query, key, value, new_valid, scaling,
     if G > 1:
         mask = mask.repeat_interleave(Hq // G, dim=1)
     if sink is not None:
-        out = sink_attention(query, key, value, mask, scaling, sink)
+        out = sink_attention(query, key, value, mask, scaling, sink.logit, sink_value=sink.value)
     else:  # GQA without copying the keys per query head
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=Hq != Hkv)
     with torch.no_grad():
@@ -214,8 +214,8 @@ def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scalin
                            sink=None):
     """Reference backend: a dense (B, Hq, T, S) mask from the schedule, then SDPA. It has a
     backward on every device (FlexAttention has none on the CPU). In soft mode the mask is
-    additive, with each evicted key's keep-logit (soft.py) after its eviction. With a sink (Hq,)
-    logits: `sink.sink_attention` over the same mask."""
+    additive, with each evicted key's keep-logit (soft.py) after its eviction. With a sink (an
+    AttentionSink): `sink.sink_attention` over the same mask."""
     Hq, Hkv = query.shape[1], key.shape[1]
     if soft_keep is None:
         mask = sched.visible(new_valid)  # (B, G, T, S) bool
@@ -226,7 +226,8 @@ def dense_masked_attention(query, key, value, sched: Schedule, new_valid, scalin
     if groups > 1:
         mask = mask.repeat_interleave(Hq // groups, dim=1)
     if sink is not None:
-        return sink_attention(query, key, value, mask, scaling, sink, dropout).transpose(1, 2).contiguous()
+        return sink_attention(query, key, value, mask, scaling, sink.logit, dropout,
+                              sink.value).transpose(1, 2).contiguous()
     if Hq != Hkv:
         key = key.repeat_interleave(Hq // Hkv, dim=1)
         value = value.repeat_interleave(Hq // Hkv, dim=1)

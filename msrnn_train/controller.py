@@ -31,7 +31,7 @@ from .cache import BoundedCache
 from .compat import CACHE_KWARG, take_cache
 from .policies import Policy, make_policy
 from .retention import attach_scorers, load_scorers, save_scorers
-from .sink import CALIBRATION_SHIFT, attach_sinks, load_sinks, save_sinks, sinks
+from .sink import CALIBRATION_SHIFT, CALIBRATION_SHIFT_WITH_VALUE, attach_sinks, load_sinks, save_sinks, sinks
 from .spec import BudgetError, BudgetSpec
 
 AttentionInterface.register(ATTN_NAME, msrnn_attention_forward)
@@ -176,7 +176,8 @@ def apply_budget(model, spec: BudgetSpec | dict | str, **overrides):
     dec._msrnn_controller = ctrl
     # a learned policy: a retention scorer per bounded layer (kept across remove/apply: it holds trained weights)
     ctrl.hooks.extend(attach_scorers(modules, ctrl.layers, config.hidden_size, spec.scorer_hidden))
-    attach_sinks(modules, ctrl.layers, hq)  # a sink policy: per-head sink logits per bounded layer (kept likewise)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // hq
+    attach_sinks(modules, ctrl.layers, hq, hkv, head_dim)  # a sink policy: a sink per bounded layer (kept likewise)
     # generate() feeds the prompt c tokens per forward (its own chunked prefill), unless the
     # user chose a chunk size already
     for gc in _generation_configs(model):
@@ -386,7 +387,7 @@ def budget_scope(model, spec: BudgetSpec | None, adapter_on: bool = True):
 
 def save_budget_modules(model, directory) -> None:
     """Write the budget's trained modules beside an adapter: a learned policy's scorers
-    (retention.SCORER_FILENAME) and a sink policy's logits (sink.SINK_FILENAME), whichever exist."""
+    (retention.SCORER_FILENAME) and a sink policy's logits and values (sink.SINK_FILENAME), whichever exist."""
     save_scorers(model, directory)
     save_sinks(model, directory)
 
@@ -402,19 +403,34 @@ def load_budget_modules(model, directory) -> bool:
 # ----------------------------------------------------------------------------- sink calibration
 
 
-def first_tokens_lse(model, budget, windows, first: int = 4) -> dict[int, torch.Tensor]:
-    """{layer: (Hq,) mean over queries t >= first + K of logsumexp_{j < first} q_t k_j * scale}, with the
-    model under `sinks` (window + the first tokens) and ``budget`` (an int or a per-layer list): the
-    logit a single virtual sink would need on average, per head of every bounded layer."""
+def first_tokens_sink(model, budget, windows, first: int = 4) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (lse (Hq,), value (Hkv, D))} of every bounded layer, with the model under `sinks` (window +
+    the first tokens) and ``budget`` (an int or a per-layer list), over the queries t >= first + K (those
+    a window no longer shows the first tokens):
+
+    * lse[h]: the mean of logsumexp_{j < first} q_t k_j * scale, the logit one virtual sink key would
+      need on average;
+    * value[g]: the first tokens' values as head h's softmax over them mixes them, averaged over those
+      queries with weight exp(lse_t) (the unnormalised mass the first tokens take), then over the
+      query heads h of key/value head g (which a v_proj bias can hold)."""
     found: dict[int, list] = {}
+    mixed: dict[int, list] = {}
     original = msrnn_attention_forward
 
     def spy(module, query, key, value, attention_mask, scaling=None, **kwargs):
         lb = module._msrnn
         if lb.policy is not None:
-            k = key[:, :, :first].repeat_interleave(query.shape[1] // key.shape[1], 1)
-            lse = torch.logsumexp((query @ k.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5), -1)
-            found.setdefault(lb.layer_idx, []).append(lse[:, :, first + lb.budget:].mean((0, 2)))
+            rep = query.shape[1] // key.shape[1]
+            k = key[:, :, :first].repeat_interleave(rep, 1)
+            v = value[:, :, :first].repeat_interleave(rep, 1).double()
+            logits = (query @ k.transpose(-1, -2)).double() * (scaling or query.shape[-1] ** -0.5)
+            logits = logits[:, :, first + lb.budget:]  # (B, Hq, t, first)
+            lse = torch.logsumexp(logits, -1)
+            found.setdefault(lb.layer_idx, []).append(lse.mean((0, 2)).float())
+            w = lse.exp()  # (B, Hq, t)
+            num = (w.unsqueeze(-1) * (logits.softmax(-1) @ v)).sum((0, 2))  # (Hq, D)
+            acc = mixed.setdefault(lb.layer_idx, [0, 0, rep])
+            acc[0], acc[1] = acc[0] + num, acc[1] + w.sum((0, 2))
         return original(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     AttentionInterface.register(ATTN_NAME, spy)
@@ -424,21 +440,39 @@ def first_tokens_lse(model, budget, windows, first: int = 4) -> dict[int, torch.
                 model(windows[i:i + 1], use_cache=False)
     finally:
         AttentionInterface.register(ATTN_NAME, original)
-    return {layer: torch.stack(v).mean(0) for layer, v in found.items()}
+    out = {}
+    for layer, v in found.items():
+        num, den, rep = mixed[layer]
+        per_head = num / den.unsqueeze(-1)  # (Hq, D)
+        out[layer] = (torch.stack(v).mean(0), per_head.view(-1, rep, per_head.shape[-1]).mean(1).float())
+    return out
 
 
-def calibrate_sinks(model, budget, windows, first: int = 4, shift: float = CALIBRATION_SHIFT) -> dict[int, torch.Tensor]:
-    """Set every sink logit of a model under a sink policy (sinks attached) to its head's
-    `first_tokens_lse` on ``windows`` (B, T) plus ``shift``; returns the values set. The windows
-    must be longer than ``first`` + K."""
-    values = first_tokens_lse(model, budget, windows, first)
+def first_tokens_lse(model, budget, windows, first: int = 4) -> dict[int, torch.Tensor]:
+    """{layer: (Hq,)} the logit part of `first_tokens_sink`."""
+    return {layer: lse for layer, (lse, _) in first_tokens_sink(model, budget, windows, first).items()}
+
+
+def calibrate_sinks(model, budget, windows, first: int = 4, shift: float | None = None,
+                    value: bool = True) -> dict[int, torch.Tensor]:
+    """Set every sink of a model under a sink policy (sinks attached) from `first_tokens_sink` on
+    ``windows`` (B, T): each head's logit to its lse plus ``shift`` (None: CALIBRATION_SHIFT_WITH_VALUE
+    with ``value``, else CALIBRATION_SHIFT), and with ``value`` each key/value head's sink value to its
+    value (else the values are left as they are). Returns the logits set. The windows must be longer
+    than ``first`` + K."""
+    if shift is None:
+        shift = CALIBRATION_SHIFT_WITH_VALUE if value else CALIBRATION_SHIFT
+    measured = first_tokens_sink(model, budget, windows, first)
     found = sinks(model)
     if not found:
         raise ValueError("calibrate_sinks: the model has no sink logits (apply a sink policy's budget first)")
     with torch.no_grad():
         for layer, s in found.items():
-            if layer not in values:
+            if layer not in measured:
                 raise ValueError(f"calibrate_sinks: no query of layer {layer} passed the first {first} + K tokens; "
                                  f"use windows longer than {first} + K")
-            s.logit.copy_(values[layer].to(s.logit) + shift)
+            lse, u = measured[layer]
+            s.logit.copy_(lse.to(s.logit) + shift)
+            if value:
+                s.value.copy_(u.to(s.value))
     return {layer: s.logit.detach().clone() for layer, s in found.items()}

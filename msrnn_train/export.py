@@ -12,7 +12,7 @@ per-layer sliding windows, and nothing of msrnn-train is needed at load time.
     AutoModelForCausalLM.from_pretrained("servable/")
 
 What can be exported: the `window` policy (drop the oldest state) or `window_sink` (the same, with a
-learned per-head sink logit) on every bounded layer, one K for all of them, and any set of unbounded
+learned virtual sink key: a logit per head and a value per key/value head) on every bounded layer, one K for all of them, and any set of unbounded
 (`full`) layers: a hybrid. Under the toolkit's
 semantics (docs/semantics.md) query t of a window-K layer attends to positions t-K..t, i.e. a
 window of W = K + 1 keys, its own included. transformers' sliding layers attend to
@@ -38,7 +38,11 @@ The target architecture (a Llama-family source: llama, mistral without a sliding
   name for name) with per-layer `layer_types` / `sliding_window` and a per-head `sinks` parameter
   in every layer: its eager attention multiplies softmax(l) @ V by sigmoid(logsumexp(l) - sink),
   which is softmax over [l, sink] restricted to l, i.e. the toolkit's virtual sink key with a zero
-  value (sink.sink_attention). Granite's four multipliers reduce it to Llama exactly: embedding,
+  value (sink.sink_attention). A trained sink value u (per key/value head) is written as biases:
+  GraniteSWA with attention_bias = True, v_proj.bias = -u and o_proj.bias = W_o u (u repeated over
+  each group's query heads) on the sink layers, zeros elsewhere and for q/k: since the sink's
+  share and the held keys' shares add up to 1, softmax(l) @ (V - u) * keep + u is the sink key's
+  value mixed in, exactly (sink.py); with every value 0 the folder has no biases at all. Granite's four multipliers reduce it to Llama exactly: embedding,
   residual and logits multipliers 1.0 (x * 1.0 and x / 1.0 are exact in floating point) and
   attention_multiplier = head_dim**-0.5 (the scaling Llama uses; GraniteSWA's `scaling` *is*
   that multiplier); `layer_rope_theta` is the source's rope_theta on every layer (Granite's
@@ -166,7 +170,7 @@ def default_target(spec: BudgetSpec | None) -> str:
     return "granite_swa" if sink else "qwen2"
 
 
-def _target_config(config, layout: dict, target: str):
+def _target_config(config, layout: dict, target: str, attention_bias: bool = False):
     from transformers import AutoConfig
 
     n = config.num_hidden_layers
@@ -202,7 +206,7 @@ def _target_config(config, layout: dict, target: str):
                               "they agree (or target='qwen2' for a plain window)")
         try:
             return AutoConfig.for_model(
-                "granite_swa", **common, sliding_window=W, attention_bias=False, mlp_bias=False,
+                "granite_swa", **common, sliding_window=W, attention_bias=attention_bias, mlp_bias=False,
                 embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
                 attention_multiplier=head_dim ** -0.5, layer_rope_theta=[rope["rope_theta"]] * n)
         except ValueError as err:
@@ -211,16 +215,30 @@ def _target_config(config, layout: dict, target: str):
     raise ExportError(f"target: unknown target {target!r}; allowed: {', '.join(TARGETS)}")
 
 
+def sink_values(source, sink_layers) -> dict[int, torch.Tensor]:
+    """{layer: (Hkv, D)} the trained sink values of `sink_layers` that are not all zero (a source without
+    values, or with `budget.sink_value: false`, has none)."""
+    sd = source.state_dict()
+    out = {}
+    for layer in sorted(sink_layers):
+        u = sd.get(f"model.layers.{layer}.self_attn.msrnn_sink.value")
+        if u is not None and bool(u.detach().ne(0).any()):
+            out[layer] = u.detach()
+    return out
+
+
 def _target_state_dict(source, target_model, sink_layers=()) -> dict:
-    """The source weights under the target's names; q/k/v biases the source lacks are zeros. A
-    target's per-head `sinks`: the source's trained logits on `sink_layers`, "no sink" elsewhere."""
+    """The source weights under the target's names; q/k/v(/o) biases the source lacks are zeros. A
+    target's per-head `sinks`: the source's trained logits on `sink_layers`, "no sink" elsewhere; a
+    trained sink value u becomes v_proj.bias = -u and o_proj.bias = W_o u (module docstring)."""
     sd = {k: v.detach() for k, v in source.state_dict().items()}
     want = target_model.state_dict()
+    values = sink_values(source, sink_layers)
     out = {}
-    used = set()
+    used = {f"model.layers.{layer}.self_attn.msrnn_sink.value" for layer in sink_layers}  # zero, or biases
     for name, ref in want.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         if name.endswith("self_attn.sinks"):
-            layer = int(name.split(".")[-3])
             trained = name.replace("self_attn.sinks", "self_attn.msrnn_sink.logit")
             if layer in sink_layers:
                 if trained not in sd:
@@ -231,14 +249,25 @@ def _target_state_dict(source, target_model, sink_layers=()) -> dict:
             else:  # no sink: exp(sink - anything finite) == 0, sigmoid(lse - sink) == 1 exactly
                 dt = sd["model.embed_tokens.weight"].dtype  # the dtype the target is written in
                 out[name] = torch.full(ref.shape, torch.finfo(dt).min, dtype=dt)
+        elif name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")):
+            w = sd[name.replace(".bias", ".weight")]
+            bias = sd[name] if name in sd else torch.zeros(ref.shape, dtype=w.dtype, device=w.device)
+            if bias.shape != ref.shape:
+                raise ExportError(f"model: weight {name} has shape {tuple(bias.shape)}, the target expects "
+                                  f"{tuple(ref.shape)}")
+            if layer in values and name.endswith(("v_proj.bias", "o_proj.bias")):
+                u = values[layer].to(w.dtype)  # (Hkv, D)
+                if name.endswith("v_proj.bias"):
+                    bias = bias - u.reshape(-1)
+                else:
+                    rep = w.shape[1] // u.numel()  # query heads per key/value head
+                    bias = bias + w @ u.repeat_interleave(rep, dim=0).reshape(-1)
+            out[name] = bias
         elif name in sd:
             if sd[name].shape != ref.shape:
                 raise ExportError(f"model: weight {name} has shape {tuple(sd[name].shape)}, the target expects "
                                   f"{tuple(ref.shape)}")
             out[name] = sd[name]
-        elif name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
-            w = sd[name.replace(".bias", ".weight")]
-            out[name] = torch.zeros(ref.shape, dtype=w.dtype, device=w.device)
         elif name == "lm_head.weight" and target_model.config.tie_word_embeddings:
             out[name] = sd["model.embed_tokens.weight"]
         else:
@@ -299,7 +328,8 @@ def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | 
         raise ExportError(f"target: {target!r} has no attention sink parameter, which policy {spec.policy!r} "
                           f"trained; allowed: {', '.join(repr(t) for t in SINK_TARGETS)}")
 
-    config = _target_config(plain.config, layout, target)
+    values = sink_values(plain, sink_layers)  # trained sink values: written as v/o_proj biases
+    config = _target_config(plain.config, layout, target, attention_bias=bool(values))
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -343,6 +373,9 @@ def export_servable(model_or_adapter_dir, out_dir, *, spec: BudgetSpec | dict | 
         "sink_layers": sorted(sink_layers),
         "sinks": ("per-head learned logits on the bounded layers (softmax over [logits, sink]); the other layers "
                   "the most negative finite number (no sink)") if target in SINK_TARGETS else None,
+        "sink_values": ("per key/value head learned values on " + "+".join(map(str, sorted(values)))
+                        + ": v_proj.bias = -u, o_proj.bias = W_o u (q/k biases and the other layers' zero)")
+        if values else None,
         "transformers_version": transformers.__version__,
     }
     (out / PROVENANCE_FILENAME).write_text(json.dumps(provenance, indent=2) + "\n")

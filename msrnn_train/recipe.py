@@ -132,7 +132,12 @@ class BudgetConfig:
     sink_init: Any = knob(1.0, (
         "window_sink: the sink logits' start: a number for every head (1.0: the best constant, results/sink_init.md), "
         "or \"calibrate\": per head, the mean logsumexp of its logits on the first budget.sinks tokens under `sinks`, "
-        "over the first 4 training windows, minus 2 (controller.calibrate_sinks; not for a resumed run)"))
+        "over the first 4 training windows, minus 2 (minus 1 with budget.sink_value), and with budget.sink_value "
+        "each key/value head's sink value from the same windows (controller.calibrate_sinks; not for a resumed run)"))
+    sink_value: bool = knob(True, (
+        "window_sink: the virtual sink key also has a learned value per key/value head (starts at 0, or calibrated "
+        "with sink_init: calibrate; exported as GraniteSWA v_proj/o_proj biases, results/sink_value.md); false: "
+        "gpt-oss's logit-only sink (value 0, frozen)"))
 
 
 @dataclass
@@ -535,7 +540,7 @@ class Recipe:
              f"with budget.policy {b.policy!r} (they belong to a learned policy's scorer: "
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
         sink_policy = b.policy in POLICIES and POLICIES[b.policy].attention_sink
-        warn("budget", changed(b, ("sink_learning_rate", "sink_init")) if not sink_policy else [],
+        warn("budget", changed(b, ("sink_learning_rate", "sink_init", "sink_value")) if not sink_policy else [],
              f"with budget.policy {b.policy!r} (it trains the sink logits of "
              f"{' or '.join(n for n, c in POLICIES.items() if c.attention_sink)})")
         probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"

@@ -311,23 +311,34 @@ class BoundedRun:
             raise RecipeError(f"data.seq_len: no training document is {seq_len} tokens long")
 
     def _setup_sinks(self) -> None:
-        """A sink policy's logits at a fresh start (budget.sink_init): one number for every head, or
-        calibrated per head on the first training windows (`calibrate_sinks`). A resumed run or an
-        init_adapter keeps the logits it loaded."""
+        """A sink policy's sinks at a fresh start (budget.sink_init): the logit one number for every
+        head and the value 0, or both calibrated per head on the first training windows
+        (`calibrate_sinks`). With budget.sink_value false the values stay 0 and frozen. A resumed
+        run or an init_adapter keeps the sinks it loaded."""
         r = self.recipe
         found = sinks(self.model)
-        if not found or self.resume is not None or r.lora.init_adapter:
+        if not found:
+            return
+        if not r.budget.sink_value:
+            for s in found.values():
+                s.value.requires_grad_(False)
+        if self.resume is not None or r.lora.init_adapter:
             return
         if r.budget.sink_init == "calibrate":
             windows = self.train_windows[:4].to(self.args.device)
-            values = calibrate_sinks(self.model, self.spec.budget, windows, first=r.budget.sinks)
+            values = calibrate_sinks(self.model, self.spec.budget, windows, first=r.budget.sinks,
+                                     value=r.budget.sink_value)
             flat = torch.cat(list(values.values()))
             log(f"budget.sink_init calibrate: {flat.numel()} sink logits on {windows.shape[0]} training windows, "
-                f"mean {flat.mean():.2f}, range [{flat.min():.2f}, {flat.max():.2f}]")
+                f"mean {flat.mean():.2f}, range [{flat.min():.2f}, {flat.max():.2f}]"
+                + (f"; sink values, mean norm per key/value head "
+                   f"{torch.stack([s.value.norm(dim=-1).mean() for s in found.values()]).mean():.2f}"
+                   if r.budget.sink_value else ""))
         else:
             with torch.no_grad():
                 for s in found.values():
                     s.logit.fill_(float(r.budget.sink_init))
+                    s.value.zero_()
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:

@@ -247,14 +247,14 @@ class BoundedTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer; a learned policy's scorer in its own group when
-        `learned.scorer_learning_rate` is set, a sink policy's logits in theirs at
+        `learned.scorer_learning_rate` is set, a sink policy's logits and values in theirs at
         `budget.sink_learning_rate` (no weight decay in either)."""
         opt = super().create_optimizer(*args, **kwargs)
         lr = self.learned_cfg.scorer_learning_rate
         found = [p for s in scorers(self.model).values() for p in s.parameters() if p.requires_grad]
         if lr is not None and found:
             _own_group(opt, found, lr)
-        found = [s.logit for s in sinks(self.model).values() if s.logit.requires_grad]
+        found = [p for s in sinks(self.model).values() for p in (s.logit, s.value) if p.requires_grad]
         if found:
             _own_group(opt, found, self.sink_learning_rate)
         return opt

@@ -3,13 +3,16 @@
 SmolLM2-135M trained with recipes/smollm2_retrieval.yaml --budget.hybrid auto:1 (one full layer,
 the others bounded to K = 32) under three rules for the bounded layers:
 
-* window_sink - a plain window plus a learned per-head sink logit (msrnn_train/sink.py): the state is
-                the K most recent keys; stock transformers serves it as GraniteSWAForCausalLM;
+* window_sink - a plain window plus a learned per-head sink logit (msrnn_train/sink.py; value 0:
+                budget.sink_value false): the state is the K most recent keys; stock transformers
+                serves it as GraniteSWAForCausalLM;
 * sinks       - a window plus the first 4 tokens (window+4): no stock config expresses it;
 * window      - a plain window: Qwen2ForCausalLM with layer_types serves it;
 * window_sink_cal - window_sink from calibrated per-head sink logits (budget.sink_init calibrate) at a
                 ten times larger sink learning rate (0.5);
-* window_auto3 - a plain window with three full layers (auto:3).
+* window_auto3 - a plain window with three full layers (auto:3);
+* window_sink_value - window_sink with a learned value too (per key/value head), logits and values
+                calibrated at the start (budget.sink_init calibrate), the default sink rate (0.05).
 
 For each: the untrained and the trained model's MQAR accuracy at about T = 512 tokens (n per
 cell, the evaluation seeds of scripts/retrieval_hybrid.py) and held-out perplexity (T = 512),
@@ -37,10 +40,15 @@ from retrieval_hybrid import RECIPE, _load, _save, train_arm  # noqa: E402
 
 ARMS = {policy: ["--budget.policy", policy, "--budget.hybrid", "auto:1"] for policy in ("window_sink", "sinks",
                                                                                          "window")}
+ARMS["window_sink"] += ["--budget.sink_value", "false"]  # as first measured: gpt-oss's logit-only sink
 # the servable candidates tried after window_sink (1 full layer, sinks from 1.0 at lr 0.05) recalled 2 %:
 # a calibrated start with a 10x sink rate, and more full layers (a plain window: Qwen2 layer_types)
 ARMS["window_sink_cal"] = ARMS["window_sink"] + ["--budget.sink_init", "calibrate", "--budget.sink_learning_rate", "0.5"]
 ARMS["window_auto3"] = ["--budget.policy", "window", "--budget.hybrid", "auto:3"]
+# then the sink with a value (results/sink_value.md: the first tokens do not hold zero), calibrated logits
+# and values, at the default sink rate; GraniteSWA serves the value as v_proj/o_proj biases
+ARMS["window_sink_value"] = ["--budget.policy", "window_sink", "--budget.hybrid", "auto:1",
+                             "--budget.sink_init", "calibrate"]
 
 
 def main(argv=None) -> int:
@@ -153,6 +161,16 @@ def main(argv=None) -> int:
                     "sliding_window": prov["sliding_window"], "folder": str(out)}
 
         rows[arm]["export"] = cell(f"export_{arm}", export)
+        if rows[arm]["export"]["exported"]:
+            def served_mqar(arm=arm):  # the exported folder itself, in plain transformers, on the same prompts
+                served = AutoModelForCausalLM.from_pretrained(rows[arm]["export"]["folder"],
+                                                              dtype=torch.float32).to(device).eval()
+                with torch.no_grad():
+                    res = accuracy(served, tok, mqar, args.batch_size, desc=f"mqar served {arm}")
+                return {"mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
+                        "ci95": wilson(res["correct"], res["n"])}
+
+            rows[arm]["served"] = cell(f"served_{arm}", served_mqar)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,16 +185,18 @@ def main(argv=None) -> int:
              f"adapter (LoRA merged) as a stock transformers folder, its max |logit diff| against the toolkit's "
              f"simulation of the same merged weights on one held-out window (merging itself moves the toolkit's "
              f"logits by the 'merge' column: float32 rounding of W + BA), and its own cache's KV after a {args.prompt_len}-token prompt "
-             f"(full model: {mib(full['bytes'])} MiB).", "",
-             "| bounded layers | full layer | steps | MQAR untrained | MQAR trained | ppl untrained | ppl trained | "
-             "exported as | logit diff | merge | KV MiB | vs full |", "|" + " --- |" * 12]
+             f"(full model: {mib(full['bytes'])} MiB); 'MQAR served': the exported folder's own accuracy in plain "
+             "transformers on the same prompts.", "",
+             "| bounded layers | full layer | steps | MQAR untrained | MQAR trained | MQAR served | ppl untrained | "
+             "ppl trained | exported as | logit diff | merge | KV MiB | vs full |", "|" + " --- |" * 13]
     for arm, r in rows.items():
         u, t, e = r["untrained"], r["trained"], r["export"]
         ci = "–".join(f"{x:.2f}" for x in t["ci95"])
         exp = ([e["target"], f"{e['max_logit_diff']:.1e}", f"{e['merge_diff']:.1e}", mib(e["kv_bytes"]),
                 f"{full['bytes'] / e['kv_bytes']:.1f}×"] if e["exported"] else ["not exportable", "", "", "", ""])
+        served = f"{r['served']['mqar']:.2f}" if "served" in r else ""
         lines.append(f"| {arm} | {'+'.join(map(str, r['full_layers']))} | {r['steps']} | {u['mqar']:.2f} | {t['mqar']:.2f} ({ci}) | "
-                     f"{u['ppl']:.2f} | {t['ppl']:.2f} | " + " | ".join(exp) + " |")
+                     f"{served} | {u['ppl']:.2f} | {t['ppl']:.2f} | " + " | ".join(exp) + " |")
     lines.append(f"\n({(time.perf_counter() - started) / 60:.1f} min this run, {device})")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -117,9 +117,10 @@ def _check_served(r, cls, want, want_gen):
         assert k1 == held  # the full layer keeps everything
 
 
-def _sink_adapter(tmp_path):
+def _sink_adapter(tmp_path, values=False):
     """A train.py-style adapter folder of a window_sink hybrid on the tiny GQA Llama: a LoRA that is
-    not the identity, trained-looking sink logits (msrnn_sink.safetensors), the budget and a recipe."""
+    not the identity, trained-looking sink logits (and with `values`, sink values; else 0) in
+    msrnn_sink.safetensors, the budget and a recipe."""
     import yaml
 
     from conftest import tiny_peft
@@ -132,6 +133,8 @@ def _sink_adapter(tmp_path):
     with torch.no_grad():
         for s in sinks(model).values():
             s.logit.copy_(torch.randn(s.logit.shape, generator=g) * 2)  # per head: from "never" to "often"
+            if values:
+                s.value.copy_(torch.randn(s.value.shape, generator=g))
     adapter = tmp_path / "adapter"
     model.save_pretrained(str(adapter))
     save_budget_modules(model, adapter)  # what trainer.save_outputs calls: the sink logits go beside the adapter
@@ -146,16 +149,31 @@ def _sink_adapter(tmp_path):
     return adapter
 
 
-def test_exported_sink_hybrid_serves_the_bounded_process_without_msrnn_train(tmp_path):
-    """window_sink (a window with learned per-head sink logits) + one full layer, from an adapter
-    folder: exported (LoRA merged) to GraniteSWAForCausalLM, served by plain transformers in a
-    process that never imports msrnn_train: logits, greedy decoding and its own sliding cache."""
+@pytest.mark.parametrize("values", [False, True], ids=["logit-only", "with-values"])
+def test_exported_sink_hybrid_serves_the_bounded_process_without_msrnn_train(tmp_path, values):
+    """window_sink (a window with learned per-head sink logits, and values or not) + one full layer,
+    from an adapter folder: exported (LoRA merged) to GraniteSWAForCausalLM, served by plain
+    transformers in a process that never imports msrnn_train: logits, greedy decoding and its own
+    sliding cache. Trained values travel as v_proj/o_proj biases; zero values add no bias at all."""
     from msrnn_train.hub import load_bounded
     from msrnn_train.sink import sinks
 
-    adapter = _sink_adapter(tmp_path)
-    model, _ = load_bounded(adapter)  # base + LoRA + budget + the saved sink logits
+    adapter = _sink_adapter(tmp_path, values=values)
+    model, _ = load_bounded(adapter)  # base + LoRA + budget + the saved sink logits (and values)
     assert sorted(sinks(model)) == [0, 2]  # the bounded layers only
+    assert all(bool(s.value.ne(0).any()) == values for s in sinks(model).values())  # the values came back
+    if values:  # the values matter: the same logits with the values zeroed differ
+        with torch.no_grad():
+            saved = {i: s.value.clone() for i, s in sinks(model).items()}
+            for s in sinks(model).values():
+                s.value.zero_()
+            logit_only = model(torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(9)),
+                               use_cache=False).logits
+            for i, s in sinks(model).items():
+                s.value.copy_(saved[i])
+            with_values = model(torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(9)),
+                                use_cache=False).logits
+        assert (with_values - logit_only).abs().max() > 1e-2
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 48), generator=g)
     prompt = torch.randint(3, 128, (1, PROMPT), generator=g)
@@ -174,6 +192,7 @@ def test_exported_sink_hybrid_serves_the_bounded_process_without_msrnn_train(tmp
     assert "auto_map" not in config and config["model_type"] == "granite_swa"
     assert [config[k] for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")] == [1.0] * 3
     assert config["attention_multiplier"] == 16 ** -0.5  # head_dim 16: Llama's scaling
+    assert config["attention_bias"] is values and (prov["sink_values"] is not None) is values
 
     r = _serve_elsewhere(tmp_path, [folder], ids, prompt)[str(folder)]
     _check_served(r, "GraniteSWAForCausalLM", want, want_gen)

@@ -1,7 +1,8 @@
-"""window_sink: a window with a learned per-head sink logit. The reference attention equals
-GraniteSWA's eager form; teacher-forced simulation == token-by-token decoding with trained-looking
-sink values on a GQA hybrid; the logits train with the LoRA at their own rate, are saved beside the
-adapter and come back with hub.load_bounded (and a resumed run)."""
+"""window_sink: a window with a learned virtual sink key (a logit per head, a value per key/value
+head). The reference attention equals its definition and GraniteSWA's eager form; teacher-forced
+simulation == token-by-token decoding with trained-looking sinks on a GQA hybrid; the logits and
+values train with the LoRA at their own rate, are saved beside the adapter and come back with
+hub.load_bounded (and a resumed run); calibration recomputed from the layer's own q/k/v."""
 
 from pathlib import Path
 
@@ -19,11 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HYBRID = [4, None, 3]  # tiny_model: 3 layers, 4 query heads over 2 key/value heads (GQA)
 
 
-def _random_sinks(model, seed=0, scale=2.0):
+def _random_sinks(model, seed=0, scale=2.0, values=True):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in sinks(model).values():
             s.logit.copy_(torch.randn(s.logit.shape, generator=g) * scale)
+            if values:
+                s.value.copy_(torch.randn(s.value.shape, generator=g))
 
 
 def test_sink_attention_is_graniteswa_eager_and_no_sink_is_plain_attention():
@@ -46,6 +49,14 @@ def test_sink_attention_is_graniteswa_eager_and_no_sink_is_plain_attention():
     plain = F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible, scale=D ** -0.5)
     assert (none - plain).abs().max() < 1e-6
     assert (got - plain).abs().max() > 1e-2  # the sink takes mass away: the check has teeth
+
+    u = torch.randn(Hkv, D, generator=g)  # a value per key/value head: the virtual key's value
+    got_v = sink_attention(q, k, v, visible, D ** -0.5, sink, sink_value=u)
+    uu = u.repeat_interleave(2, 0).view(1, Hq, 1, D).expand(B, Hq, 1, D)
+    spec_v = torch.cat([logits, virtual], -1).softmax(-1) @ torch.cat([vv, uu], -2)  # the definition
+    assert (got_v - spec_v).abs().max() < 1e-5
+    assert (got_v - got).abs().max() > 1e-2
+    assert torch.equal(sink_attention(q, k, v, visible, D ** -0.5, sink, sink_value=torch.zeros(Hkv, D)), got)
 
 
 @pytest.mark.parametrize("side, prompt_len", [("left", 0), ("right", 0), ("left", 9)])
@@ -74,10 +85,35 @@ def test_sinks_start_at_the_init_and_receive_gradients():
     apply_budget(model, BudgetSpec(policy="window_sink", budget=HYBRID))
     found = sinks(model)
     assert all(torch.equal(s.logit.detach(), torch.full((4,), SINK_INIT)) for s in found.values())
+    assert all(s.value.shape == (2, 16) and not s.value.detach().any() for s in found.values())  # (Hkv, D), 0
     ids, _ = padded_batch([16, 16], 16, seed=2)
     out = model(ids, labels=ids)
     out.loss.backward()
     assert all(s.logit.grad is not None and s.logit.grad.abs().sum() > 0 for s in found.values())
+    assert all(s.value.grad is not None and s.value.grad.abs().sum() > 0 for s in found.values())
+
+
+def test_sinks_round_trip_and_a_file_without_values_loads_them_as_zero(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from msrnn_train.sink import load_sinks, save_sinks
+
+    model = tiny_model("llama")
+    apply_budget(model, BudgetSpec(policy="window_sink", budget=HYBRID))
+    _random_sinks(model, seed=3)
+    path = save_sinks(model, tmp_path)
+    assert sorted(load_file(str(path))) == ["0", "0.value", "2", "2.value"]
+    other = tiny_model("llama")
+    apply_budget(other, BudgetSpec(policy="window_sink", budget=HYBRID))
+    assert load_sinks(other, tmp_path)
+    for i, s in sinks(model).items():
+        assert torch.equal(sinks(other)[i].logit, s.logit) and torch.equal(sinks(other)[i].value, s.value)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v for k, v in load_file(str(path)).items() if "." not in k}, str(old / SINK_FILENAME))
+    assert load_sinks(other, old)  # written before sink values existed: the logits, and zero values
+    for i, s in sinks(other).items():
+        assert torch.equal(s.logit, sinks(model)[i].logit) and not s.value.detach().any()
 
 
 def _tiny_sink_run(tmp_path, name, **overrides):
@@ -111,8 +147,10 @@ def test_training_moves_the_sinks_saves_them_load_bounded_and_resume_restore_the
     assert sorted(trained) == [0]  # the bounded layer; layer 1 is full
     moved = (trained[0].logit.detach().cpu() - SINK_INIT).abs()
     assert moved.min() > 0.05, moved  # 4 Adam steps at 0.1 (the LoRA's rate would move it by ~0.01)
-    model, _ = load_bounded(out)  # no extra step: the logits come back with the adapter
+    assert trained[0].value.detach().abs().min() > 0.01  # the values train too (budget.sink_value default)
+    model, _ = load_bounded(out)  # no extra step: the logits and values come back with the adapter
     assert torch.equal(sinks(model)[0].logit.detach(), trained[0].logit.detach().cpu())
+    assert torch.equal(sinks(model)[0].value.detach(), trained[0].value.detach().cpu())
 
     _tiny_sink_run(tmp_path, "cut")  # the same run, then killed after checkpoint-2 and resumed
     cut = tmp_path / "cut"
@@ -153,7 +191,7 @@ def test_calibrated_sinks_are_each_heads_mean_first_token_lse_minus_the_shift():
     attn = [layer.self_attn for layer in model.model.layers]
     handles = [a.register_forward_hook(grab(i), with_kwargs=True) for i, a in enumerate(attn)]
     with budget_scope(model, BudgetSpec(policy="window_sink", budget=HYBRID)):
-        values = calibrate_sinks(model, HYBRID, windows, first=2)
+        values = calibrate_sinks(model, HYBRID, windows, first=2, value=False)
         got = {i: s.logit.detach().clone() for i, s in sinks(model).items()}
     for h in handles:
         h.remove()
@@ -179,6 +217,49 @@ def test_calibrated_sinks_are_each_heads_mean_first_token_lse_minus_the_shift():
     assert not all(torch.allclose(v, torch.full_like(v, SINK_INIT)) for v in got.values())
 
 
+def test_calibrated_sink_values_are_the_first_tokens_values_as_the_sink_mixes_them():
+    """calibrate_sinks(value=True): u_g = mean over the query heads h of group g of
+    sum_t exp(lse_th) softmax(l_th) @ V_first / sum_t exp(lse_th) (recomputed from q/k/v), and the
+    logits at CALIBRATION_SHIFT_WITH_VALUE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from msrnn_train.controller import budget_scope, calibrate_sinks, first_tokens_lse
+    from msrnn_train.sink import CALIBRATION_SHIFT_WITH_VALUE
+
+    model = tiny_model()
+    windows = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    lse_only = first_tokens_lse(model, HYBRID, windows, first=2)
+    inputs = {}
+    attn = [layer.self_attn for layer in model.model.layers]
+    handles = [a.register_forward_hook(lambda m, a_, kw, o, i=i: inputs.setdefault(i, []).append(kw["hidden_states"]),
+                                       with_kwargs=True) for i, a in enumerate(attn)]
+    with budget_scope(model, BudgetSpec(policy="window_sink", budget=HYBRID)):
+        calibrate_sinks(model, HYBRID, windows, first=2)
+        got = {i: (s.logit.detach().clone(), s.value.detach().clone()) for i, s in sinks(model).items()}
+    for h in handles:
+        h.remove()
+    cfg = model.config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    for layer in (0, 2):
+        a, num, den = attn[layer], 0, 0
+        for x in inputs[layer]:
+            T = x.shape[1]
+            q = a.q_proj(x).view(1, T, hq, d).transpose(1, 2)
+            k = a.k_proj(x).view(1, T, hkv, d).transpose(1, 2)
+            v = a.v_proj(x).view(1, T, hkv, d).transpose(1, 2)[:, :, :2].repeat_interleave(hq // hkv, 1)
+            cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            logits = (q @ k[:, :, :2].repeat_interleave(hq // hkv, 1).transpose(-1, -2) * d ** -0.5)
+            logits = logits[0, :, 2 + HYBRID[layer]:].double()  # (Hq, t, 2)
+            w = torch.logsumexp(logits, -1).exp()
+            num = num + (w.unsqueeze(-1) * (logits.softmax(-1) @ v[0].double())).sum(1)
+            den = den + w.sum(1)
+        want = (num / den.unsqueeze(-1)).view(hkv, hq // hkv, d).mean(1).float()
+        assert torch.allclose(got[layer][1], want, atol=1e-5), (layer, got[layer][1], want)
+        assert got[layer][1].abs().max() > 1e-2
+        assert torch.allclose(got[layer][0], lse_only[layer] + CALIBRATION_SHIFT_WITH_VALUE, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_sink_init_starts_training_from_the_number_or_the_calibration(tmp_path, monkeypatch):
     import msrnn_train.train as T
@@ -188,6 +269,8 @@ def test_sink_init_starts_training_from_the_number_or_the_calibration(tmp_path, 
 
     def spy(self):
         started["logits"] = {i: s.logit.detach().clone() for i, s in sinks(self.model).items()}
+        started["values"] = {i: s.value.detach().clone() for i, s in sinks(self.model).items()}
+        started["value_grad"] = all(s.value.requires_grad for s in sinks(self.model).values())
         return real(self)
 
     monkeypatch.setattr(T.BoundedRun, "train", spy)
@@ -197,6 +280,13 @@ def test_sink_init_starts_training_from_the_number_or_the_calibration(tmp_path, 
                                               "training.save_steps": 1})
     cal = started["logits"][0]
     assert cal.shape == (4,) and torch.isfinite(cal).all() and cal.std() > 0  # per head, from data
+    assert started["values"][0].abs().max() > 0 and started["value_grad"]  # calibrated values, trained
+
+    summary = _tiny_sink_run(tmp_path, "logit_only", **{"budget.sink_init": "calibrate", "budget.sink_value": False,
+                                                        "training.max_steps": 2, "training.save_steps": 1})
+    assert not started["values"][0].any() and not started["value_grad"]  # zero and frozen from the start ...
+    assert not sinks(summary["model"])[0].value.detach().any()  # ... and after training
+    assert (started["logits"][0] - cal).abs().max() > 0.5  # the logit-only shift (-2 instead of -1)
 
 
 def test_sink_init_is_checked():
@@ -209,3 +299,14 @@ def test_sink_init_is_checked():
         == "calibrate"
     with pytest.warns(RecipeWarning, match="budget.sink_init: has no effect with budget.policy 'tova'"):
         load_recipe(None, {"budget.sink_init": 2.0})
+
+
+def test_sink_value_is_checked():
+    from msrnn_train.recipe import RecipeError, RecipeWarning, load_recipe
+
+    for bad in (1, None, "maybe"):
+        with pytest.raises(RecipeError, match=r"^budget.sink_value: expected true/false, got"):
+            load_recipe(None, {"budget.policy": "window_sink", "budget.sink_value": bad})
+    assert load_recipe(None, {"budget.policy": "window_sink"}).budget.sink_value is True
+    with pytest.warns(RecipeWarning, match="budget.sink_value: has no effect with budget.policy 'tova'"):
+        load_recipe(None, {"budget.sink_value": False})
