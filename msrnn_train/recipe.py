@@ -127,7 +127,7 @@ class BudgetConfig:
     hybrid_probe_tasks: list[str] | None = knob(None, (
         "the tasks of hybrid auto:N's probe set: mqar, kv, needles, vartrack (null: data.retrieval_tasks)"))
     sink_learning_rate: float = knob(0.05, (
-        "window_sink: learning rate of the per-head sink logits (no weight decay; a logit must move by units, "
+        "window_sink: learning rate of the sink logits and values (no weight decay; a logit must move by units, "
         "which the LoRA's rate would take thousands of steps to do)"))
     sink_init: Any = knob(1.0, (
         "window_sink: the sink logits' start: a number for every head (1.0: the best constant, results/sink_init.md), "
@@ -541,7 +541,7 @@ class Recipe:
              f"{' or '.join(n for n, c in POLICIES.items() if c.carries_value)})")
         sink_policy = b.policy in POLICIES and POLICIES[b.policy].attention_sink
         warn("budget", changed(b, ("sink_learning_rate", "sink_init", "sink_value")) if not sink_policy else [],
-             f"with budget.policy {b.policy!r} (it trains the sink logits of "
+             f"with budget.policy {b.policy!r} (it trains the sink logits and values of "
              f"{' or '.join(n for n, c in POLICIES.items() if c.attention_sink)})")
         probe = b.hybrid is not None and parse_hybrid(b.hybrid)[0] == "auto"
         probe_reads_data = probe and b.hybrid_probe_tasks is None

@@ -62,7 +62,7 @@ class Policy:
     head_wise: ClassVar[bool] = False  # each key/value head keeps its own set
     relaxable: ClassVar[bool] = False  # soft mode may relax it: the victim is the least attended (needs_scores)
     carries_value: ClassVar[bool] = False  # each member carries a value written once on arrival (learned: its logit)
-    attention_sink: ClassVar[bool] = False  # its bounded layers attend with a learned per-head sink logit (sink.py)
+    attention_sink: ClassVar[bool] = False  # its bounded layers attend with a learned sink key: logits, values (sink.py)
     kernel_code: ClassVar[int | None] = None  # its rule in the fast scans; None: the torch scan runs it
     spec_params: ClassVar[dict[str, str]] = {}  # BudgetSpec key -> its own field (e.g. sinks -> n_sinks)
 
