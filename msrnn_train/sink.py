@@ -19,7 +19,7 @@ T, S) float32 score tensor) on every device: FlexAttention (return_lse) is not w
 
 **Why a value** (results/sink_value.md, scripts/sink_value.py): the first tokens a pretrained
 model attends to do not hold zero: on the untrained SmolLM2-135M, window-32 + full layer 18,
-held-out perplexity is 335 with no sink, 76 with calibrated logits alone and 44 with calibrated
+perplexity on a validation book is 335 with no sink, 76 with calibrated logits alone and 44 with calibrated
 logits and values, against 40 for `sinks` (window + the first 4 tokens, which no stock config
 expresses).
 
