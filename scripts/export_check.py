@@ -1,10 +1,11 @@
-"""Export an (untrained) window-K hybrid of the real SmolLM2-135M as a plain transformers folder
-and check it: logits of one held-out Gutenberg window against the toolkit's teacher-forced
+"""Export a window-K hybrid of the real SmolLM2-135M (untrained, or a trained adapter folder with
+--adapter: LoRA merged, a window_sink's sinks included) as a plain transformers folder and check it: logits of one held-out Gutenberg window against the toolkit's teacher-forced
 simulation of the same budget, greedy continuations against the toolkit's bounded decoding, and
 the KV-cache memory after an 8k-token prompt (the exported model's own DynamicCache, measured
 from its tensors after a chunked prefill, and analytically) against the full model.
 
     python scripts/export_check.py --out results/export_check.md
+    python scripts/export_check.py --adapter outputs/sink/window_sink_value --out results/export_check_sink_value.md
 """
 
 from __future__ import annotations
@@ -55,13 +56,21 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk of the memory measurement")
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens compared")
     ap.add_argument("--book", default=DEFAULT_HELDOUT[0])
-    ap.add_argument("--target", default="qwen2")
+    ap.add_argument("--target", default=None, help="default: granite_swa for window_sink, else qwen2")
+    ap.add_argument("--adapter", default=None, help="a trained adapter folder (its budget; --budget is ignored)")
     ap.add_argument("--out", default=None, help="write the Markdown report here too")
     ap.add_argument("--keep", default=None, help="export into this folder (default: a temp folder)")
     args = ap.parse_args(argv)
 
-    spec = BudgetSpec(policy="window", budget=json.loads(args.budget))
-    model, tok = load_model("smollm2", dtype="float32", device="cpu")
+    if args.adapter:
+        from msrnn_train.controller import get_budget
+        from msrnn_train.hub import load_bounded
+
+        model, tok = load_bounded(args.adapter, device="cpu")
+        spec = get_budget(model)
+    else:
+        spec = BudgetSpec(policy="window", budget=json.loads(args.budget))
+        model, tok = load_model("smollm2", dtype="float32", device="cpu")
     cfg = model.config
     books = gutenberg_books()
     doc = tokenize_documents({args.book: books[args.book]}, tok)
@@ -70,9 +79,18 @@ def main(argv=None) -> int:
     assert window.shape[0] == 1 and long_prompt.shape[0] == 1, f"{args.book} is too short"
 
     apply_budget(model, spec)
+    merge_diff = None
+    if args.adapter:  # compare with the simulation of the merged weights (what the export writes); merging
+        import copy  # itself moves float32 logits a little: reported apart
+
+        with torch.no_grad():
+            unmerged = model(input_ids=window, use_cache=False).logits
+        model = apply_budget(copy.deepcopy(model).merge_and_unload(), spec)
+        with torch.no_grad():
+            merge_diff = (model(input_ids=window, use_cache=False).logits - unmerged).abs().max().item()
     out_dir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="msrnn-export-"))
     t0 = time.perf_counter()
-    export_servable(model, out_dir, tokenizer=tok, target=args.target, overwrite=True)
+    export_servable(model, out_dir, tokenizer=tok, target=args.target, overwrite=True)  # a merged copy
     t_export = time.perf_counter() - t0
     prov = json.loads((out_dir / PROVENANCE_FILENAME).read_text())
 
@@ -112,8 +130,10 @@ def main(argv=None) -> int:
     analytic_full = per_token_layer * args.prompt_len * n
 
     lines = [
-        f"# Export check: SmolLM2-135M-Instruct, untrained `{spec.label}` → `{prov['target']}`", "",
-        f"Budget `{args.budget}` (policy window): {sum(k is not None for k in ks)} sliding layers with "
+        f"# Export check: SmolLM2-135M-Instruct, {'trained (' + args.adapter + ')' if args.adapter else 'untrained'} "
+        f"`{spec.label}` → `{prov['target']}`", "",
+        f"Budget `{json.dumps(prov['per_layer_K']) if args.adapter else args.budget}` (policy {spec.policy}"
+        f"{'; sink values as biases' if prov.get('sink_values') else ''}): {sum(k is not None for k in ks)} sliding layers with "
         f"K = {prov['sliding_window'] - 1} (transformers `sliding_window` = {prov['sliding_window']}), "
         f"full layers {[i for i, k in enumerate(ks) if k is None]}. Exported in {t_export:.1f} s to a folder that "
         f"`AutoModelForCausalLM.from_pretrained` loads as `{type(served).__name__}` (transformers "
@@ -121,7 +141,9 @@ def main(argv=None) -> int:
         f"## Logits on one held-out Gutenberg window ({args.book}, {args.seq_len} tokens)", "",
         "| compared | max abs logit diff | perplexity |", "| --- | --- | --- |",
         f"| exported model vs toolkit teacher-forced simulation | {diff:.3e} | {nll(got):.3f} vs {nll(sim):.3f} |",
-        f"| (for scale) full-state model vs the simulation | {diff_full:.3e} | {nll(with_full):.3f} |", "",
+        f"| (for scale) full-state model vs the simulation | {diff_full:.3e} | {nll(with_full):.3f} |",
+        *([f"| (for scale) the adapter's simulation before vs after merging the LoRA (float32 rounding of W + BA) "
+           f"| {merge_diff:.3e} | |"] if merge_diff is not None else []), "",
         f"Greedy continuation of the window's first 200 tokens, {args.new_tokens} new tokens: exported "
         f"`generate()` equals the toolkit's bounded decoding (`BoundedCache`) on {same_tokens}/{args.new_tokens} "
         "tokens.", "",
