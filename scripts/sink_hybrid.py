@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default="runs/sink")
     ap.add_argument("--out", default="results/sink_hybrid")
     ap.add_argument("--arms", default="window_sink,sinks,window", help=f"comma list of arms: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="42", help="training seeds (--training.seed; 42, the recipe's default, keeps "
+                    "the arm's own name, another seed S trains ARM_sS)")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n", type=int, default=50, help="MQAR instances per cell")
     ap.add_argument("--length", type=int, default=512)
@@ -92,8 +94,11 @@ def main(argv=None) -> int:
         ap.error(f"--arms: unknown {unknown}; allowed: {', '.join(ARMS)}")
     started = time.perf_counter()
 
-    # 1. train (each arm once; `train` resumes nothing: an unfinished arm is trained again)
-    adapters = {arm: train_arm(arm, work / arm, args.steps, ARMS[arm]) for arm in arms}
+    # 1. train (each arm and seed once; `train` resumes nothing: an unfinished arm is trained again)
+    runs = {(arm if seed == 42 else f"{arm}_s{seed}"): (arm, seed) for arm in arms
+            for seed in map(int, args.seeds.split(","))}
+    adapters = {name: train_arm(arm, work / name, args.steps, ARMS[arm] + ["--training.seed", str(seed)])
+                for name, (arm, seed) in runs.items()}
 
     base, tok = load_model("smollm2", dtype="float32", device=device)
     mqar = make_task("mqar", args.n, args.length, seed=0, tokenizer=tok)
@@ -116,14 +121,14 @@ def main(argv=None) -> int:
     # 2. trained and untrained, each under the arm's own hybrid (auto:1 picks the same layer for every arm:
     #    it probes the base model, which a fresh LoRA does not change)
     rows = {}
-    for arm in arms:
+    for arm in runs:  # an arm and seed: its folder's name
         def trained(arm=arm):
             model, _ = load_bounded(adapters[arm], device=device)
             spec = get_budget(model)
             with budget_scope(model, spec):
                 return measure(model, spec)
 
-        rows[arm] = {"trained": cell(f"trained_{arm}", trained)}
+        rows[arm] = {"arm": runs[arm][0], "seed": runs[arm][1], "trained": cell(f"trained_{arm}", trained)}
         spec = BudgetSpec.load(adapters[arm])  # the arm's own hybrid, for the base model too
 
         def untrained(spec=spec):
@@ -140,7 +145,7 @@ def main(argv=None) -> int:
     long_prompt = make_windows(doc, args.prompt_len, max_windows=1).to(device)
     full = cell("full_kv", lambda: {"bytes": sum(cache_bytes(prefill(base, long_prompt, args.chunk))),
                                     "ppl": evaluate_specs(base, windows, [BudgetSpec(policy="full")])[0]["ppl"]})
-    for arm in arms:
+    for arm in runs:
         def export(arm=arm):
             out = work / f"export_{arm}"
             try:
@@ -197,6 +202,24 @@ def main(argv=None) -> int:
         served = f"{r['served']['mqar']:.2f}" if "served" in r else ""
         lines.append(f"| {arm} | {'+'.join(map(str, r['full_layers']))} | {r['steps']} | {u['mqar']:.2f} | {t['mqar']:.2f} ({ci}) | "
                      f"{served} | {u['ppl']:.2f} | {t['ppl']:.2f} | " + " | ".join(exp) + " |")
+    by_arm = {}
+    for r in rows.values():
+        by_arm.setdefault(r["arm"], []).append(r)
+    if any(len(rs) > 1 for rs in by_arm.values()):  # over training seeds: mean ± sd [min, max], %
+        import statistics
+
+        def spread(vals):
+            vals = [100 * v for v in vals]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            return f"{statistics.mean(vals):.0f} ± {sd:.0f} [{min(vals):.0f}, {max(vals):.0f}]"
+
+        lines += ["", "Over training seeds (MQAR %, mean ± sd [min, max]; perplexity mean):", "",
+                  "| bounded layers | seeds | MQAR trained | MQAR served | ppl trained |", "| --- | --- | --- | --- | --- |"]
+        for arm, rs in by_arm.items():
+            served = [r["served"]["mqar"] for r in rs if "served" in r]
+            lines.append(f"| {arm} | {', '.join(str(r['seed']) for r in rs)} | {spread([r['trained']['mqar'] for r in rs])} | "
+                         f"{spread(served) if len(served) == len(rs) else ''} | "
+                         f"{sum(r['trained']['ppl'] for r in rs) / len(rs):.2f} |")
     lines.append(f"\n({(time.perf_counter() - started) / 60:.1f} min this run, {device})")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
