@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="runs/sink")
     ap.add_argument("--out", default="results/sink_hybrid")
-    ap.add_argument("--arms", default="window_sink,sinks,window", help=f"comma list of arms: {', '.join(ARMS)}")
+    ap.add_argument("--arms", default="window_sink,sinks,window",
+                    help=f"comma list of arms ({', '.join(ARMS)}), each ARM or ARM:S1+S2 (its own training seeds)")
     ap.add_argument("--seeds", default="42", help="training seeds (--training.seed; 42, the recipe's default, keeps "
                     "the arm's own name, another seed S trains ARM_sS)")
     ap.add_argument("--steps", type=int, default=80)
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    arms = args.arms.split(",")
+    arms = [a.partition(":")[0] for a in args.arms.split(",")]  # ARM or ARM:S1+S2 (its own training seeds)
+    own_seeds = {a.partition(":")[0]: a.partition(":")[2] for a in args.arms.split(",") if ":" in a}
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"--arms: unknown {unknown}; allowed: {', '.join(ARMS)}")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
 
     # 1. train (each arm and seed once; `train` resumes nothing: an unfinished arm is trained again)
     runs = {(arm if seed == 42 else f"{arm}_s{seed}"): (arm, seed) for arm in arms
-            for seed in map(int, args.seeds.split(","))}
+            for seed in map(int, own_seeds.get(arm, args.seeds).replace("+", ",").split(","))}
     adapters = {name: train_arm(arm, work / name, args.steps, ARMS[arm] + ["--training.seed", str(seed)])
                 for name, (arm, seed) in runs.items()}
 
