@@ -7,7 +7,9 @@ float32 rounding. This script separates them: the adapter merged and its export 
 GraniteSWA's eager attention without its forced float32 softmax and sink scale (a copy of
 transformers' function with those two casts removed), and the max |difference| of every
 layer's attention output (o_proj) on one held-out window, then of the logits. An exact mapping
-agrees to ~1e-14 in the first layers; a wrong one differs by O(1) at the first sink layer.
+agrees to ~1e-14 in the first layers; a wrong one differs by O(1) at the first sink layer. For
+scale, the simulation alone with one layer's attention output multiplied by (1 + eps N(0, 1))
+(--perturb-layer, --perturb-eps): how far this model carries a rounding-sized change.
 
     python scripts/export_rounding.py outputs/sink/window_sink_value [more adapter folders]
 """
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("adapters", nargs="+")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--perturb-layer", type=int, default=1)
+    ap.add_argument("--perturb-eps", type=float, default=1e-12)
     args = ap.parse_args(argv)
 
     import transformers.models.granite_swa.modeling_granite_swa as granite
@@ -65,7 +69,8 @@ def main(argv=None) -> int:
             lambda mod, a, o, key=(side, i): outs.__setitem__(key, o.detach()))
             for side, m in (("sim", merged), ("served", served)) for i in range(len(m.model.layers))]
         with torch.no_grad():
-            diff = (served(ids, use_cache=False).logits - merged(ids, use_cache=False).logits).abs().max().item()
+            outs["logits"] = merged(ids, use_cache=False).logits
+            diff = (served(ids, use_cache=False).logits - outs["logits"]).abs().max().item()
         for h in hooks:
             h.remove()
         per_layer = [(outs[("sim", i)] - outs[("served", i)]).abs().max().item() for i in range(len(merged.model.layers))]
@@ -73,6 +78,14 @@ def main(argv=None) -> int:
         print("| layer | " + " | ".join(map(str, range(len(per_layer)))) + " | logits |")
         print("|" + " --- |" * (len(per_layer) + 2))
         print("| max abs diff | " + " | ".join(f"{d:.0e}" for d in per_layer) + f" | {diff:.1e} |\n")
+        g = torch.Generator().manual_seed(0)
+        hook = merged.model.layers[args.perturb_layer].self_attn.o_proj.register_forward_hook(
+            lambda mod, a, o: o * (1 + args.perturb_eps * torch.randn(o.shape, generator=g, dtype=o.dtype)))
+        with torch.no_grad():
+            moved = (merged(ids, use_cache=False).logits - outs["logits"]).abs().max().item()
+        hook.remove()
+        print(f"For scale: the simulation alone, layer {args.perturb_layer}'s attention output x (1 + "
+              f"{args.perturb_eps:g} N(0, 1)): max |logit change| {moved:.1e}\n")
     return 0
 
 
