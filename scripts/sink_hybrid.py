@@ -59,6 +59,9 @@ def main(argv=None) -> int:
                     help=f"comma list of arms ({', '.join(ARMS)}), each ARM or ARM:S1+S2 (its own training seeds)")
     ap.add_argument("--seeds", default="42", help="training seeds (--training.seed; 42, the recipe's default, keeps "
                     "the arm's own name, another seed S trains ARM_sS)")
+    ap.add_argument("--plain-control", default=None, help="scripts/hybrid_grid.py's work dir: its plain LoRA "
+                    "adapters (SEED/plain) run with window_sink_value's cache, sinks calibrated as that arm starts")
+    ap.add_argument("--plain-seeds", default="42,43,44")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n", type=int, default=50, help="MQAR instances per cell")
     ap.add_argument("--length", type=int, default=512)
@@ -141,6 +144,29 @@ def main(argv=None) -> int:
         rows[arm]["full_layers"] = [i for i, k in enumerate(spec.budget) if k is None]
         rows[arm]["steps"] = yaml.safe_load((adapters[arm] / "recipe.yaml").read_text())["training"]["max_steps"]
 
+    # 2b. the control: plain LoRA (the same rows and steps at full state; scripts/hybrid_grid.py, per training
+    #     seed) run with the servable cache: window_sink + the same full layer, its sinks calibrated on the
+    #     same 4 training windows as window_sink_value starts from (what that arm has before training)
+    controls = {}
+    if args.plain_control:
+        from msrnn_train.controller import calibrate_sinks
+        from msrnn_train.data import build_windows
+        from msrnn_train.recipe import load_recipe
+
+        calib = build_windows(load_recipe(RECIPE), tok)[0][:4].to(device)
+        ref = next((r for r in rows.values() if r["arm"] == "window_sink_value"), None)
+        full_layers = ref["full_layers"] if ref else [18]
+        for seed in map(int, args.plain_seeds.split(",")):
+            def control(folder=Path(args.plain_control) / f"seed{seed}" / "plain"):
+                model, _ = load_bounded(folder, device=device)
+                budget = [None if i in full_layers else args.budget for i in range(model.config.num_hidden_layers)]
+                spec = BudgetSpec(policy="window_sink", budget=budget)
+                with budget_scope(model, spec):
+                    calibrate_sinks(model, budget, calib)
+                    return {**measure(model, spec), "adapter": str(folder)}
+
+            controls[seed] = cell(f"plain_control_s{seed}", control)
+
     # 3. export (LoRA merged) and serve with plain transformers: exactness and KV memory after a long prompt
     book = DEFAULT_HELDOUT[0]
     doc = tokenize_documents({book: gutenberg_books()[book]}, tok)
@@ -184,7 +210,7 @@ def main(argv=None) -> int:
     _save(out.with_suffix(".json"), {
         "model": "smollm2", "recipe": str(RECIPE.name), "train_steps": args.steps, "budget": args.budget,
         "mqar_length": args.length, "n": args.n, "ppl_windows": args.ppl_windows, "prompt_len": args.prompt_len,
-        "device": device, "full_state": full, "arms": rows,
+        "device": device, "full_state": full, "arms": rows, "plain_control": controls,
         "command": "python scripts/sink_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:])})
     lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, full layers by auto:N", "",
              f"MQAR at ≈{args.length} tokens (n = {args.n}, 95% Wilson interval), held-out perplexity (T = "
@@ -207,6 +233,14 @@ def main(argv=None) -> int:
     by_arm = {}
     for r in rows.values():
         by_arm.setdefault(r["arm"], []).append(r)
+    for seed, c in controls.items():
+        ci = "–".join(f"{x:.2f}" for x in c["ci95"])
+        lines.append(f"| plain LoRA, seed {seed} (control: trained at full state, run with window_sink + calibrated "
+                     f"sinks) | {'+'.join(map(str, full_layers))} | {args.steps} | — | {c['mqar']:.2f} ({ci}) | | — | "
+                     f"{c['ppl']:.2f} | | | | | |")
+    if controls:
+        by_arm["plain LoRA + window_sink cache (calibrated), the control"] = [
+            {"seed": seed, "trained": c} for seed, c in controls.items()]
     if any(len(rs) > 1 for rs in by_arm.values()):  # over training seeds: mean ± sd [min, max], %
         import statistics
 
