@@ -97,16 +97,22 @@ def main(argv=None) -> int:
                      fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[2]
-    if sink:
-        names = list(sink["arms"])
-        vals = [100 * sink["arms"][a]["trained"]["mqar"] for a in names]
-        lo = [100 * sink["arms"][a]["trained"]["ci95"][0] for a in names]
-        hi = [100 * sink["arms"][a]["trained"]["ci95"][1] for a in names]
-        ax.bar(range(len(names)), vals, yerr=[[v - a for v, a in zip(vals, lo)], [b - v for v, b in zip(vals, hi)]],
-               capsize=3, color=["C2" if sink["arms"][a]["export"].get("exported") else "C7" for a in names])
-        ax.set_xticks(range(len(names)), [f"{a}\n+full{'+'.join(map(str, sink['arms'][a]['full_layers']))}"
-                                          for a in names], fontsize=7)
-        ax.set_title("servable hybrids, trained (green: exported to a stock config)", fontsize=9)
+    if sink:  # per arm: mean over its training seeds, range over seeds (one seed: its Wilson interval)
+        groups: dict = {}
+        for name, r in sink["arms"].items():
+            groups.setdefault(r.get("arm", name), []).append(r)
+        bars = [(f"{arm}\n+full{'+'.join(map(str, rs[0]['full_layers']))}", [r["trained"] for r in rs],
+                 "C2" if rs[0]["export"].get("exported") else "C7") for arm, rs in groups.items()]
+        if sink.get("plain_control"):
+            bars.append(("plain LoRA\n(window_sink cache)", list(sink["plain_control"].values()), "C1"))
+        for i, (label, cells, color) in enumerate(bars):
+            vals = [100 * c["mqar"] for c in cells]
+            m = statistics.fmean(vals)
+            lo, hi = (min(vals), max(vals)) if len(vals) > 1 else (100 * cells[0]["ci95"][0], 100 * cells[0]["ci95"][1])
+            ax.bar(i, m, yerr=[[m - lo], [hi - m]], capsize=3, color=color)
+            ax.text(i, min(m + 4, 96), f"{len(vals)} seed{'s' if len(vals) > 1 else ''}", ha="center", fontsize=6)
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6.5)
+        ax.set_title("servable hybrids, trained (green: exported to a stock config; orange: the control)", fontsize=8)
     for ax in axes:
         ax.set_ylim(-3, 103)
         ax.set_ylabel("MQAR accuracy (%)")
