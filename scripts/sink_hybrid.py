@@ -167,6 +167,15 @@ def main(argv=None) -> int:
 
             controls[seed] = cell(f"plain_control_s{seed}", control)
 
+        def untrained_calibrated():  # no training at all: the base model with the calibrated servable cache
+            budget = [None if i in full_layers else args.budget for i in range(base.config.num_hidden_layers)]
+            spec = BudgetSpec(policy="window_sink", budget=budget)
+            with budget_scope(base, spec):
+                calibrate_sinks(base, budget, calib)
+                return measure(base, spec)
+
+        untrained_cal = cell("untrained_calibrated_window_sink_value", untrained_calibrated)
+
     # 3. export (LoRA merged) and serve with plain transformers: exactness and KV memory after a long prompt
     book = DEFAULT_HELDOUT[0]
     doc = tokenize_documents({book: gutenberg_books()[book]}, tok)
@@ -211,6 +220,7 @@ def main(argv=None) -> int:
         "model": "smollm2", "recipe": str(RECIPE.name), "train_steps": args.steps, "budget": args.budget,
         "mqar_length": args.length, "n": args.n, "ppl_windows": args.ppl_windows, "prompt_len": args.prompt_len,
         "device": device, "full_state": full, "arms": rows, "plain_control": controls,
+        "untrained_calibrated": untrained_cal if args.plain_control else None,
         "command": "python scripts/sink_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:])})
     lines = [f"# The attention sink on a hybrid: SmolLM2-135M, K = {args.budget}, full layers by auto:N", "",
              f"MQAR at ≈{args.length} tokens (n = {args.n}, 95% Wilson interval), held-out perplexity (T = "
@@ -238,6 +248,11 @@ def main(argv=None) -> int:
         lines.append(f"| plain LoRA, seed {seed} (control: trained at full state, run with window_sink + calibrated "
                      f"sinks) | {'+'.join(map(str, full_layers))} | {args.steps} | — | {c['mqar']:.2f} ({ci}) | | — | "
                      f"{c['ppl']:.2f} | | | | | |")
+    if args.plain_control:
+        c = untrained_cal
+        lines.append(f"| untrained SmolLM2 (control: window_sink + calibrated sinks, no training) | "
+                     f"{'+'.join(map(str, full_layers))} | 0 | {c['mqar']:.2f} ({'–'.join(f'{x:.2f}' for x in c['ci95'])}) | — "
+                     f"| | {c['ppl']:.2f} | — | | | | | |")
     if controls:
         by_arm["plain LoRA + window_sink cache (calibrated), the control"] = [
             {"seed": seed, "trained": c} for seed, c in controls.items()]
