@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-control", default=None, help="scripts/hybrid_grid.py's work dir: its plain LoRA "
                     "adapters (SEED/plain) run with window_sink_value's cache, sinks calibrated as that arm starts")
     ap.add_argument("--plain-seeds", default="42,43,44")
+    ap.add_argument("--full-state-arms", default="window_sink_value",
+                    help="arms whose trained adapters are also measured at full state (MQAR)")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n", type=int, default=50, help="MQAR instances per cell")
     ap.add_argument("--length", type=int, default=512)
@@ -141,6 +143,15 @@ def main(argv=None) -> int:
                 return measure(base, spec)
 
         rows[arm]["untrained"] = cell(f"untrained_{arm}", untrained)
+        if runs[arm][0] in args.full_state_arms.split(","):
+            def full_state(arm=arm):  # the same adapter with every layer unbounded
+                model, _ = load_bounded(adapters[arm], device=device)
+                with budget_scope(model, BudgetSpec(policy="full")), torch.no_grad():
+                    res = accuracy(model, tok, mqar, args.batch_size, desc=f"mqar full {arm}")
+                return {"mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
+                        "ci95": wilson(res["correct"], res["n"])}
+
+            rows[arm]["full_state"] = cell(f"full_state_{arm}", full_state)
         rows[arm]["full_layers"] = [i for i, k in enumerate(spec.budget) if k is None]
         rows[arm]["steps"] = yaml.safe_load((adapters[arm] / "recipe.yaml").read_text())["training"]["max_steps"]
 
@@ -265,11 +276,13 @@ def main(argv=None) -> int:
             return f"{statistics.mean(vals):.0f} ± {sd:.0f} [{min(vals):.0f}, {max(vals):.0f}]"
 
         lines += ["", "Over training seeds (MQAR %, mean ± sd [min, max]; perplexity mean):", "",
-                  "| bounded layers | seeds | MQAR trained | MQAR served | ppl trained |", "| --- | --- | --- | --- | --- |"]
+                  "| bounded layers | seeds | MQAR trained | MQAR served | MQAR, the adapter at full state | ppl trained |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for arm, rs in by_arm.items():
             served = [r["served"]["mqar"] for r in rs if "served" in r]
+            fs = [r["full_state"]["mqar"] for r in rs if "full_state" in r]
             lines.append(f"| {arm} | {', '.join(str(r['seed']) for r in rs)} | {spread([r['trained']['mqar'] for r in rs])} | "
-                         f"{spread(served) if len(served) == len(rs) else ''} | "
+                         f"{spread(served) if len(served) == len(rs) else ''} | {spread(fs) if len(fs) == len(rs) else ''} | "
                          f"{sum(r['trained']['ppl'] for r in rs) / len(rs):.2f} |")
     lines.append(f"\n({(time.perf_counter() - started) / 60:.1f} min this run, {device})")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
