@@ -100,8 +100,8 @@ def servable_layout(spec: BudgetSpec, n_layers: int, layer_budgets: list[int | N
         what = "head-wise " if POLICIES.get(spec.policy) is not None and POLICIES[spec.policy].head_wise else ""
         raise ExportError(
             f"policy: {spec.policy!r} ({what}eviction by its own rule) cannot be served by a stock engine; allowed: "
-            f"'window' (a plain sliding window: drop the oldest state) or 'window_sink' (the same with learned "
-            f"sink logits) on the bounded layers, null/'full' for unbounded ones")
+            f"'window' (a plain sliding window: drop the oldest state) or 'window_sink' (the same with a learned "
+            f"sink key) on the bounded layers, null/'full' for unbounded ones")
     if spec.policy != "full" and POLICIES[spec.policy].head_wise:  # pragma: no cover - window is layer-wise
         raise ExportError(f"policy: {spec.policy!r} is head-wise; allowed: 'window' (layer-wise)")
     budgets = list(layer_budgets) if layer_budgets is not None else spec.per_layer(n_layers)

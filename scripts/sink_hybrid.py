@@ -1,7 +1,7 @@
-"""The attention sink three ways on a hybrid (issue 24, part 3: a bounded model stock engines run).
+"""The attention sink on a hybrid, several ways (issue 24, part 3: a bounded model stock engines run).
 
 SmolLM2-135M trained with recipes/smollm2_retrieval.yaml --budget.hybrid auto:1 (one full layer,
-the others bounded to K = 32) under three rules for the bounded layers:
+the others bounded to K = 32) under these rules for the bounded layers (the arms):
 
 * window_sink - a plain window plus a learned per-head sink logit (msrnn_train/sink.py; value 0:
                 budget.sink_value false): the state is the K most recent keys; stock transformers
@@ -16,11 +16,17 @@ the others bounded to K = 32) under three rules for the bounded layers:
 
 For each: the untrained and the trained model's MQAR accuracy at about T = 512 tokens (n per
 cell, the evaluation seeds of scripts/retrieval_hybrid.py) and held-out perplexity (T = 512),
-each under the arm's own hybrid; then, for the exportable arms, the servable export of the
-trained adapter (LoRA merged): its logits against the toolkit's simulation on a held-out window,
-and its own cache's KV bytes after an 8k-token prompt (chunked prefill) against the full model.
+each under the arm's own hybrid (window_sink_value's adapters also at full state); then, for the
+exportable arms, the servable export of the trained adapter (LoRA merged): its logits against the
+toolkit's simulation on a held-out window, the exported folder's own MQAR accuracy in plain
+transformers, and its own cache's KV bytes after an 8k-token prompt (chunked prefill) against the
+full model. An arm trains once per training seed (--seeds, or ARM:S1+S2). With --plain-control,
+the controls of window_sink_value: scripts/hybrid_grid.py's plain LoRA adapters (same rows and
+steps, per seed) and the untrained model, each run with the same cache and sinks calibrated as
+that arm starts.
 
-    python scripts/sink_hybrid.py --work-dir runs/sink --out results/sink_hybrid
+    python scripts/sink_hybrid.py --arms window_sink,window_sink_cal,window_auto3,sinks,window_sink_value:42+43+44 \
+        --plain-control runs/hybrid_grid --work-dir outputs/sink --out results/sink_hybrid
 
 Every cell is cached in --work-dir (a finished one is never recomputed; a trained adapter is
 never retrained), so an interrupted run resumes where it stopped; the JSON and Markdown are
