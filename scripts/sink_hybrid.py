@@ -125,11 +125,16 @@ def main(argv=None) -> int:
             _save(path, rec)
         return rec
 
+    def recall(model, desc):
+        """MQAR accuracy of `model` as it is, with its Wilson interval."""
+        with torch.no_grad():
+            res = accuracy(model, tok, mqar, args.batch_size, desc=desc)
+        return {"mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
+                "ci95": wilson(res["correct"], res["n"]), "tokens": res["tokens"]}
+
     def measure(model, spec):
-        res = accuracy(model, tok, mqar, args.batch_size, desc=f"mqar {spec.label}")
         ppl = evaluate_specs(model, windows, [spec], desc=f"ppl {spec.label}")[0]
-        return {"label": spec.label, "mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
-                "ci95": wilson(res["correct"], res["n"]), "tokens": res["tokens"], "ppl": ppl["ppl"]}
+        return {"label": spec.label, **recall(model, f"mqar {spec.label}"), "ppl": ppl["ppl"]}
 
     # 2. trained and untrained, each under the arm's own hybrid (auto:1 picks the same layer for every arm:
     #    it probes the base model, which a fresh LoRA does not change)
@@ -152,10 +157,8 @@ def main(argv=None) -> int:
         if runs[arm][0] in args.full_state_arms.split(","):
             def full_state(arm=arm):  # the same adapter with every layer unbounded
                 model, _ = load_bounded(adapters[arm], device=device)
-                with budget_scope(model, BudgetSpec(policy="full")), torch.no_grad():
-                    res = accuracy(model, tok, mqar, args.batch_size, desc=f"mqar full {arm}")
-                return {"mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
-                        "ci95": wilson(res["correct"], res["n"])}
+                with budget_scope(model, BudgetSpec(policy="full")):
+                    return recall(model, f"mqar full {arm}")
 
             rows[arm]["full_state"] = cell(f"full_state_{arm}", full_state)
         rows[arm]["full_layers"] = [i for i, k in enumerate(spec.budget) if k is None]
@@ -224,10 +227,7 @@ def main(argv=None) -> int:
             def served_mqar(arm=arm):  # the exported folder itself, in plain transformers, on the same prompts
                 served = AutoModelForCausalLM.from_pretrained(rows[arm]["export"]["folder"],
                                                               dtype=torch.float32).to(device).eval()
-                with torch.no_grad():
-                    res = accuracy(served, tok, mqar, args.batch_size, desc=f"mqar served {arm}")
-                return {"mqar": res["accuracy"], "correct": res["correct"], "n": res["n"],
-                        "ci95": wilson(res["correct"], res["n"])}
+                return recall(served, f"mqar served {arm}")
 
             rows[arm]["served"] = cell(f"served_{arm}", served_mqar)
 

@@ -22,12 +22,31 @@ from msrnn_train.models import load_model
 from msrnn_train.sink import sinks
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def hybrid_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of an untrained window-K + one-full-layer measurement (this script and sink_value.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--full-layer", type=int, default=18, help="the hybrid's full layer (auto:1 picks 18)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
+    return ap
+
+
+def hybrid_budget(model, args) -> list:
+    """K on every layer but --full-layer (None: unbounded)."""
+    budget = [args.budget] * model.config.num_hidden_layers
+    budget[args.full_layer] = None
+    return budget
+
+
+def reference_rows(model, windows, budget) -> list[tuple[str, float]]:
+    """Perplexity under `window` (no sink) and `sinks` (window + the first 4 tokens) on the same hybrid."""
+    return [(policy, evaluate_specs(model, windows, [BudgetSpec(policy=policy, budget=budget)])[0]["ppl"])
+            for policy in ("window", "sinks")]
+
+
+def main(argv=None) -> int:
+    ap = hybrid_parser(__doc__)
     ap.add_argument("--values", default="-2,0,1,2,3,4,6")
     ap.add_argument("--calib-shifts", default="0,-1,-2,-3", help="shifts of the calibrated per-head values")
     ap.add_argument("--out", default=None)
@@ -36,11 +55,8 @@ def main(argv=None) -> int:
     model, tok = load_model("smollm2", dtype="float32", device="cpu")
     both = heldout_windows(tok, args.seq_len, 2 * args.windows)
     windows, calibration = both[:args.windows], both[args.windows:]  # calibrated on other windows
-    budget = [args.budget] * model.config.num_hidden_layers
-    budget[args.full_layer] = None
-    rows = []
-    for policy in ("window", "sinks"):
-        rows.append((policy, evaluate_specs(model, windows, [BudgetSpec(policy=policy, budget=budget)])[0]["ppl"]))
+    budget = hybrid_budget(model, args)
+    rows = reference_rows(model, windows, budget)
     spec = BudgetSpec(policy="window_sink", budget=budget)
     for value in map(float, args.values.split(",")):
         with budget_scope(model, spec):

@@ -11,25 +11,22 @@ not touched), so the shift is chosen where it is used: sink.CALIBRATION_SHIFT(_W
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sink_init import hybrid_budget, hybrid_parser, reference_rows  # noqa: E402
 
-from msrnn_train import BudgetSpec
-from msrnn_train.controller import budget_scope, calibrate_sinks
-from msrnn_train.data import heldout_windows
-from msrnn_train.evaluate import evaluate_specs
-from msrnn_train.models import load_model
+from msrnn_train import BudgetSpec  # noqa: E402
+from msrnn_train.controller import budget_scope, calibrate_sinks  # noqa: E402
+from msrnn_train.data import heldout_windows  # noqa: E402
+from msrnn_train.evaluate import evaluate_specs  # noqa: E402
+from msrnn_train.models import load_model  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=int, default=32)
-    ap.add_argument("--full-layer", type=int, default=18, help="the hybrid's full layer (auto:1 picks 18)")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=4)
+    ap = hybrid_parser(__doc__)
     ap.add_argument("--calibration-book", default="romeo_and_juliet_gut")
     ap.add_argument("--validation-book", default="julius_caesar_gut")
     ap.add_argument("--shifts", default="-2,-1,0,1")
@@ -40,10 +37,8 @@ def main(argv=None) -> int:
     model, tok = load_model("smollm2", dtype="float32", device="cpu")
     calibration = heldout_windows(tok, args.seq_len, args.windows, books=[args.calibration_book])
     windows = heldout_windows(tok, args.seq_len, args.windows, books=[args.validation_book])
-    budget = [args.budget] * model.config.num_hidden_layers
-    budget[args.full_layer] = None
-    rows = [(policy, evaluate_specs(model, windows, [BudgetSpec(policy=policy, budget=budget)])[0]["ppl"])
-            for policy in ("window", "sinks")]
+    budget = hybrid_budget(model, args)
+    rows = reference_rows(model, windows, budget)
     spec = BudgetSpec(policy="window_sink", budget=budget)
     for value in (False, True):
         for shift in map(float, args.shifts.split(",")):
